@@ -1,0 +1,267 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"math"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+func startJS(t *testing.T) jetstream.JetStream {
+	t.Helper()
+	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	t.Cleanup(s.Shutdown)
+	if !s.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats server not ready")
+	}
+	nc, err := nats.Connect(s.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
+}
+
+func TestParseRef(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		want    Ref
+		wantErr bool
+	}{
+		{in: "default/ouro-tiny-arith", want: Ref{"default", "ouro-tiny-arith"}},
+		{in: "ns/a", want: Ref{"ns", "a"}},
+		{in: "noslash", wantErr: true},
+		{in: "Upper/x", wantErr: true},
+		{in: "ns/a.b", wantErr: true},
+		{in: "ns/", wantErr: true},
+		{in: "ns/a*", wantErr: true},
+	} {
+		got, err := ParseRef(tc.in)
+		if (err != nil) != tc.wantErr {
+			t.Errorf("ParseRef(%q) error = %v, wantErr %v", tc.in, err, tc.wantErr)
+			continue
+		}
+		if err != nil && !errors.Is(err, ErrInvalidRef) {
+			t.Errorf("ParseRef(%q) error %v is not ErrInvalidRef", tc.in, err)
+		}
+		if !tc.wantErr && got != tc.want {
+			t.Errorf("ParseRef(%q) = %v, want %v", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestNames(t *testing.T) {
+	r := Ref{Namespace: "team-a", Name: "ouro-1"}
+	got := []string{r.Stream(), r.RequestSubject(), r.StatsSubject(), r.ControlSubject(), r.CancelSubject(), r.Key(), r.String()}
+	want := []string{"LOOPSERVE_TEAM_A_OURO_1", "loopserve.req.team-a.ouro-1", "loopserve.stats.team-a.ouro-1",
+		"loopserve.ctl.team-a.ouro-1", "loopserve.cancel.team-a.ouro-1", "team-a.ouro-1", "team-a/ouro-1"}
+	if d := cmp.Diff(got, want); d != "" {
+		t.Errorf("names (-got +want):\n%s", d)
+	}
+}
+
+func TestEnsureQueueIdempotentAndBounded(t *testing.T) {
+	ctx := context.Background()
+	js := startJS(t)
+	r := Ref{Namespace: "default", Name: "m"}
+	o := QueueOptions{MaxQueued: 2, AckWait: 5 * time.Second, MaxAckPending: 3}
+	for range 2 {
+		if _, err := EnsureQueue(ctx, js, r, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := EnsureQueue(ctx, js, r, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := c.CachedInfo().Config
+	if cfg.MaxAckPending != 3 || cfg.AckWait != 5*time.Second || cfg.Durable != ConsumerName {
+		t.Errorf("consumer config = %+v", cfg)
+	}
+	// A full queue refuses new requests instead of dropping old ones.
+	for i := range 2 {
+		if _, err := js.Publish(ctx, r.RequestSubject(), []byte{byte(i)}); err != nil {
+			t.Fatalf("publish %d: %v", i, err)
+		}
+	}
+	if _, err := js.Publish(ctx, r.RequestSubject(), []byte("x")); err == nil {
+		t.Error("publish into a full queue succeeded")
+	}
+	// Nats-Msg-Id dedupe.
+	s, _ := js.Stream(ctx, r.Stream())
+	info, _ := s.Info(ctx)
+	if info.State.Msgs != 2 {
+		t.Errorf("stream holds %d messages, want 2", info.State.Msgs)
+	}
+	if err := DeleteQueue(ctx, js, r); err != nil {
+		t.Fatal(err)
+	}
+	if err := DeleteQueue(ctx, js, r); err != nil {
+		t.Errorf("deleting a missing queue: %v", err)
+	}
+}
+
+func TestRegistryRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	js := startJS(t)
+	kv, err := Registry(ctx, js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := ModelEntry{Namespace: "default", Name: "m", ContextLength: 2048, ExitThreshold: 0.9, MaxSteps: 4, Ready: true,
+		Updated: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+	if err := PutModel(ctx, kv, e); err != nil {
+		t.Fatal(err)
+	}
+	got, err := kv.Get(ctx, "default.m")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec, err := DecodeModel(got.Value())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Subject = "loopserve.req.default.m"
+	if d := cmp.Diff(dec, e); d != "" {
+		t.Errorf("entry (-got +want):\n%s", d)
+	}
+	if err := PutModel(ctx, kv, ModelEntry{Namespace: "Bad", Name: "m"}); !errors.Is(err, ErrInvalidRef) {
+		t.Errorf("invalid entry: err = %v, want ErrInvalidRef", err)
+	}
+	if err := DeleteModel(ctx, kv, e.Ref()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Get(ctx, "default.m"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Errorf("after delete: %v", err)
+	}
+}
+
+func TestDecodeControl(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		want    float64
+		wantErr bool
+	}{
+		{in: `{"exitThreshold":0.7}`, want: 0.7},
+		{in: `{"exitThreshold":1}`, want: 1},
+		{in: `{"exitThreshold":0}`, wantErr: true},
+		{in: `{"exitThreshold":1.5}`, wantErr: true},
+		{in: `{}`, wantErr: true},
+		{in: `nope`, wantErr: true},
+	} {
+		got, err := DecodeControl([]byte(tc.in))
+		if (err != nil) != tc.wantErr {
+			t.Errorf("DecodeControl(%s) error = %v, wantErr %v", tc.in, err, tc.wantErr)
+			continue
+		}
+		if got.ExitThreshold != tc.want {
+			t.Errorf("DecodeControl(%s) = %v, want %v", tc.in, got.ExitThreshold, tc.want)
+		}
+	}
+}
+
+// TestStatsPredictDepth builds a window from known per-token c_t and checks the depth prediction
+// against a direct count of Q-exit depths.
+func TestStatsPredictDepth(t *testing.T) {
+	const R = 4
+	// Each row: c_1..c_4 of one token (c_4 = 1).
+	tokens := [][]float64{
+		{0.95, 0.99, 1, 1},
+		{0.10, 0.55, 0.85, 1},
+		{0.20, 0.30, 0.60, 1},
+		{0.72, 0.80, 0.97, 1},
+	}
+	depthAt := func(c []float64, tau float64) int {
+		for i, v := range c {
+			if v >= tau {
+				return i + 1
+			}
+		}
+		return len(c)
+	}
+	const inForce = 0.75
+	s := NewStatsSnapshot(Ref{"default", "m"}, "w", R)
+	s.ExitThreshold = inForce
+	for i, c := range tokens {
+		d := depthAt(c, inForce)
+		s.DepthCounts[d-1]++
+		probe := i == 1 || i == 2 || i == 3 // token 0 is a plain token, censored after step 1
+		for t := range R {
+			if t < d {
+				s.Cum[t][CumBin(c[t])]++
+			} else {
+				s.Censored[t]++
+			}
+			if probe {
+				s.ProbeCum[t][CumBin(c[t])]++
+			}
+		}
+		if probe {
+			s.Probes++
+		}
+	}
+	for _, tau := range []float64{0.5, 0.75} { // at or below the threshold in force: exact from all tokens
+		var want float64
+		for _, c := range tokens {
+			want += float64(depthAt(c, tau))
+		}
+		want /= float64(len(tokens))
+		if got := s.PredictDepth(tau); math.Abs(got-want) > 1e-9 {
+			t.Errorf("PredictDepth(%v) = %v, want %v", tau, got, want)
+		}
+	}
+	// Above it only probes count.
+	var want float64
+	for _, c := range tokens[1:] {
+		want += float64(depthAt(c, 0.9))
+	}
+	want /= 3
+	if got := s.PredictDepth(0.9); math.Abs(got-want) > 1e-9 {
+		t.Errorf("PredictDepth(0.9) = %v, want %v (probes only)", got, want)
+	}
+	if got, want := s.MeanDepth(), (1+3+4+2)/4.0; math.Abs(got-want) > 1e-9 {
+		t.Errorf("MeanDepth = %v, want %v", got, want)
+	}
+	b, err := json.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := DecodeStats(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(back, s); d != "" {
+		t.Errorf("round trip (-got +want):\n%s", d)
+	}
+	bad := s
+	bad.Censored = bad.Censored[:2]
+	if err := bad.Validate(); !errors.Is(err, ErrInvalidStats) {
+		t.Errorf("short array: err = %v, want ErrInvalidStats", err)
+	}
+}
+
+func TestCumBin(t *testing.T) {
+	for _, tc := range []struct {
+		c    float64
+		want int
+	}{{0, 0}, {-1, 0}, {math.NaN(), 0}, {0.5, 50}, {0.499, 49}, {1, CumBins - 1}, {2, CumBins - 1}} {
+		if got := CumBin(tc.c); got != tc.want {
+			t.Errorf("CumBin(%v) = %d, want %d", tc.c, got, tc.want)
+		}
+	}
+}
