@@ -1,0 +1,50 @@
+package bench
+
+import (
+	"context"
+	"testing"
+)
+
+func TestSumWords(t *testing.T) {
+	for _, n := range []int{0, 8, 16, 24, 40, 1000, 4096 + 8} {
+		p := make([]uint64, n)
+		var want uint64
+		for i := range p {
+			p[i] = uint64(i)*0x9e3779b97f4a7c15 + 7
+			want += p[i]
+		}
+		if got := sumWords(p); got != want {
+			t.Errorf("sumWords(len %d) = %d, want %d", n, got, want)
+		}
+		if got := sumWordsGo(p); got != want {
+			t.Errorf("sumWordsGo(len %d) = %d, want %d", n, got, want)
+		}
+	}
+}
+
+func TestMeasureBandwidth(t *testing.T) {
+	const size = 8 << 20
+	bw, err := MeasureBandwidth(context.Background(), size, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bw.Passes != 3 || bw.Bytes <= 0 || bw.Bytes > size || bw.Best <= 0 || bw.GBPerSec() <= 0 {
+		t.Errorf("MeasureBandwidth = %+v (%.2f GB/s), want 3 passes over at most %d bytes and a positive rate", bw, bw.GBPerSec(), size)
+	}
+	if _, err := MeasureBandwidth(context.Background(), 0, 1); err == nil {
+		t.Error("MeasureBandwidth(size 0) returned no error")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := MeasureBandwidth(ctx, size, 1); err == nil {
+		t.Error("MeasureBandwidth(cancelled) returned no error")
+	}
+}
+
+func BenchmarkSumWords(b *testing.B) {
+	p := make([]uint64, 1<<28/8) // 256 MiB
+	b.SetBytes(int64(len(p) * 8))
+	for b.Loop() {
+		sumWords(p)
+	}
+}
