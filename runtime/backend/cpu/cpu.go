@@ -1,0 +1,290 @@
+// Package cpu is the pure-Go Backend: kernels split their rows over GOMAXPROCS goroutines and
+// read bfloat16 weights directly (widening in registers), so a decode step streams each weight
+// byte once. Reference holds plain single-threaded loops used as the numerical oracle.
+package cpu
+
+import (
+	"math"
+	"runtime"
+	"sync"
+
+	"github.com/loopserve/loopserve/runtime/engine"
+	"github.com/loopserve/loopserve/runtime/model"
+)
+
+// Backend is the parallel CPU backend. The zero value is not usable; call New. It holds no
+// per-call state and is safe for concurrent use.
+type Backend struct {
+	threads int
+}
+
+var (
+	_ engine.Backend       = (*Backend)(nil)
+	_ engine.MultiMatMuler = (*Backend)(nil)
+)
+
+// New returns a backend using threads goroutines per kernel (GOMAXPROCS when threads <= 0).
+func New(threads int) *Backend {
+	if threads <= 0 {
+		threads = runtime.GOMAXPROCS(0)
+	}
+	return &Backend{threads: threads}
+}
+
+// minWork is the multiply-adds below which a kernel runs on the calling goroutine: spawning
+// costs about a microsecond, which a few thousand FMAs do not repay.
+const minWork = 32 << 10
+
+// parallel runs fn over [0, total) split into contiguous chunks, one per worker, and waits.
+func (b *Backend) parallel(total, work int, fn func(lo, hi int)) {
+	workers := b.threads
+	if max := work / minWork; max < workers {
+		workers = max
+	}
+	if workers > total {
+		workers = total
+	}
+	if workers <= 1 {
+		fn(0, total)
+		return
+	}
+	var wg sync.WaitGroup
+	chunk := (total + workers - 1) / workers
+	for lo := chunk; lo < total; lo += chunk {
+		wg.Add(1)
+		go func(lo, hi int) {
+			defer wg.Done()
+			fn(lo, hi)
+		}(lo, min(lo+chunk, total))
+	}
+	fn(0, min(chunk, total))
+	wg.Wait()
+}
+
+// MatMul implements engine.Backend.
+func (b *Backend) MatMul(out, x []float32, n int, w *model.Matrix) {
+	rows, cols := w.Rows, w.Cols
+	b.parallel(rows, rows*cols*n, func(lo, hi int) { matRows(out, x, n, w, lo, hi, rows, cols) })
+}
+
+// MultiMatMul implements engine.MultiMatMuler: the rows of all weights form one index space.
+func (b *Backend) MultiMatMul(outs [][]float32, x []float32, n int, ws []*model.Matrix) {
+	total, work := 0, 0
+	for _, w := range ws {
+		total += w.Rows
+		work += w.Rows * w.Cols * n
+	}
+	b.parallel(total, work, func(lo, hi int) {
+		base := 0
+		for i, w := range ws {
+			a, z := max(lo-base, 0), min(hi-base, w.Rows)
+			if a < z {
+				matRows(outs[i], x, n, w, a, z, w.Rows, w.Cols)
+			}
+			base += w.Rows
+		}
+	})
+}
+
+// matRows computes output columns [lo, hi) for every batch row. Four weight rows are taken at
+// a time so each x element loaded serves four FMAs; every output is one dotN/dot call with a
+// fixed summation order, whatever n is.
+func matRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols int) {
+	r := lo
+	if w.BF16 != nil {
+		for ; r+4 <= hi; r += 4 {
+			w0 := w.BF16[r*cols : (r+1)*cols]
+			w1 := w.BF16[(r+1)*cols : (r+2)*cols]
+			w2 := w.BF16[(r+2)*cols : (r+3)*cols]
+			w3 := w.BF16[(r+3)*cols : (r+4)*cols]
+			for i := 0; i < n; i++ {
+				a, b2, c, d := dot4BF16(w0, w1, w2, w3, x[i*cols:(i+1)*cols])
+				o := out[i*rows+r : i*rows+r+4]
+				o[0], o[1], o[2], o[3] = a, b2, c, d
+			}
+		}
+		for ; r < hi; r++ {
+			wr := w.BF16[r*cols : (r+1)*cols]
+			for i := 0; i < n; i++ {
+				out[i*rows+r] = dotBF16(wr, x[i*cols:(i+1)*cols])
+			}
+		}
+		return
+	}
+	for ; r < hi; r++ {
+		wr := w.F32[r*cols : (r+1)*cols]
+		for i := 0; i < n; i++ {
+			out[i*rows+r] = dotF32(wr, x[i*cols:(i+1)*cols])
+		}
+	}
+}
+
+func bf(u uint16) float32 { return math.Float32frombits(uint32(u) << 16) }
+
+// dotBF16 and dot4BF16 must sum in the same order (4 lanes over j mod 4, then a fixed
+// combination) so that a row's value does not depend on which of them computed it.
+func dotBF16(w []uint16, x []float32) float32 {
+	x = x[:len(w)]
+	var s0, s1, s2, s3 float32
+	j := 0
+	for ; j+4 <= len(w); j += 4 {
+		s0 += bf(w[j]) * x[j]
+		s1 += bf(w[j+1]) * x[j+1]
+		s2 += bf(w[j+2]) * x[j+2]
+		s3 += bf(w[j+3]) * x[j+3]
+	}
+	for ; j < len(w); j++ {
+		s0 += bf(w[j]) * x[j]
+	}
+	return (s0 + s1) + (s2 + s3)
+}
+
+func dot4BF16(w0, w1, w2, w3 []uint16, x []float32) (float32, float32, float32, float32) {
+	m := len(x)
+	w0, w1, w2, w3 = w0[:m], w1[:m], w2[:m], w3[:m]
+	var a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 float32
+	j := 0
+	for ; j+4 <= m; j += 4 {
+		x0, x1, x2, x3 := x[j], x[j+1], x[j+2], x[j+3]
+		a0 += bf(w0[j]) * x0
+		a1 += bf(w0[j+1]) * x1
+		a2 += bf(w0[j+2]) * x2
+		a3 += bf(w0[j+3]) * x3
+		b0 += bf(w1[j]) * x0
+		b1 += bf(w1[j+1]) * x1
+		b2 += bf(w1[j+2]) * x2
+		b3 += bf(w1[j+3]) * x3
+		c0 += bf(w2[j]) * x0
+		c1 += bf(w2[j+1]) * x1
+		c2 += bf(w2[j+2]) * x2
+		c3 += bf(w2[j+3]) * x3
+		d0 += bf(w3[j]) * x0
+		d1 += bf(w3[j+1]) * x1
+		d2 += bf(w3[j+2]) * x2
+		d3 += bf(w3[j+3]) * x3
+	}
+	for ; j < m; j++ {
+		a0 += bf(w0[j]) * x[j]
+		b0 += bf(w1[j]) * x[j]
+		c0 += bf(w2[j]) * x[j]
+		d0 += bf(w3[j]) * x[j]
+	}
+	return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), (c0 + c1) + (c2 + c3), (d0 + d1) + (d2 + d3)
+}
+
+func dotF32(w, x []float32) float32 {
+	x = x[:len(w)]
+	var s0, s1, s2, s3 float32
+	j := 0
+	for ; j+4 <= len(w); j += 4 {
+		s0 += w[j] * x[j]
+		s1 += w[j+1] * x[j+1]
+		s2 += w[j+2] * x[j+2]
+		s3 += w[j+3] * x[j+3]
+	}
+	for ; j < len(w); j++ {
+		s0 += w[j] * x[j]
+	}
+	return (s0 + s1) + (s2 + s3)
+}
+
+// RMSNorm implements engine.Backend.
+func (b *Backend) RMSNorm(out, x []float32, n int, weight []float32, eps float32) {
+	d := len(weight)
+	b.parallel(n, n*d*4, func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			rmsRow(out[i*d:(i+1)*d], x[i*d:(i+1)*d], weight, eps)
+		}
+	})
+}
+
+func rmsRow(out, x, weight []float32, eps float32) {
+	var ss float64
+	for _, v := range x {
+		ss += float64(v) * float64(v)
+	}
+	inv := float32(1 / math.Sqrt(float64(float32(ss/float64(len(x))))+float64(eps)))
+	for j, v := range x {
+		out[j] = weight[j] * (v * inv)
+	}
+}
+
+// RoPE implements engine.Backend.
+func (b *Backend) RoPE(x []float32, n, heads, headDim int, pos []int, invFreq []float32) {
+	b.parallel(n, n*heads*headDim*8, func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			ropeRow(x[i*heads*headDim:(i+1)*heads*headDim], heads, headDim, pos[i], invFreq)
+		}
+	})
+}
+
+func ropeRow(x []float32, heads, headDim, pos int, invFreq []float32) {
+	half := headDim / 2
+	for k := 0; k < half; k++ {
+		ang := float32(pos) * invFreq[k]
+		s64, c64 := math.Sincos(float64(ang))
+		c, s := float32(c64), float32(s64)
+		for h := 0; h < heads; h++ {
+			v := x[h*headDim : (h+1)*headDim]
+			a, bb := v[k], v[k+half]
+			v[k] = a*c - bb*s
+			v[k+half] = bb*c + a*s
+		}
+	}
+}
+
+// SiLUMul implements engine.Backend.
+func (b *Backend) SiLUMul(gate, up []float32) {
+	b.parallel(len(gate), len(gate)*16, func(lo, hi int) { siluMul(gate[lo:hi], up[lo:hi]) })
+}
+
+func siluMul(gate, up []float32) {
+	up = up[:len(gate)]
+	for i, g := range gate {
+		gate[i] = g / (1 + float32(math.Exp(float64(-g)))) * up[i]
+	}
+}
+
+// Attention implements engine.Backend: one task per (job, head).
+func (b *Backend) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, scale float32) {
+	work := 0
+	for _, j := range jobs {
+		work += j.N * heads * headDim * 2
+	}
+	b.parallel(len(jobs)*heads, work, func(lo, hi int) {
+		var scores []float32
+		for t := lo; t < hi; t++ {
+			j := &jobs[t/heads]
+			if cap(scores) < j.N {
+				scores = make([]float32, j.N)
+			}
+			attnHead(j, t%heads, heads/kvHeads, kvHeads*headDim, headDim, scale, scores[:j.N])
+		}
+	})
+}
+
+func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, scores []float32) {
+	q := j.Q[h*headDim : (h+1)*headDim]
+	off := (h / group) * headDim
+	mx := float32(math.Inf(-1))
+	for p := 0; p < j.N; p++ {
+		s := dotF32(q, j.K[p*kvDim+off:p*kvDim+off+headDim]) * scale
+		scores[p] = s
+		mx = max(mx, s)
+	}
+	var sum float32
+	for p := range scores {
+		e := float32(math.Exp(float64(scores[p] - mx)))
+		scores[p] = e
+		sum += e
+	}
+	out := j.Out[h*headDim : (h+1)*headDim]
+	clear(out)
+	for p, e := range scores {
+		wgt := e / sum
+		v := j.V[p*kvDim+off : p*kvDim+off+headDim]
+		for d := range out {
+			out[d] += wgt * v[d]
+		}
+	}
+}
