@@ -159,6 +159,9 @@ func generate(ctx context.Context, layout, out string, seed uint64, progress fun
 	if err != nil {
 		return fmt.Errorf("writing %s: %w", dst, err)
 	}
+	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+		return fmt.Errorf("writing weights: %w", err)
+	}
 	if err := os.Rename(tmp.Name(), dst); err != nil {
 		return fmt.Errorf("writing weights: %w", err)
 	}
