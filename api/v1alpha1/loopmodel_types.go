@@ -1,0 +1,447 @@
+package v1alpha1
+
+import (
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// LoopModel serves one looped language model: the operator rolls out runtime workers for it,
+// creates its JetStream work queue and registers it for the gateway.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:subresource:scale:specpath=.spec.scaling.replicas,statuspath=.status.replicas,selectorpath=.status.selector
+// +kubebuilder:resource:shortName=lm;lms,categories=loopserve
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
+// +kubebuilder:printcolumn:name="Replicas",type=integer,JSONPath=`.status.readyReplicas`
+// +kubebuilder:printcolumn:name="Threshold",type=number,JSONPath=`.status.exitThreshold`
+// +kubebuilder:printcolumn:name="Mean depth",type=number,JSONPath=`.status.observed.meanDepth`
+// +kubebuilder:printcolumn:name="P95",type=string,JSONPath=`.status.observed.tokenLatencyP95`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+// +kubebuilder:validation:XValidation:rule="self.metadata.name.size() <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",message="metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter) of at most 50 characters: it names the worker Deployment and Service"
+type LoopModel struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// spec declares the model, its loop and SLO settings and how to run it.
+	// +required
+	Spec LoopModelSpec `json:"spec"`
+
+	// status is written by the operator.
+	// +optional
+	Status LoopModelStatus `json:"status,omitempty"`
+}
+
+// LoopModelList is a list of LoopModels.
+//
+// +kubebuilder:object:root=true
+type LoopModelList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []LoopModel `json:"items"`
+}
+
+// LoopModelSpec is the desired state of a LoopModel. Only exitThreshold may change without
+// restarting the workers: it is applied live over NATS.
+type LoopModelSpec struct {
+	// model says where the weights are.
+	// +required
+	Model ModelSpec `json:"model"`
+
+	// loop sets the depth behaviour: loop steps, exit threshold and its floor, probes, KV policy.
+	// +kubebuilder:default={}
+	// +optional
+	Loop LoopSpec `json:"loop,omitempty"`
+
+	// slo is what the tuning loop aims for.
+	// +optional
+	SLO SLOSpec `json:"slo,omitempty"`
+
+	// scaling bounds the number of workers.
+	// +kubebuilder:default={}
+	// +optional
+	Scaling ScalingSpec `json:"scaling,omitempty"`
+
+	// tuning controls the threshold and replica tuning loop.
+	// +kubebuilder:default={}
+	// +optional
+	Tuning TuningSpec `json:"tuning,omitempty"`
+
+	// runtime sets the worker pods' image, resources and placement.
+	// +optional
+	Runtime RuntimeSpec `json:"runtime,omitempty"`
+
+	// nats is the NATS server with JetStream that carries the requests; the operator's
+	// --nats-url applies when it is empty.
+	// +optional
+	NATS NATSSpec `json:"nats,omitempty"`
+}
+
+// ModelFormat is the on-disk layout of a model.
+// +kubebuilder:validation:Enum=hf
+type ModelFormat string
+
+// FormatHF is a Hugging Face folder: config.json, *.safetensors, tokenizer.json.
+const FormatHF ModelFormat = "hf"
+
+// ModelSpec locates the model's weights.
+type ModelSpec struct {
+	// source is the volume that holds the model; exactly one of its members is set.
+	// +required
+	Source ModelSource `json:"source"`
+
+	// path is the model folder inside the source, relative to its root ("" or "." for the root).
+	// +kubebuilder:validation:MaxLength=1024
+	// +kubebuilder:validation:XValidation:rule="!self.startsWith('/') && !self.contains('..')",message="path must be relative and must not contain '..'"
+	// +optional
+	Path string `json:"path,omitempty"`
+
+	// format is the model's layout.
+	// +kubebuilder:default=hf
+	// +optional
+	Format ModelFormat `json:"format,omitempty"`
+
+	// contextLength is the longest prompt plus completion, in tokens, that the gateway accepts;
+	// keep it at or below the model's max_position_embeddings.
+	// +kubebuilder:default=2048
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=1048576
+	// +optional
+	ContextLength int32 `json:"contextLength,omitempty"`
+}
+
+// ModelSource is where a model's files come from. Exactly one member is set.
+//
+// +kubebuilder:validation:XValidation:rule="[has(self.pvc), has(self.hostPath), has(self.image), has(self.url)].filter(x, x).size() == 1",message="exactly one of pvc, hostPath, image or url must be set"
+type ModelSource struct {
+	// pvc mounts a PersistentVolumeClaim in the namespace of the LoopModel, read-only.
+	// +optional
+	PVC *PVCSource `json:"pvc,omitempty"`
+
+	// hostPath mounts a directory of the node, read-only (single-node and test clusters).
+	// +optional
+	HostPath *HostPathSource `json:"hostPath,omitempty"`
+
+	// image mounts an OCI image or artifact that contains the model (Kubernetes image volumes).
+	// +optional
+	Image *ImageSource `json:"image,omitempty"`
+
+	// url downloads a .tar.gz of the model folder into an emptyDir before the worker starts.
+	// +optional
+	URL *URLSource `json:"url,omitempty"`
+}
+
+// PVCSource names a PersistentVolumeClaim.
+type PVCSource struct {
+	// claimName is the PersistentVolumeClaim's name.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	// +required
+	ClaimName string `json:"claimName"`
+}
+
+// HostPathSource names a node directory.
+type HostPathSource struct {
+	// path is an absolute directory on the node.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=4096
+	// +kubebuilder:validation:Pattern=`^/`
+	// +required
+	Path string `json:"path"`
+}
+
+// ImageSource names an OCI image or artifact mounted as a volume.
+type ImageSource struct {
+	// reference is the image reference, as in a container's image.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=1024
+	// +required
+	Reference string `json:"reference"`
+
+	// pullPolicy is Always, Never or IfNotPresent (the kubelet's default when empty).
+	// +kubebuilder:validation:Enum=Always;Never;IfNotPresent
+	// +optional
+	PullPolicy corev1.PullPolicy `json:"pullPolicy,omitempty"`
+}
+
+// URLSource downloads the model at pod start.
+type URLSource struct {
+	// url is an http(s) URL of a gzip-compressed tar of the model folder.
+	// +kubebuilder:validation:MaxLength=2048
+	// +kubebuilder:validation:Pattern=`^https?://`
+	// +required
+	URL string `json:"url"`
+
+	// fetchImage runs the download (it needs sh, curl and tar).
+	// +kubebuilder:default="curlimages/curl:8.11.1"
+	// +kubebuilder:validation:MinLength=1
+	// +optional
+	FetchImage string `json:"fetchImage,omitempty"`
+}
+
+// KVPolicy is how the KV cache treats loop steps during decode.
+// +kubebuilder:validation:Enum=full;last
+type KVPolicy string
+
+const (
+	// KVFull keeps one KV cache per loop step and layer (exact; R times the memory).
+	KVFull KVPolicy = "full"
+	// KVLast keeps one KV cache per layer, written by each token's last executed step.
+	KVLast KVPolicy = "last"
+)
+
+// LoopSpec sets how deep each token runs.
+//
+// +kubebuilder:validation:XValidation:rule="!has(self.minExitThreshold) || self.minExitThreshold <= self.exitThreshold",message="minExitThreshold must be less than or equal to exitThreshold"
+type LoopSpec struct {
+	// maxSteps caps the loop steps per token (the model's total_ut_steps, 4 for Ouro);
+	// running more steps than the model was trained with hurts quality.
+	// +kubebuilder:default=4
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=64
+	// +optional
+	MaxSteps int32 `json:"maxSteps,omitempty"`
+
+	// exitThreshold is the Q-exit threshold τ: a token stops at the first step whose cumulative
+	// exit probability reaches it. 1 runs every step. Changing it does not restart workers.
+	// +kubebuilder:default=0.9
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:ExclusiveMinimum=true
+	// +kubebuilder:validation:Maximum=1
+	// +optional
+	ExitThreshold float64 `json:"exitThreshold,omitempty"`
+
+	// minExitThreshold is the quality floor: tuning never lowers the threshold below it.
+	// Unset, the threshold is not lowered below exitThreshold.
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:ExclusiveMinimum=true
+	// +kubebuilder:validation:Maximum=1
+	// +optional
+	MinExitThreshold *float64 `json:"minExitThreshold,omitempty"`
+
+	// probeFraction is the share of tokens that run every step to keep the depth statistics
+	// unbiased and measure agreement with full depth.
+	// +kubebuilder:default=0.02
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=0.5
+	// +optional
+	ProbeFraction *float64 `json:"probeFraction,omitempty"`
+
+	// kvPolicy is full (per-step KV caches) or last (one per layer: R times less memory).
+	// +kubebuilder:default=full
+	// +optional
+	KVPolicy KVPolicy `json:"kvPolicy,omitempty"`
+}
+
+// SLOSpec is what the tuning loop aims for; unset members are not constrained.
+type SLOSpec struct {
+	// tokenLatencyP95 is the 95th percentile inter-token latency to stay under, e.g. "50ms".
+	// +optional
+	TokenLatencyP95 *metav1.Duration `json:"tokenLatencyP95,omitempty"`
+
+	// maxMeanDepth bounds the mean loop steps per token.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=64
+	// +optional
+	MaxMeanDepth *float64 `json:"maxMeanDepth,omitempty"`
+
+	// minAgreement is the lowest acceptable share of probe tokens whose exit-step choice equals
+	// the full-depth choice.
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1
+	// +optional
+	MinAgreement *float64 `json:"minAgreement,omitempty"`
+}
+
+// ScalingSpec bounds the workers.
+//
+// +kubebuilder:validation:XValidation:rule="self.minReplicas <= self.maxReplicas",message="minReplicas must be less than or equal to maxReplicas"
+type ScalingSpec struct {
+	// replicas is the desired number of workers, clamped to [minReplicas, maxReplicas]; the
+	// /scale subresource writes it (HPA, KEDA, kubectl scale).
+	// +kubebuilder:default=1
+	// +kubebuilder:validation:Minimum=0
+	// +optional
+	Replicas *int32 `json:"replicas,omitempty"`
+
+	// minReplicas is the fewest workers.
+	// +kubebuilder:default=1
+	// +kubebuilder:validation:Minimum=1
+	// +optional
+	MinReplicas int32 `json:"minReplicas,omitempty"`
+
+	// maxReplicas is the most workers.
+	// +kubebuilder:default=1
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=1000
+	// +optional
+	MaxReplicas int32 `json:"maxReplicas,omitempty"`
+
+	// targetLoopStepsPerReplica is the loop-step rate one worker should carry; unset, it is
+	// learned from the workers' stats.
+	// +kubebuilder:validation:Minimum=1
+	// +optional
+	TargetLoopStepsPerReplica *int64 `json:"targetLoopStepsPerReplica,omitempty"`
+
+	// scaleDownDelay is how long demand must stay low before removing a worker.
+	// +kubebuilder:default="5m"
+	// +optional
+	ScaleDownDelay *metav1.Duration `json:"scaleDownDelay,omitempty"`
+}
+
+// TuningMode says whether the tuning loop applies its decisions.
+// +kubebuilder:validation:Enum=auto;advisory;off
+type TuningMode string
+
+const (
+	// TuningAuto applies the tuned threshold and replicas.
+	TuningAuto TuningMode = "auto"
+	// TuningAdvisory reports decisions in status without applying them.
+	TuningAdvisory TuningMode = "advisory"
+	// TuningOff keeps spec.loop.exitThreshold and spec.scaling.replicas.
+	TuningOff TuningMode = "off"
+)
+
+// TuningSpec controls the tuning loop.
+type TuningSpec struct {
+	// mode is auto, advisory or off.
+	// +kubebuilder:default=auto
+	// +optional
+	Mode TuningMode `json:"mode,omitempty"`
+
+	// interval is the time between tuning decisions.
+	// +kubebuilder:default="30s"
+	// +optional
+	Interval *metav1.Duration `json:"interval,omitempty"`
+
+	// maxStep bounds one decision's change of the threshold.
+	// +kubebuilder:default=0.05
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:ExclusiveMinimum=true
+	// +kubebuilder:validation:Maximum=0.5
+	// +optional
+	MaxStep *float64 `json:"maxStep,omitempty"`
+}
+
+// RuntimeSpec shapes the worker pods.
+type RuntimeSpec struct {
+	// image is the loopserve image; the operator's --worker-image applies when it is empty.
+	// +kubebuilder:validation:MaxLength=1024
+	// +optional
+	Image string `json:"image,omitempty"`
+
+	// imagePullPolicy is the worker container's pull policy.
+	// +kubebuilder:validation:Enum=Always;Never;IfNotPresent
+	// +optional
+	ImagePullPolicy corev1.PullPolicy `json:"imagePullPolicy,omitempty"`
+
+	// resources of the worker container, e.g. limits {nvidia.com/gpu: 1}.
+	// +optional
+	Resources corev1.ResourceRequirements `json:"resources,omitempty"`
+
+	// nodeSelector constrains the worker pods to matching nodes.
+	// +optional
+	NodeSelector map[string]string `json:"nodeSelector,omitempty"`
+
+	// tolerations of the worker pods.
+	// +listType=atomic
+	// +optional
+	Tolerations []corev1.Toleration `json:"tolerations,omitempty"`
+
+	// env adds environment variables to the worker container.
+	// +listType=map
+	// +listMapKey=name
+	// +optional
+	Env []corev1.EnvVar `json:"env,omitempty"`
+}
+
+// NATSSpec locates the NATS server.
+type NATSSpec struct {
+	// url is the NATS server URL (several comma-separated URLs for a cluster).
+	// +kubebuilder:validation:MaxLength=2048
+	// +kubebuilder:validation:Pattern=`^(nats|tls|ws|wss)://\S+$`
+	// +optional
+	URL string `json:"url,omitempty"`
+
+	// credentialsSecret holds a NATS .creds file (user JWT and NKey seed) used by the operator
+	// and mounted into the workers.
+	// +optional
+	CredentialsSecret *SecretKey `json:"credentialsSecret,omitempty"`
+}
+
+// SecretKey selects a key of a Secret in the LoopModel's namespace.
+type SecretKey struct {
+	// name of the Secret.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	// +required
+	Name string `json:"name"`
+
+	// key in the Secret's data.
+	// +kubebuilder:default="nats.creds"
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	// +kubebuilder:validation:Pattern=`^[-._a-zA-Z0-9]+$`
+	// +optional
+	Key string `json:"key,omitempty"`
+}
+
+// LoopModelStatus is the observed state of a LoopModel.
+type LoopModelStatus struct {
+	// observedGeneration is the spec generation the operator last reconciled fully.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+
+	// conditions: Ready, Progressing, Degraded and SLOMet.
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+
+	// replicas is the number of worker pods (from the Deployment).
+	// +optional
+	Replicas int32 `json:"replicas,omitempty"`
+
+	// readyReplicas is the number of ready worker pods.
+	// +optional
+	ReadyReplicas int32 `json:"readyReplicas,omitempty"`
+
+	// selector is the worker pods' label selector, for the /scale subresource.
+	// +optional
+	Selector string `json:"selector,omitempty"`
+
+	// exitThreshold is the threshold in force, published to the workers.
+	// +optional
+	ExitThreshold float64 `json:"exitThreshold,omitempty"`
+
+	// observed holds the depth and latency statistics the workers report.
+	// +optional
+	Observed *ObservedStats `json:"observed,omitempty"`
+
+	// lastTuneTime is when the tuning loop last decided.
+	// +optional
+	LastTuneTime *metav1.Time `json:"lastTuneTime,omitempty"`
+}
+
+// ObservedStats are aggregated from the workers' stats snapshots.
+type ObservedStats struct {
+	// meanDepth is the mean loop steps per generated token.
+	// +optional
+	MeanDepth float64 `json:"meanDepth,omitempty"`
+
+	// tokenLatencyP95 is the 95th percentile inter-token latency.
+	// +optional
+	TokenLatencyP95 *metav1.Duration `json:"tokenLatencyP95,omitempty"`
+
+	// loopStepsPerSecond is the loop-step rate of all workers together.
+	// +optional
+	LoopStepsPerSecond float64 `json:"loopStepsPerSecond,omitempty"`
+
+	// agreement is the share of probe tokens whose exit-step choice equals the full-depth one.
+	// +optional
+	Agreement float64 `json:"agreement,omitempty"`
+}
+
+func init() {
+	SchemeBuilder.Register(&LoopModel{}, &LoopModelList{})
+}

@@ -1,0 +1,350 @@
+package controllers
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"path"
+	"strconv"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+
+	"github.com/loopserve/loopserve/api/v1alpha1"
+	"github.com/loopserve/loopserve/bus"
+)
+
+// Labels and names of the objects the operator owns.
+const (
+	labelName      = "app.kubernetes.io/name"
+	labelInstance  = "app.kubernetes.io/instance"
+	labelManagedBy = "app.kubernetes.io/managed-by"
+	labelLoopModel = "loopserve.io/loopmodel"
+	workerApp      = "loopserve-worker"
+	managedBy      = "loopserve-operator"
+	fieldOwner     = "loopserve-operator"
+)
+
+// The worker pod's layout; the worker's flags refer to these paths.
+const (
+	containerName = "worker"
+	modelVolume   = "model"
+	modelMount    = "/models"
+	configVolume  = "config"
+	configMount   = "/etc/loopserve"
+	configFile    = "threshold.json" // bus.Control plus the restart-only loop settings
+	credsVolume   = "nats-creds"
+	credsMount    = "/var/run/loopserve/nats"
+	tmpVolume     = "tmp"
+	metricsPort   = 9090
+	metricsName   = "metrics"
+	workerUID     = 65532
+	// workerBatch is the requests one worker takes at once; the consumer's MaxAckPending is
+	// this times maxReplicas, so scaling within bounds needs no consumer update.
+	workerBatch = 8
+)
+
+// defaults are the operator-wide settings a LoopModel may leave empty.
+type defaults struct {
+	NATSURL string // --nats-url
+	Image   string // --worker-image
+}
+
+// resolved is a LoopModel's effective NATS URL and worker image.
+func (d defaults) resolved(lm *v1alpha1.LoopModel) defaults {
+	out := d
+	if lm.Spec.NATS.URL != "" {
+		out.NATSURL = lm.Spec.NATS.URL
+	}
+	if lm.Spec.Runtime.Image != "" {
+		out.Image = lm.Spec.Runtime.Image
+	}
+	return out
+}
+
+func workerName(lm *v1alpha1.LoopModel) string  { return lm.Name + "-worker" }
+func serviceName(lm *v1alpha1.LoopModel) string { return lm.Name + "-metrics" }
+func configName(lm *v1alpha1.LoopModel) string  { return lm.Name + "-config" }
+
+func ref(lm *v1alpha1.LoopModel) bus.Ref { return bus.Ref{Namespace: lm.Namespace, Name: lm.Name} }
+
+// selectorLabels select a LoopModel's worker pods; they never change (Deployment selectors are immutable).
+func selectorLabels(lm *v1alpha1.LoopModel) map[string]string {
+	return map[string]string{labelName: workerApp, labelInstance: lm.Name}
+}
+
+func objectLabels(lm *v1alpha1.LoopModel) map[string]string {
+	l := selectorLabels(lm)
+	l[labelManagedBy] = managedBy
+	l[labelLoopModel] = lm.Name
+	return l
+}
+
+// desiredReplicas is spec.scaling.replicas clamped to [minReplicas, maxReplicas].
+func desiredReplicas(lm *v1alpha1.LoopModel) int32 {
+	s := lm.Spec.Scaling
+	n := s.MinReplicas
+	if s.Replicas != nil {
+		n = *s.Replicas
+	}
+	if s.MaxReplicas > 0 && n > s.MaxReplicas {
+		n = s.MaxReplicas
+	}
+	return max(n, s.MinReplicas, 1)
+}
+
+// thresholdInForce is the exit threshold the workers apply. Until the tuning loop lands it is
+// the spec's, which the API server keeps within (0, 1].
+func thresholdInForce(lm *v1alpha1.LoopModel) float64 {
+	return lm.Spec.Loop.ExitThreshold
+}
+
+// workerConfig is the content of the worker's --threshold-file: the control message (applied
+// live) plus the loop settings read at start, whose changes roll the pods via the spec hash.
+type workerConfig struct {
+	bus.Control
+	MaxSteps      int32             `json:"maxSteps"`
+	ProbeFraction float64           `json:"probeFraction"`
+	KVPolicy      v1alpha1.KVPolicy `json:"kvPolicy"`
+}
+
+func desiredWorkerConfig(lm *v1alpha1.LoopModel, tau float64) workerConfig {
+	return workerConfig{
+		Control:       bus.Control{ExitThreshold: tau},
+		MaxSteps:      lm.Spec.Loop.MaxSteps,
+		ProbeFraction: ptr.Deref(lm.Spec.Loop.ProbeFraction, 0),
+		KVPolicy:      lm.Spec.Loop.KVPolicy,
+	}
+}
+
+func desiredConfigMap(lm *v1alpha1.LoopModel, tau float64) (*corev1.ConfigMap, error) {
+	b, err := json.Marshal(desiredWorkerConfig(lm, tau))
+	if err != nil {
+		return nil, fmt.Errorf("encoding the worker config: %w", err)
+	}
+	return &corev1.ConfigMap{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "ConfigMap"},
+		ObjectMeta: metav1.ObjectMeta{Name: configName(lm), Namespace: lm.Namespace, Labels: objectLabels(lm)},
+		Data:       map[string]string{configFile: string(b)},
+	}, nil
+}
+
+func desiredService(lm *v1alpha1.LoopModel) *corev1.Service {
+	return &corev1.Service{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Service"},
+		ObjectMeta: metav1.ObjectMeta{Name: serviceName(lm), Namespace: lm.Namespace, Labels: objectLabels(lm)},
+		Spec: corev1.ServiceSpec{
+			Type:     corev1.ServiceTypeClusterIP,
+			Selector: selectorLabels(lm),
+			Ports: []corev1.ServicePort{{
+				Name:       metricsName,
+				Port:       metricsPort,
+				TargetPort: intstr.FromString(metricsName),
+				Protocol:   corev1.ProtocolTCP,
+			}},
+		},
+	}
+}
+
+// specHash digests every setting that needs a worker restart. The exit threshold is left out on
+// purpose: it is applied live over NATS, so changing it must not roll the pods.
+func specHash(lm *v1alpha1.LoopModel, d defaults) (string, error) {
+	in := struct {
+		Model         v1alpha1.ModelSpec
+		MaxSteps      int32
+		ProbeFraction *float64
+		KVPolicy      v1alpha1.KVPolicy
+		Runtime       v1alpha1.RuntimeSpec
+		NATS          v1alpha1.NATSSpec
+		Resolved      defaults
+	}{lm.Spec.Model, lm.Spec.Loop.MaxSteps, lm.Spec.Loop.ProbeFraction, lm.Spec.Loop.KVPolicy,
+		lm.Spec.Runtime, lm.Spec.NATS, d.resolved(lm)}
+	b, err := json.Marshal(in)
+	if err != nil {
+		return "", fmt.Errorf("hashing the spec: %w", err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8]), nil
+}
+
+// modelDir is the model folder inside the worker container.
+func modelDir(lm *v1alpha1.LoopModel) string {
+	return path.Join(modelMount, path.Clean("/"+lm.Spec.Model.Path))
+}
+
+// workerArgs are the worker's command line (the image's entrypoint is the loopserve binary).
+func workerArgs(lm *v1alpha1.LoopModel, d defaults) []string {
+	return []string{
+		"worker",
+		"--nats", d.resolved(lm).NATSURL,
+		"--model", modelDir(lm),
+		"--loopmodel", ref(lm).String(),
+		"--threshold-file", path.Join(configMount, configFile),
+		"--metrics-addr", ":" + strconv.Itoa(metricsPort),
+	}
+}
+
+func restrictedContainerSecurity() *corev1.SecurityContext {
+	return &corev1.SecurityContext{
+		AllowPrivilegeEscalation: ptr.To(false),
+		ReadOnlyRootFilesystem:   ptr.To(true),
+		RunAsNonRoot:             ptr.To(true),
+		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+	}
+}
+
+func modelVolumeSource(src v1alpha1.ModelSource) corev1.VolumeSource {
+	switch {
+	case src.PVC != nil:
+		return corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: src.PVC.ClaimName, ReadOnly: true}}
+	case src.HostPath != nil:
+		return corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: src.HostPath.Path, Type: ptr.To(corev1.HostPathDirectory)}}
+	case src.Image != nil:
+		return corev1.VolumeSource{Image: &corev1.ImageVolumeSource{Reference: src.Image.Reference, PullPolicy: src.Image.PullPolicy}}
+	default: // url: filled by the fetch init container
+		return corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}
+	}
+}
+
+// fetchScript downloads and unpacks the model archive; the URL comes in through the
+// environment so it is never parsed by the shell.
+const fetchScript = `set -eu; curl -fsSL --retry 5 --retry-delay 2 "$MODEL_URL" | tar -xzf - -C ` + modelMount
+
+func desiredDeployment(lm *v1alpha1.LoopModel, d defaults) (*appsv1.Deployment, error) {
+	hash, err := specHash(lm, d)
+	if err != nil {
+		return nil, err
+	}
+	rt := lm.Spec.Runtime
+	res := d.resolved(lm)
+	replicas := desiredReplicas(lm)
+
+	env := append([]corev1.EnvVar(nil), rt.Env...)
+	mounts := []corev1.VolumeMount{
+		{Name: modelVolume, MountPath: modelMount, ReadOnly: true},
+		{Name: configVolume, MountPath: configMount, ReadOnly: true},
+		{Name: tmpVolume, MountPath: "/tmp"},
+	}
+	volumes := []corev1.Volume{
+		{Name: modelVolume, VolumeSource: modelVolumeSource(lm.Spec.Model.Source)},
+		{Name: configVolume, VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
+			LocalObjectReference: corev1.LocalObjectReference{Name: configName(lm)},
+		}}},
+		// The root filesystem is read-only: scratch space and caches (compiled kernels) go here.
+		{Name: tmpVolume, VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}},
+	}
+	if cs := lm.Spec.NATS.CredentialsSecret; cs != nil {
+		key := cs.Key
+		if key == "" {
+			key = "nats.creds"
+		}
+		volumes = append(volumes, corev1.Volume{Name: credsVolume, VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{
+			SecretName: cs.Name, Items: []corev1.KeyToPath{{Key: key, Path: key}},
+		}}})
+		mounts = append(mounts, corev1.VolumeMount{Name: credsVolume, MountPath: credsMount, ReadOnly: true})
+		env = append(env, corev1.EnvVar{Name: "LOOPSERVE_NATS_CREDS", Value: path.Join(credsMount, key)})
+	}
+	env = append(env, corev1.EnvVar{Name: "HOME", Value: "/tmp"})
+
+	probe := func(period, failures int32) *corev1.Probe {
+		return &corev1.Probe{
+			ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/metrics", Port: intstr.FromString(metricsName)}},
+			PeriodSeconds:    period,
+			FailureThreshold: failures,
+			TimeoutSeconds:   5,
+		}
+	}
+	worker := corev1.Container{
+		Name:            containerName,
+		Image:           res.Image,
+		ImagePullPolicy: rt.ImagePullPolicy,
+		Args:            workerArgs(lm, d),
+		Env:             env,
+		Ports:           []corev1.ContainerPort{{Name: metricsName, ContainerPort: metricsPort, Protocol: corev1.ProtocolTCP}},
+		Resources:       *rt.Resources.DeepCopy(),
+		VolumeMounts:    mounts,
+		// Loading weights can take minutes: the startup probe allows 10, then liveness takes over.
+		StartupProbe:             probe(5, 120),
+		LivenessProbe:            probe(10, 3),
+		ReadinessProbe:           probe(5, 2),
+		SecurityContext:          restrictedContainerSecurity(),
+		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
+	}
+	var inits []corev1.Container
+	if u := lm.Spec.Model.Source.URL; u != nil {
+		inits = append(inits, corev1.Container{
+			Name:                     "fetch-model",
+			Image:                    u.FetchImage,
+			Command:                  []string{"sh", "-c", fetchScript},
+			Env:                      []corev1.EnvVar{{Name: "MODEL_URL", Value: u.URL}, {Name: "HOME", Value: "/tmp"}},
+			VolumeMounts:             []corev1.VolumeMount{{Name: modelVolume, MountPath: modelMount}, {Name: tmpVolume, MountPath: "/tmp"}},
+			SecurityContext:          restrictedContainerSecurity(),
+			TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
+		})
+	}
+
+	return &appsv1.Deployment{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "apps/v1", Kind: "Deployment"},
+		ObjectMeta: metav1.ObjectMeta{Name: workerName(lm), Namespace: lm.Namespace, Labels: objectLabels(lm)},
+		Spec: appsv1.DeploymentSpec{
+			Replicas: &replicas,
+			Selector: &metav1.LabelSelector{MatchLabels: selectorLabels(lm)},
+			// Surge one pod and never take one down before its replacement is ready: a rollout
+			// keeps the serving capacity (a GPU model needs one spare GPU for the surge pod).
+			Strategy: appsv1.DeploymentStrategy{
+				Type: appsv1.RollingUpdateDeploymentStrategyType,
+				RollingUpdate: &appsv1.RollingUpdateDeployment{
+					MaxUnavailable: ptr.To(intstr.FromInt32(0)),
+					MaxSurge:       ptr.To(intstr.FromInt32(1)),
+				},
+			},
+			RevisionHistoryLimit:    ptr.To[int32](3),
+			ProgressDeadlineSeconds: ptr.To[int32](900),
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{
+					Labels:      objectLabels(lm),
+					Annotations: map[string]string{AnnotationSpecHash: hash},
+				},
+				Spec: corev1.PodSpec{
+					SecurityContext: &corev1.PodSecurityContext{
+						RunAsNonRoot:   ptr.To(true),
+						RunAsUser:      ptr.To[int64](workerUID),
+						RunAsGroup:     ptr.To[int64](workerUID),
+						FSGroup:        ptr.To[int64](workerUID),
+						SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+					},
+					AutomountServiceAccountToken:  ptr.To(false),
+					EnableServiceLinks:            ptr.To(false),
+					TerminationGracePeriodSeconds: ptr.To[int64](60),
+					NodeSelector:                  rt.NodeSelector,
+					Tolerations:                   rt.Tolerations,
+					InitContainers:                inits,
+					Containers:                    []corev1.Container{worker},
+					Volumes:                       volumes,
+				},
+			},
+		},
+	}, nil
+}
+
+// registryEntry is the LoopModel's record for the gateway.
+func registryEntry(lm *v1alpha1.LoopModel, tau float64, ready bool) bus.ModelEntry {
+	return bus.ModelEntry{
+		Namespace:     lm.Namespace,
+		Name:          lm.Name,
+		Subject:       ref(lm).RequestSubject(),
+		ContextLength: int(lm.Spec.Model.ContextLength),
+		ExitThreshold: tau,
+		MaxSteps:      int(lm.Spec.Loop.MaxSteps),
+		Ready:         ready,
+	}
+}
+
+// queueOptions sizes the work queue for the most workers the LoopModel may have.
+func queueOptions(lm *v1alpha1.LoopModel) bus.QueueOptions {
+	return bus.QueueOptions{MaxAckPending: workerBatch * int(max(lm.Spec.Scaling.MaxReplicas, 1))}
+}

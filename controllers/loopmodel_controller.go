@@ -1,0 +1,324 @@
+// Package controllers reconciles LoopModels into worker Deployments, metrics Services,
+// threshold ConfigMaps, JetStream work queues and registry entries, and reports their state.
+package controllers
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/tools/events"
+	"k8s.io/client-go/util/workqueue"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"github.com/loopserve/loopserve/api/v1alpha1"
+)
+
+// LoopModelReconciler reconciles LoopModels. Fill it in and call SetupWithManager; it is
+// called by one controller worker at a time per object, and its NATS pool is shared.
+type LoopModelReconciler struct {
+	Client    client.Client        // cached client of the manager
+	APIReader client.Reader        // uncached reads of objects the operator does not watch (pods, PVCs, Secrets)
+	Events    events.EventRecorder // events.k8s.io recorder
+	NATS      *NATSPool
+
+	NATSURL     string // NATS URL for LoopModels that set none
+	WorkerImage string // worker image for LoopModels that set none
+
+	PollInterval time.Duration // recheck period while workers roll out (10s when zero)
+	Resync       time.Duration // recheck period once Ready, to repair NATS state (5m when zero)
+	NATSTimeout  time.Duration // bound on one reconcile's NATS calls (5s when zero)
+	RetryBase    time.Duration // first retry delay after an error (1s when zero)
+	RetryMax     time.Duration // longest retry delay after repeated errors, e.g. NATS down (2m when zero)
+}
+
+// +kubebuilder:rbac:groups=loopserve.io,resources=loopmodels,verbs=get;list;watch;update;patch
+// +kubebuilder:rbac:groups=loopserve.io,resources=loopmodels/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=loopserve.io,resources=loopmodels/finalizers,verbs=update
+// +kubebuilder:rbac:groups=apps,resources=deployments,verbs=get;list;watch;create;update;patch
+// +kubebuilder:rbac:groups="",resources=services;configmaps,verbs=get;list;watch;create;update;patch
+// +kubebuilder:rbac:groups="",resources=pods,verbs=list
+// +kubebuilder:rbac:groups="",resources=persistentvolumeclaims;secrets,verbs=get
+// +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+
+// Reconcile brings one LoopModel's objects and NATS state to its spec and writes its status once.
+func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (_ ctrl.Result, retErr error) {
+	var lm v1alpha1.LoopModel
+	if err := r.Client.Get(ctx, req.NamespacedName, &lm); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	if !lm.DeletionTimestamp.IsZero() {
+		return ctrl.Result{}, r.finalize(ctx, &lm)
+	}
+	if !controllerutil.ContainsFinalizer(&lm, Finalizer) {
+		patch := client.MergeFrom(lm.DeepCopy())
+		controllerutil.AddFinalizer(&lm, Finalizer)
+		if err := r.Client.Patch(ctx, &lm, patch); err != nil {
+			return ctrl.Result{}, fmt.Errorf("adding finalizer: %w", err)
+		}
+	}
+
+	before := lm.DeepCopy()
+	defer func() {
+		retErr = errors.Join(retErr, r.patchStatus(ctx, before, &lm))
+	}()
+
+	p, err := r.plan(ctx, &lm)
+	if err == nil {
+		err = r.apply(ctx, &lm, p)
+	}
+	var se *specError
+	if errors.As(err, &se) {
+		r.reportSpecError(&lm, se)
+		return ctrl.Result{RequeueAfter: r.resync()}, nil
+	}
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+
+	ro, err := r.observe(ctx, p.deployment)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	natsErr := r.syncNATS(ctx, &lm, p, ro.available())
+	r.setStatus(&lm, p, ro, natsErr)
+	switch {
+	case natsErr != nil:
+		// The rate limiter backs off while NATS stays down; status already says why.
+		return ctrl.Result{}, natsErr
+	case !ro.complete():
+		return ctrl.Result{RequeueAfter: r.pollInterval()}, nil
+	default:
+		return ctrl.Result{RequeueAfter: r.resync()}, nil
+	}
+}
+
+// SetupWithManager registers the controller: LoopModels and the objects they own.
+func (r *LoopModelReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	limiter := workqueue.NewTypedItemExponentialFailureRateLimiter[reconcile.Request](
+		cmp.Or(r.RetryBase, time.Second), cmp.Or(r.RetryMax, 2*time.Minute))
+	return ctrl.NewControllerManagedBy(mgr).
+		For(&v1alpha1.LoopModel{}).
+		Owns(&appsv1.Deployment{}).
+		Owns(&corev1.Service{}).
+		Owns(&corev1.ConfigMap{}).
+		WithOptions(controller.Options{RateLimiter: limiter}).
+		Named("loopmodel").
+		Complete(r)
+}
+
+// CacheOptions limit the manager's cache of Deployments, Services and ConfigMaps to the ones
+// the operator manages, so it does not hold every object of the cluster in memory.
+func CacheOptions() cache.Options {
+	managed := cache.ByObject{Label: labels.SelectorFromSet(labels.Set{labelManagedBy: managedBy})}
+	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+		&appsv1.Deployment{}: managed,
+		&corev1.Service{}:    managed,
+		&corev1.ConfigMap{}:  managed,
+	}}
+}
+
+// plan is what one reconcile wants to exist, computed before any write.
+type plan struct {
+	resolved   defaults // effective NATS URL and image
+	creds      []byte   // NATS .creds content, if the spec names a Secret
+	tau        float64  // exit threshold in force
+	configMap  *corev1.ConfigMap
+	service    *corev1.Service
+	deployment *appsv1.Deployment
+}
+
+// specError is a problem only a change of the spec (or of an object it names) can fix: it is
+// reported in status and retried slowly, never returned as a reconcile error.
+type specError struct {
+	reason string
+	msg    string
+}
+
+func (e *specError) Error() string { return e.msg }
+
+func (r *LoopModelReconciler) plan(ctx context.Context, lm *v1alpha1.LoopModel) (*plan, error) {
+	d := defaults{NATSURL: r.NATSURL, Image: r.WorkerImage}
+	p := &plan{resolved: d.resolved(lm), tau: thresholdInForce(lm)}
+	if p.resolved.Image == "" {
+		return nil, &specError{ReasonInvalidSpec, "spec.runtime.image is empty and the operator has no default --worker-image"}
+	}
+	if p.resolved.NATSURL == "" {
+		return nil, &specError{ReasonInvalidSpec, "spec.nats.url is empty and the operator has no default --nats-url"}
+	}
+	if pvc := lm.Spec.Model.Source.PVC; pvc != nil {
+		var claim corev1.PersistentVolumeClaim
+		err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: lm.Namespace, Name: pvc.ClaimName}, &claim)
+		if apierrors.IsNotFound(err) {
+			return nil, &specError{ReasonModelInvalid, fmt.Sprintf("PersistentVolumeClaim %s/%s of spec.model.source.pvc not found", lm.Namespace, pvc.ClaimName)}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("reading PersistentVolumeClaim %s: %w", pvc.ClaimName, err)
+		}
+	}
+	creds, err := r.credentials(ctx, lm)
+	if err != nil {
+		return nil, err
+	}
+	p.creds = creds
+
+	if p.configMap, err = desiredConfigMap(lm, p.tau); err != nil {
+		return nil, err
+	}
+	p.service = desiredService(lm)
+	if p.deployment, err = desiredDeployment(lm, d); err != nil {
+		return nil, err
+	}
+	for _, obj := range []client.Object{p.configMap, p.service, p.deployment} {
+		if err := controllerutil.SetControllerReference(lm, obj, r.Client.Scheme()); err != nil {
+			return nil, fmt.Errorf("setting owner of %s: %w", obj.GetName(), err)
+		}
+	}
+	return p, nil
+}
+
+// credentials reads the NATS .creds file named by spec.nats.credentialsSecret.
+func (r *LoopModelReconciler) credentials(ctx context.Context, lm *v1alpha1.LoopModel) ([]byte, error) {
+	cs := lm.Spec.NATS.CredentialsSecret
+	if cs == nil {
+		return nil, nil
+	}
+	key := cmp.Or(cs.Key, "nats.creds")
+	var s corev1.Secret
+	err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: lm.Namespace, Name: cs.Name}, &s)
+	if apierrors.IsNotFound(err) {
+		return nil, &specError{ReasonInvalidSpec, fmt.Sprintf("Secret %s/%s of spec.nats.credentialsSecret not found", lm.Namespace, cs.Name)}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading Secret %s: %w", cs.Name, err)
+	}
+	b, ok := s.Data[key]
+	if !ok || len(b) == 0 {
+		return nil, &specError{ReasonInvalidSpec, fmt.Sprintf("Secret %s/%s has no key %q", lm.Namespace, cs.Name, key)}
+	}
+	if _, err := credsOption(b); err != nil {
+		return nil, &specError{ReasonInvalidSpec, fmt.Sprintf("Secret %s/%s key %q: %v", lm.Namespace, cs.Name, key, err)}
+	}
+	return b, nil
+}
+
+// apply writes the planned objects with server-side apply, in the order the pods need them.
+func (r *LoopModelReconciler) apply(ctx context.Context, lm *v1alpha1.LoopModel, p *plan) error {
+	for _, obj := range []client.Object{p.configMap, p.service, p.deployment} {
+		if err := r.applyObject(ctx, lm, obj); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// applyObject server-side-applies obj as the operator's field manager, leaves the server's
+// answer (status included) in obj, and records an event when it created or changed something.
+func (r *LoopModelReconciler) applyObject(ctx context.Context, lm *v1alpha1.LoopModel, obj client.Object) error {
+	kind := obj.GetObjectKind().GroupVersionKind().Kind
+	existing, ok := obj.DeepCopyObject().(client.Object)
+	if !ok {
+		return fmt.Errorf("copying %s %s: not a client.Object", kind, obj.GetName())
+	}
+	err := r.Client.Get(ctx, client.ObjectKeyFromObject(obj), existing)
+	created := apierrors.IsNotFound(err)
+	if err != nil && !created {
+		return fmt.Errorf("reading %s %s: %w", kind, obj.GetName(), err)
+	}
+
+	u, err := runtime.DefaultUnstructuredConverter.ToUnstructured(obj)
+	if err != nil {
+		return fmt.Errorf("encoding %s %s: %w", kind, obj.GetName(), err)
+	}
+	// Typed objects carry empty status and creation time; applying them would claim those fields.
+	delete(u, "status")
+	unstructured.RemoveNestedField(u, "metadata", "creationTimestamp")
+	unstructured.RemoveNestedField(u, "spec", "template", "metadata", "creationTimestamp")
+	ac := &unstructured.Unstructured{Object: u}
+	err = r.Client.Apply(ctx, client.ApplyConfigurationFromUnstructured(ac), client.FieldOwner(fieldOwner), client.ForceOwnership)
+	if apierrors.IsInvalid(err) || apierrors.IsBadRequest(err) {
+		return &specError{ReasonInvalidSpec, fmt.Sprintf("%s %s rejected: %v", kind, obj.GetName(), err)}
+	}
+	if err != nil {
+		return fmt.Errorf("applying %s %s: %w", kind, obj.GetName(), err)
+	}
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(ac.Object, obj); err != nil {
+		return fmt.Errorf("decoding %s %s: %w", kind, obj.GetName(), err)
+	}
+	switch {
+	case created:
+		r.Events.Eventf(lm, obj, corev1.EventTypeNormal, EventCreated, "Apply", "created %s %s", kind, obj.GetName())
+	case existing.GetResourceVersion() != obj.GetResourceVersion():
+		r.Events.Eventf(lm, obj, corev1.EventTypeNormal, EventUpdated, "Apply", "updated %s %s", kind, obj.GetName())
+	}
+	return nil
+}
+
+// observe summarises the rollout of the applied Deployment, looking at its pods only while it
+// is incomplete (crash loops and image pull failures do not show in Deployment status).
+func (r *LoopModelReconciler) observe(ctx context.Context, dep *appsv1.Deployment) (rollout, error) {
+	ro := summarize(dep, nil)
+	if ro.complete() {
+		return ro, nil
+	}
+	var pods corev1.PodList
+	if err := r.APIReader.List(ctx, &pods, client.InNamespace(dep.Namespace), client.MatchingLabels(dep.Spec.Selector.MatchLabels)); err != nil {
+		return rollout{}, fmt.Errorf("listing worker pods of %s: %w", dep.Name, err)
+	}
+	return summarize(dep, pods.Items), nil
+}
+
+// patchStatus writes the status once per reconcile, and only when it changed.
+func (r *LoopModelReconciler) patchStatus(ctx context.Context, before, lm *v1alpha1.LoopModel) error {
+	if equality.Semantic.DeepEqual(before.Status, lm.Status) {
+		return nil
+	}
+	if err := r.Client.Status().Patch(ctx, lm, client.MergeFrom(before)); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil
+		}
+		return fmt.Errorf("patching status of %s/%s: %w", lm.Namespace, lm.Name, err)
+	}
+	return nil
+}
+
+// finalize deletes the LoopModel's stream and registry entry, then releases the object. While
+// NATS is unreachable the deletion waits (status says why) unless the skip annotation is set.
+func (r *LoopModelReconciler) finalize(ctx context.Context, lm *v1alpha1.LoopModel) error {
+	if !controllerutil.ContainsFinalizer(lm, Finalizer) {
+		return nil
+	}
+	if err := r.cleanupNATS(ctx, lm); err != nil {
+		before := lm.DeepCopy()
+		r.setCondition(lm, degraded(lm, ReasonNATSUnreachable, "deletion waits for NATS cleanup: "+err.Error()))
+		return errors.Join(err, r.patchStatus(ctx, before, lm))
+	}
+	patch := client.MergeFrom(lm.DeepCopy())
+	controllerutil.RemoveFinalizer(lm, Finalizer)
+	if err := r.Client.Patch(ctx, lm, patch); err != nil {
+		return client.IgnoreNotFound(fmt.Errorf("removing finalizer: %w", err))
+	}
+	return nil
+}
+
+func (r *LoopModelReconciler) pollInterval() time.Duration {
+	return cmp.Or(r.PollInterval, 10*time.Second)
+}
+func (r *LoopModelReconciler) resync() time.Duration { return cmp.Or(r.Resync, 5*time.Minute) }
+func (r *LoopModelReconciler) natsTimeout() time.Duration {
+	return cmp.Or(r.NATSTimeout, 5*time.Second)
+}

@@ -1,0 +1,132 @@
+package controllers
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/loopserve/loopserve/api/v1alpha1"
+	"github.com/loopserve/loopserve/bus"
+)
+
+// syncNATS puts the LoopModel's work queue and registry entry in place and publishes the
+// threshold in force when it changed. The registry entry is the record of what was published:
+// comparing with it keeps the sync idempotent across operator restarts.
+func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopModel, p *plan, ready bool) error {
+	ctx, cancel := context.WithTimeout(ctx, r.natsTimeout())
+	defer cancel()
+	nc, err := r.NATS.Conn(ctx, p.resolved.NATSURL, p.creds)
+	if err != nil {
+		return err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("opening JetStream on %s: %w", p.resolved.NATSURL, err)
+	}
+	if _, err := bus.EnsureQueue(ctx, js, ref(lm), queueOptions(lm)); err != nil {
+		return err
+	}
+	kv, err := bus.Registry(ctx, js)
+	if err != nil {
+		return err
+	}
+	want := registryEntry(lm, p.tau, ready)
+	prev, found, err := getEntry(ctx, kv, ref(lm))
+	if err != nil {
+		return err
+	}
+	if !found || !sameEntry(prev, want) {
+		want.Updated = time.Now().UTC()
+		if err := bus.PutModel(ctx, kv, want); err != nil {
+			return err
+		}
+	}
+	if found && sameThreshold(prev.ExitThreshold, p.tau) {
+		return nil
+	}
+	b, err := json.Marshal(bus.Control{ExitThreshold: p.tau})
+	if err != nil {
+		return fmt.Errorf("encoding control message: %w", err)
+	}
+	if err := nc.Publish(ref(lm).ControlSubject(), b); err != nil {
+		return fmt.Errorf("publishing threshold on %s: %w", ref(lm).ControlSubject(), err)
+	}
+	if err := nc.FlushWithContext(ctx); err != nil {
+		return fmt.Errorf("publishing threshold on %s: %w", ref(lm).ControlSubject(), err)
+	}
+	if found {
+		r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventThresholdPublished, "Publish",
+			"exit threshold %g published on %s (was %g)", p.tau, ref(lm).ControlSubject(), prev.ExitThreshold)
+	}
+	return nil
+}
+
+// cleanupNATS deletes the stream and registry entry of a LoopModel being deleted.
+func (r *LoopModelReconciler) cleanupNATS(ctx context.Context, lm *v1alpha1.LoopModel) error {
+	if lm.Annotations[AnnotationSkipNATSCleanup] == "true" {
+		return nil
+	}
+	url := defaults{NATSURL: r.NATSURL}.resolved(lm).NATSURL
+	if url == "" {
+		return nil // never had a queue
+	}
+	creds, err := r.credentials(ctx, lm)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.natsTimeout())
+	defer cancel()
+	nc, err := r.NATS.Conn(ctx, url, creds)
+	if err != nil {
+		return err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("opening JetStream on %s: %w", url, err)
+	}
+	kv, err := bus.Registry(ctx, js)
+	if err != nil {
+		return err
+	}
+	if err := bus.DeleteModel(ctx, kv, ref(lm)); err != nil {
+		return err
+	}
+	if err := bus.DeleteQueue(ctx, js, ref(lm)); err != nil {
+		return err
+	}
+	r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventQueueDeleted, "Cleanup",
+		"deleted stream %s and registry entry %s", ref(lm).Stream(), ref(lm).Key())
+	return nil
+}
+
+func getEntry(ctx context.Context, kv jetstream.KeyValue, r bus.Ref) (bus.ModelEntry, bool, error) {
+	v, err := kv.Get(ctx, r.Key())
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return bus.ModelEntry{}, false, nil
+	}
+	if err != nil {
+		return bus.ModelEntry{}, false, fmt.Errorf("reading registry entry %s: %w", r, err)
+	}
+	e, err := bus.DecodeModel(v.Value())
+	if err != nil {
+		// A corrupt entry is rewritten, not fatal.
+		return bus.ModelEntry{}, false, nil
+	}
+	return e, true, nil
+}
+
+// sameEntry compares two registry entries, ignoring their write times.
+func sameEntry(a, b bus.ModelEntry) bool {
+	return sameThreshold(a.ExitThreshold, b.ExitThreshold) &&
+		a.Namespace == b.Namespace && a.Name == b.Name && a.ContextLength == b.ContextLength &&
+		a.MaxSteps == b.MaxSteps && a.Ready == b.Ready
+}
+
+// sameThreshold treats thresholds within 1e-9 as equal: they round-trip through JSON.
+func sameThreshold(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
