@@ -22,7 +22,7 @@ type Peer struct {
 	Python  string // interpreter; "" means /usr/bin/python3 (Debian's, which has python3-torch)
 	Script  string // path to hack/peer/ouro.py
 	Dtype   string // compute dtype: "float32" (default) or "bfloat16"
-	Threads int    // torch threads; 0 leaves torch's default (all cores)
+	Threads int    // torch threads; 0 means every core the process may use
 }
 
 // PeerSpec is what the peer's bench mode times: the same prompts the engine gets.

@@ -186,8 +186,9 @@ class Ouro:
     def forward(self, ids, cache, all_positions=False):
         """Runs ids [B, S] through all R steps, appending to the cache.
 
-        Returns (per-step normed hidden states [R, B, S', H], step logits [R, B, S', V],
-        gate logits [R, B, S']) where S' is S with all_positions, else 1 (the last position).
+        Returns (per-step normed hidden states [R, B, S', H], step logits [R', B, S', V],
+        gate logits [R, B, S']) where S' is S and R' is R with all_positions, else S' is 1 (the
+        last position) and R' is 1 (the last step).
         """
         B, S = ids.shape
         start = cache["len"]
@@ -204,7 +205,10 @@ class Ouro:
             h = self.rms(h, self.norm)
             sel = h if all_positions else h[:, -1:]
             hiddens.append(sel)
-            logits.append(sel @ self.lm_head_t)
+            # The gate runs after every step; the LM head only where a token is chosen (the
+            # last step) unless every step's logits are asked for, as an exit-aware engine does.
+            if all_positions or step == self.steps - 1:
+                logits.append(sel @ self.lm_head_t)
             gates.append((sel @ self.gate_w.t()).squeeze(-1) + self.gate_b)
         cache["len"] = start + S
         return torch.stack(hiddens), torch.stack(logits), torch.stack(gates)
@@ -266,8 +270,8 @@ def bench_main(args):
     """
     spec = json.load(sys.stdin)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    # Debian's torch starts with one OpenMP thread here; the engine uses every core, so does the peer.
+    torch.set_num_threads(args.threads if args.threads > 0 else len(os.sched_getaffinity(0)))
     t0 = time.perf_counter()
     model = Ouro(args.model, dtype)
     load_s = time.perf_counter() - t0
@@ -339,7 +343,7 @@ def main():
     b = sub.add_parser("bench")
     b.add_argument("--model", required=True)
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may run on)")
     args = ap.parse_args()
     return check_main(args) if args.mode == "check" else bench_main(args)
 
