@@ -11,10 +11,10 @@ import (
 // own per-step keys and values): the goldens' semantics.
 type Trace struct {
 	Steps, Len, Vocab, Width int
-	StepLogits                []float32 // [R, S, V]
-	GateLogits                []float32 // [R, S]
-	ExitPDF                   []float32 // [R, S]
-	Hidden                    []float32 // [R, S, H]: norm(h_t)
+	StepLogits               []float32 // [R, S, V]
+	GateLogits               []float32 // [R, S]
+	ExitPDF                  []float32 // [R, S]
+	Hidden                   []float32 // [R, S, H]: norm(h_t)
 }
 
 // Forward computes a Trace of ids with backend be. It checks ctx between loop steps.

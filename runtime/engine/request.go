@@ -5,13 +5,16 @@ import "time"
 // Request is one generation: a tokenized prompt and how to continue it. The zero values of its
 // option fields mean "the engine's defaults" (greedy, the threshold in force, full depth allowed).
 type Request struct {
-	ID         string    // caller's id; also seeds sampling when Sampling.Seed is 0
-	Prompt     []int     // token ids, already templated
-	MaxTokens  int       // tokens to generate, > 0
-	Sampling   Sampling  // how to pick each token
-	Exit       Exit      // how deep each token runs
-	StopTokens []int     // ids that end generation (the eos id is always one)
-	Deadline   time.Time // anytime generation: lower depth to finish by then; zero = none
+	ID          string      // caller's id; also seeds sampling and probe choice when Sampling.Seed is 0
+	Prompt      []int       // token ids, already templated
+	MaxTokens   int         // tokens to generate, > 0
+	Sampling    Sampling    // how to pick each token
+	Exit        Exit        // how deep each token runs
+	StopTokens  []int       // ids that end generation (the eos id is always one unless IgnoreEOS)
+	StopStrings []string    // generation ends once the generated text contains one (needs Options.Decode)
+	IgnoreEOS   bool        // do not stop at the model's eos id (benchmarks, golden checks)
+	Deadline    time.Time   // anytime generation: lower depth to finish by then; zero = none
+	Speculative Speculative // self-speculative decoding; zero = off
 }
 
 // Sampling picks the next token. Temperature 0 is greedy; TopK 0 and TopP 0 (or 1) disable
@@ -31,6 +34,15 @@ type Exit struct {
 	ForceDepth int
 }
 
+// Speculative turns on self-speculative decoding for a greedy request: Draft tokens are
+// drafted at DraftDepth loop steps (1 when 0), then verified at full depth in one pass and the
+// agreeing prefix is kept, so the output equals full-depth greedy decoding (exactly so under
+// KVFull; under KVLast the verify pass attends to in-flight keys of the same pass). Draft 0 is off.
+type Speculative struct {
+	Draft      int
+	DraftDepth int
+}
+
 // Token is one generated token with what it cost.
 type Token struct {
 	ID    int
@@ -41,12 +53,15 @@ type Token struct {
 	Cum   []float32
 	Probe bool
 	Agree []bool
+	// Steps is the loop steps this token cost (drafts and verification included for speculative
+	// requests, where it is attributed to the tokens a verify pass accepted).
+	Steps int
 }
 
 // Event is what a running request yields: one token, or its end (Done with a finish reason or Err).
 type Event struct {
 	Token  Token
 	Done   bool
-	Finish string // "stop" (stop token) or "length" (MaxTokens) when Done without Err
+	Finish string // "stop" (stop token or string) or "length" (MaxTokens or context) when Done without Err
 	Err    error
 }
