@@ -26,11 +26,11 @@ import (
 
 // GatewayOptions configure a Gateway. The zero value works: no auth, 1 MiB bodies.
 type GatewayOptions struct {
-	MaxBodyBytes   int64         // request body limit; 0 = 1 MiB
-	Tokens         []string      // bearer tokens accepted on /v1/; empty = no authentication
-	RequestTimeout time.Duration // whole request, queueing included; 0 = 10 minutes
-	RetryAfter     time.Duration // advised on 429 and 503; 0 = 1s
-	Metrics        *Metrics      // nil: no gateway metrics
+	MaxBodyBytes   int64               // request body limit; 0 = 1 MiB
+	Tokens         []string            // bearer tokens accepted on /v1/; empty = no authentication
+	RequestTimeout time.Duration       // whole request, queueing included; 0 = 10 minutes
+	RetryAfter     time.Duration       // advised on 429 and 503; 0 = 1s
+	Metrics        *Metrics            // nil: no gateway metrics
 	Gatherer       prometheus.Gatherer // served at /metrics; nil: no /metrics
 	Logger         *slog.Logger
 }
@@ -411,9 +411,9 @@ type responder struct {
 
 	started  bool // SSE headers sent
 	roleSent bool
-	text    strings.Builder
-	depths  []int
-	tokens  int
+	text     strings.Builder
+	depths   []int
+	tokens   int
 }
 
 func (o *responder) token(c Chunk) {

@@ -2,62 +2,34 @@ package serve
 
 import (
 	"context"
-	"hash/fnv"
-	"sync"
+	"errors"
 	"testing"
-	"time"
 
 	"github.com/loopserve/loopserve/runtime/engine"
 )
 
-// standIn generates a deterministic function of (prompt, seed, position) until the engine's
-// constructor lands; newGenerator switches to the real engine then.
-type standIn struct {
-	mu  sync.Mutex
-	tau float64
-	per time.Duration
-}
+// testThreshold gives the tiny model a mean depth near 3 of 4 (its eval.json: q0.70).
+const testThreshold = 0.7
 
-func (s *standIn) SetThreshold(t float64) { s.mu.Lock(); s.tau = t; s.mu.Unlock() }
-func (s *standIn) Threshold() float64     { s.mu.Lock(); defer s.mu.Unlock(); return s.tau }
-
-func (s *standIn) Submit(ctx context.Context, r engine.Request) (<-chan engine.Event, error) {
-	ch := make(chan engine.Event)
-	go func() {
-		defer close(ch)
-		h := fnv.New64a()
-		for _, id := range r.Prompt {
-			h.Write([]byte{byte(id), byte(id >> 8)})
-		}
-		base := h.Sum64() ^ r.Sampling.Seed
-		if r.Sampling.Temperature == 0 {
-			base = h.Sum64()
-		}
-		for i := range r.MaxTokens {
-			if ctx.Err() != nil {
-				ch <- engine.Event{Done: true, Err: ctx.Err()}
-				return
-			}
-			time.Sleep(s.per)
-			x := base*6364136223846793005 + uint64(i)*1442695040888963407
-			x ^= x >> 29
-			d := 1 + int(x%4)
-			if r.Exit.MaxDepth > 0 {
-				d = min(d, r.Exit.MaxDepth)
-			}
-			cum := make([]float32, d)
-			for j := range cum {
-				cum[j] = float32(j+1) / 4
-			}
-			ch <- engine.Event{Token: engine.Token{ID: 20 + int(x>>8%60), Depth: d, Cum: cum}}
-		}
-		ch <- engine.Event{Done: true, Finish: "length"}
-	}()
-	return ch, nil
-}
-
-// newGenerator returns the generator the tests run against.
+// newGenerator loads the shipped default model into a real engine (Fast mode: early exits skip
+// their remaining loop steps) and runs its batching loop until the test ends.
 func newGenerator(t testing.TB) Generator {
 	t.Helper()
-	return &standIn{tau: 0.9, per: time.Millisecond}
+	l, err := Load(modelDir, engine.Options{Mode: engine.Fast, Threshold: testThreshold, MaxBatch: 8, ProbeFraction: 0.05})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- l.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+			t.Errorf("engine: %v", err)
+		}
+		if err := l.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return l.Engine
 }

@@ -26,9 +26,9 @@ type LocalOptions struct {
 	Listen   string // gateway address; "" = 127.0.0.1:0
 	Gen      Generator
 	Tok      Tokenizer
-	Worker   WorkerOptions   // Ref is taken from above
+	Worker   WorkerOptions    // Ref is taken from above
 	Queue    bus.QueueOptions // MaxAckPending defaults to the worker's capacity
-	Gateway  GatewayOptions  // Metrics and Gatherer default to a fresh registry
+	Gateway  GatewayOptions   // Metrics and Gatherer default to a fresh registry
 }
 
 // Local is a running one-machine deployment; stop it with Close. Created by StartLocal.
