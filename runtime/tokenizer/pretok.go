@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"sync"
 	"unicode"
 	"unicode/utf8"
 
@@ -49,11 +50,35 @@ type regexSplit struct {
 }
 
 func newRegexSplit(pattern string, b behavior, invert bool) (*regexSplit, error) {
-	re, err := regexp2.Compile(pattern, regexp2.None)
+	re, err := compileCached(pattern)
 	if err != nil {
 		return nil, fmt.Errorf("compiling split pattern %q: %w", pattern, err)
 	}
 	return &regexSplit{re: re, behavior: b, invert: invert}, nil
+}
+
+// compiled keeps the few distinct split patterns in use (a compiled regexp2.Regexp is
+// safe for concurrent use), so loading tokenizers repeatedly does not recompile them.
+var compiled struct {
+	sync.Mutex
+	m map[string]*regexp2.Regexp
+}
+
+func compileCached(pattern string) (*regexp2.Regexp, error) {
+	compiled.Lock()
+	defer compiled.Unlock()
+	if re, ok := compiled.m[pattern]; ok {
+		return re, nil
+	}
+	re, err := regexp2.Compile(pattern, regexp2.None)
+	if err != nil {
+		return nil, err
+	}
+	if compiled.m == nil || len(compiled.m) >= 16 {
+		compiled.m = make(map[string]*regexp2.Regexp)
+	}
+	compiled.m[pattern] = re
+	return re, nil
 }
 
 // span is a byte range of a piece with whether the pattern matched it.
