@@ -1,14 +1,126 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/cobra"
+
+	"github.com/loopserve/loopserve/runtime/serve"
+)
 
 func newGatewayCmd() *cobra.Command {
-	return &cobra.Command{
+	var (
+		natsURL, listen, tokenFile string
+		maxBody                    int64
+		timeout                    time.Duration
+	)
+	cmd := &cobra.Command{
 		Use:   "gateway",
 		Short: "Run the OpenAI-compatible HTTP gateway",
 		Long: `Serves /v1/completions, /v1/chat/completions and /v1/models for every LoopModel found in the
-loopserve_models JetStream KV registry, forwarding requests through NATS JetStream.`,
+loopserve_models JetStream KV registry, forwarding requests through NATS JetStream.
+
+It needs no Kubernetes access: the registry is followed live. Besides the OpenAI fields, requests
+take exit_threshold, max_depth and deadline_ms (anytime generation), and answers carry the loop
+depth of every token in loop_depths. /metrics serves Prometheus metrics.`,
 		Args: cobra.NoArgs,
-		RunE: notImplemented("gateway"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			tokens, err := readTokenFile(tokenFile)
+			if err != nil {
+				return err
+			}
+			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			nc, err := nats.Connect(natsURL, nats.Name("loopserve-gateway"), nats.MaxReconnects(-1))
+			if err != nil {
+				return fmt.Errorf("connecting to NATS %s: %w", natsURL, err)
+			}
+			defer nc.Close()
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+			m, err := serve.NewMetrics(reg)
+			if err != nil {
+				return err
+			}
+			g, err := serve.NewGateway(nc, serve.GatewayOptions{MaxBodyBytes: maxBody, Tokens: tokens, RequestTimeout: timeout,
+				Metrics: m, Gatherer: reg, Logger: log})
+			if err != nil {
+				return err
+			}
+			ln, err := net.Listen("tcp", listen)
+			if err != nil {
+				return fmt.Errorf("listening on %s: %w", listen, err)
+			}
+			log.Info("gateway listening", "addr", ln.Addr().String(), "nats", natsURL, "auth", len(tokens) > 0)
+			return serveGateway(cmd.Context(), g, ln)
+		},
 	}
+	fl := cmd.Flags()
+	fl.StringVar(&natsURL, "nats", nats.DefaultURL, "NATS server URL")
+	fl.StringVar(&listen, "listen", ":8080", "HTTP listen address")
+	fl.StringVar(&tokenFile, "token-file", "", "file of accepted bearer tokens, one per line (e.g. a mounted Secret); empty: no authentication")
+	fl.Int64Var(&maxBody, "max-body", 1<<20, "request body limit in bytes")
+	fl.DurationVar(&timeout, "request-timeout", 10*time.Minute, "longest a request may take, queueing included")
+	return cmd
+}
+
+// readTokenFile returns the non-empty lines of path; "" means no tokens.
+func readTokenFile(path string) ([]string, error) {
+	if path == "" {
+		return nil, nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading token file: %w", err)
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if t := strings.TrimSpace(line); t != "" {
+			out = append(out, t)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("token file %s holds no token", path)
+	}
+	return out, nil
+}
+
+// serveGateway follows the registry and serves HTTP until ctx ends, then shuts down gracefully.
+func serveGateway(ctx context.Context, g *serve.Gateway, ln net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	srv := &http.Server{Handler: g, ReadHeaderTimeout: 10 * time.Second}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	wg.Go(func() {
+		if err := g.Run(ctx); err != nil {
+			errs <- err
+			cancel()
+		}
+	})
+	wg.Go(func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errs <- fmt.Errorf("serving HTTP: %w", err)
+			cancel()
+		}
+	})
+	<-ctx.Done()
+	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer scancel()
+	if srv.Shutdown(sctx) != nil {
+		_ = srv.Close()
+	}
+	wg.Wait()
+	close(errs)
+	return <-errs
 }

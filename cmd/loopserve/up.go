@@ -1,14 +1,169 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/runtime/serve"
+	"github.com/loopserve/loopserve/runtime/serve/defaultmodel"
+)
 
 func newUpCmd() *cobra.Command {
-	return &cobra.Command{
+	var (
+		modelDir, ref, listen, dataDir, tokenFile string
+		natsPort                                  int
+		ef                                        serveEngineFlags
+	)
+	cmd := &cobra.Command{
 		Use:   "up",
 		Short: "Run the whole serving path on this machine",
 		Long: `Starts an embedded NATS server with JetStream, one runtime worker and the OpenAI-compatible
-gateway, serving the shipped default model (or --model), and prints a ready-to-paste request.`,
+gateway, serving the shipped default model (or --model), and prints a ready-to-paste request.
+
+The default model is ouro-tiny-arith (3.5M parameters), taken from testdata/models in the current
+directory when present and from the copy built into the binary otherwise. It is registered in the
+loopserve_models KV registry as default/ouro-tiny-arith like any LoopModel.
+
+The embedded JetStream fsyncs every write (sync_interval: always): NATS's default of flushing
+every two minutes lost acknowledged messages on crashes in Jepsen's analysis of NATS 2.12.1. Run
+production NATS servers with "jetstream { sync_interval: always }" too.`,
 		Args: cobra.NoArgs,
-		RunE: notImplemented("up"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if _, err := ef.options(); err != nil {
+				return err
+			}
+			tokens, err := readTokenFile(tokenFile)
+			if err != nil {
+				return err
+			}
+			dir, cleanup, err := resolveModel(modelDir)
+			if err != nil {
+				return err
+			}
+			defer cleanup()
+			if ref == "" {
+				ref = "default/" + loopModelName(dir)
+			}
+			r, err := bus.ParseRef(ref)
+			if err != nil {
+				return err
+			}
+			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+			return runUp(cmd.Context(), cmd.OutOrStdout(), log, upConfig{dir: dir, ref: r, listen: listen, dataDir: dataDir,
+				natsPort: natsPort, tokens: tokens, engine: ef})
+		},
 	}
+	fl := cmd.Flags()
+	fl.StringVar(&modelDir, "model", "", "model directory (default: the shipped ouro-tiny-arith)")
+	fl.StringVar(&ref, "loopmodel", "", "LoopModel name to register, <namespace>/<name> (default: default/<model directory name>)")
+	fl.StringVar(&listen, "listen", ":8080", "gateway listen address")
+	fl.StringVar(&dataDir, "data-dir", "", "JetStream data directory (default: a temporary directory removed at exit)")
+	fl.IntVar(&natsPort, "nats-port", 0, "embedded NATS port on 127.0.0.1, for external workers (0: any free port)")
+	fl.StringVar(&tokenFile, "token-file", "", "file of accepted bearer tokens, one per line; empty: no authentication")
+	ef.register(cmd, 0.7)
+	return cmd
+}
+
+type upConfig struct {
+	dir      string
+	ref      bus.Ref
+	listen   string
+	dataDir  string
+	natsPort int
+	tokens   []string
+	engine   serveEngineFlags
+	ready    func(*serve.Local) // called once serving (tests, bench)
+}
+
+// runUp serves until ctx ends.
+func runUp(ctx context.Context, out io.Writer, log *slog.Logger, c upConfig) error {
+	local, stop, err := startUp(ctx, log, c)
+	if err != nil {
+		return err
+	}
+	url := strings.Replace(local.URL(), "[::]", "localhost", 1)
+	fmt.Fprintf(out, "loopserve is serving %s at %s (NATS %s)\n\n", c.ref, url, local.Server.ClientURL())
+	fmt.Fprintf(out, "curl -s %s/v1/completions -H 'Content-Type: application/json' \\\n  -d '{\"model\": \"%s\", \"prompt\": \"a = 2 ; n = a + 7 ; b = 0 ; ? n =\", \"max_tokens\": 4}'\n\n", url, c.ref)
+	fmt.Fprintln(out, "Press Ctrl-C to stop.")
+	if c.ready != nil {
+		c.ready(local)
+	}
+	<-ctx.Done()
+	fmt.Fprintln(out, "stopping")
+	return stop()
+}
+
+// startUp loads the model, starts its engine and the local deployment; stop undoes both.
+func startUp(ctx context.Context, log *slog.Logger, c upConfig) (*serve.Local, func() error, error) {
+	opts, err := c.engine.options()
+	if err != nil {
+		return nil, nil, err
+	}
+	l, err := serve.Load(c.dir, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	stopEngine := runEngine(l)
+	wo := l.Worker
+	wo.Capacity = c.engine.capacity
+	wo.Logger = log
+	local, err := serve.StartLocal(ctx, serve.LocalOptions{Ref: c.ref, DataDir: c.dataDir, NATSPort: c.natsPort, Listen: c.listen,
+		Gen: l.Engine, Tok: l.Tok, Worker: wo, Gateway: serve.GatewayOptions{Tokens: c.tokens, Logger: log}})
+	if err != nil {
+		return nil, nil, errors.Join(err, stopEngine())
+	}
+	return local, func() error { return errors.Join(local.Close(), stopEngine()) }, nil
+}
+
+// resolveModel picks the model directory: the flag, else testdata/models/ouro-tiny-arith under the
+// working directory, else the embedded copy extracted to a temporary directory.
+func resolveModel(flag string) (dir string, cleanup func(), err error) {
+	if flag != "" {
+		return flag, func() {}, nil
+	}
+	local := filepath.Join("testdata", "models", defaultmodel.Name)
+	if _, err := os.Stat(filepath.Join(local, "config.json")); err == nil {
+		return local, func() {}, nil
+	}
+	tmp, err := os.MkdirTemp("", "loopserve-model-")
+	if err != nil {
+		return "", nil, fmt.Errorf("extracting the default model: %w", err)
+	}
+	dir = filepath.Join(tmp, defaultmodel.Name)
+	if err := defaultmodel.Extract(dir); err != nil {
+		_ = os.RemoveAll(tmp)
+		return "", nil, err
+	}
+	return dir, func() { _ = os.RemoveAll(tmp) }, nil
+}
+
+// loopModelName turns a model directory into a DNS label for the LoopModel name.
+func loopModelName(dir string) string {
+	base := strings.ToLower(filepath.Base(filepath.Clean(dir)))
+	var b strings.Builder
+	for _, r := range base {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+			b.WriteRune(r)
+		default:
+			b.WriteByte('-')
+		}
+	}
+	s := strings.Trim(b.String(), "-")
+	if len(s) > 63 {
+		s = strings.Trim(s[:63], "-")
+	}
+	if s == "" {
+		return defaultmodel.Name
+	}
+	return s
 }

@@ -1,14 +1,177 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+
+	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/runtime/engine"
+	"github.com/loopserve/loopserve/runtime/serve"
+)
+
+// serveEngineFlags are the engine settings shared by worker, up and bench serve.
+type serveEngineFlags struct {
+	threshold     float64
+	mode          string
+	kvPolicy      string
+	probeFraction float64
+	capacity      int
+	threads       int
+}
+
+func (f *serveEngineFlags) register(cmd *cobra.Command, defaultThreshold float64) {
+	fl := cmd.Flags()
+	fl.Float64Var(&f.threshold, "threshold", defaultThreshold, "exit threshold τ in force at start (0: the model's early_exit_threshold)")
+	fl.StringVar(&f.mode, "mode", "fast", "exit mode: fast (skipped loop steps are never computed) or exact (all steps, then select)")
+	fl.StringVar(&f.kvPolicy, "kv-policy", "full", "decode KV cache policy: full (per-step caches) or last (one per layer, R× less memory)")
+	fl.Float64Var(&f.probeFraction, "probe-fraction", 0.02, "fraction of tokens that run every loop step for unbiased depth statistics")
+	fl.IntVar(&f.capacity, "capacity", 8, "requests generated at once (the engine's batch; the queue's MaxAckPending)")
+	fl.IntVar(&f.threads, "threads", 0, "CPU backend goroutines per kernel (0: GOMAXPROCS)")
+}
+
+func (f *serveEngineFlags) options() (engine.Options, error) {
+	mode, err := engine.ParseMode(f.mode)
+	if err != nil {
+		return engine.Options{}, err
+	}
+	kv, err := engine.ParseKVPolicy(f.kvPolicy)
+	if err != nil {
+		return engine.Options{}, err
+	}
+	if f.capacity <= 0 {
+		return engine.Options{}, fmt.Errorf("--capacity must be positive")
+	}
+	if f.threshold < 0 || f.threshold > 1 {
+		return engine.Options{}, fmt.Errorf("--threshold must be in [0, 1]")
+	}
+	return engine.Options{Mode: mode, KVPolicy: kv, MaxBatch: f.capacity, Threshold: f.threshold, ProbeFraction: f.probeFraction}, nil
+}
+
+// runEngine starts a loaded model's batching loop; stop waits for it and closes the model.
+func runEngine(l *serve.Loaded) (stop func() error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- l.Run(ctx) }()
+	return func() error {
+		cancel()
+		err := <-done
+		if errors.Is(err, context.Canceled) {
+			err = nil
+		}
+		return errors.Join(err, l.Close())
+	}
+}
 
 func newWorkerCmd() *cobra.Command {
-	return &cobra.Command{
+	var (
+		natsURL, modelDir, ref, thresholdFile, metricsListen, name string
+		createQueue                                                bool
+		ef                                                         serveEngineFlags
+	)
+	cmd := &cobra.Command{
 		Use:   "worker",
 		Short: "Run a runtime worker for one LoopModel",
 		Long: `Pulls requests from the LoopModel's JetStream work queue, generates with adaptive depth and
-publishes token chunks (with per-token loop depth) to each request's reply subject.`,
+publishes token chunks (with per-token loop depth) to each request's reply subject.
+
+It shares the durable consumer "workers" with the LoopModel's other workers, takes at most
+--capacity requests at a time, keeps them with InProgress heartbeats and acks each one only once
+the gateway holds its whole output. It publishes depth statistics on loopserve.stats.<ns>.<name>
+and applies thresholds received on loopserve.ctl.<ns>.<name> at once.`,
 		Args: cobra.NoArgs,
-		RunE: notImplemented("worker"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			r, err := bus.ParseRef(ref)
+			if err != nil {
+				return err
+			}
+			if modelDir == "" {
+				return fmt.Errorf("--model is required")
+			}
+			opts, err := ef.options()
+			if err != nil {
+				return err
+			}
+			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			l, err := serve.Load(modelDir, opts)
+			if err != nil {
+				return err
+			}
+			stopEngine := runEngine(l)
+			err = runWorker(cmd.Context(), log, l, r, natsURL, createQueue, thresholdFile, metricsListen, name, ef.capacity)
+			return errors.Join(err, stopEngine())
+		},
 	}
+	fl := cmd.Flags()
+	fl.StringVar(&natsURL, "nats", nats.DefaultURL, "NATS server URL")
+	fl.StringVar(&modelDir, "model", "", "model directory (Hugging Face layout: config.json, safetensors, tokenizer.json)")
+	fl.StringVar(&ref, "loopmodel", "", "the LoopModel served, <namespace>/<name>")
+	fl.StringVar(&thresholdFile, "threshold-file", "", `file with the operator's threshold ({"exitThreshold": x}), read at start; overrides --threshold`)
+	fl.StringVar(&metricsListen, "metrics-listen", ":9090", "address serving /metrics and /healthz (empty: none)")
+	fl.StringVar(&name, "name", "", "worker name in stats (default: $POD_NAME or the host name)")
+	fl.BoolVar(&createQueue, "create-queue", false, "create the LoopModel's stream and consumer if missing (the operator normally does)")
+	ef.register(cmd, 0)
+	_ = cmd.MarkFlagRequired("loopmodel")
+	return cmd
+}
+
+func runWorker(ctx context.Context, log *slog.Logger, l *serve.Loaded, r bus.Ref, natsURL string, createQueue bool,
+	thresholdFile, metricsListen, name string, capacity int) error {
+	nc, err := nats.Connect(natsURL, nats.Name("loopserve-worker "+r.String()), nats.MaxReconnects(-1))
+	if err != nil {
+		return fmt.Errorf("connecting to NATS %s: %w", natsURL, err)
+	}
+	defer nc.Close()
+	if createQueue {
+		js, err := jetstream.New(nc)
+		if err != nil {
+			return fmt.Errorf("opening JetStream: %w", err)
+		}
+		if _, err := bus.EnsureQueue(ctx, js, r, bus.QueueOptions{MaxAckPending: capacity}); err != nil {
+			return err
+		}
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	m, err := serve.NewMetrics(reg)
+	if err != nil {
+		return err
+	}
+	if name == "" {
+		name = os.Getenv("POD_NAME")
+	}
+	wo := l.Worker
+	wo.Ref, wo.Name, wo.Capacity, wo.Metrics, wo.Logger, wo.ThresholdFile = r, name, capacity, m, log, thresholdFile
+	w, err := serve.NewWorker(nc, l.Engine, l.Tok, wo)
+	if err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	if metricsListen != "" {
+		ln, err := net.Listen("tcp", metricsListen)
+		if err != nil {
+			return fmt.Errorf("listening on %s: %w", metricsListen, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		wg.Go(func() { _ = srv.Serve(ln) })
+		defer srv.Close()
+	}
+	log.Info("worker started", "loopmodel", r.String(), "nats", natsURL, "capacity", capacity, "threshold", l.Engine.Threshold())
+	return w.Run(ctx)
 }
