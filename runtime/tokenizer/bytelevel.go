@@ -27,18 +27,34 @@ func init() {
 	}
 }
 
-// tokenBytes returns the bytes a byte-level vocabulary entry stands for. Like the
+// appendVocabBytes appends the bytes a byte-level vocabulary entry stands for. Like the
 // Hugging Face ByteLevel decoder, an entry holding any rune that is not a byte's stand-in
 // is taken as its own UTF-8 text.
-func tokenBytes(tok string) []byte {
-	out := make([]byte, 0, len(tok))
+func appendVocabBytes(dst []byte, tok string) []byte {
+	if !isByteLevel(tok) {
+		return append(dst, tok...)
+	}
+	for _, r := range tok {
+		dst = append(dst, byte(charByte[r]))
+	}
+	return dst
+}
+
+// tokenByteLen is len(appendVocabBytes(nil, tok)) without building it.
+func tokenByteLen(tok string) int {
+	if !isByteLevel(tok) {
+		return len(tok)
+	}
+	return utf8.RuneCountInString(tok)
+}
+
+func isByteLevel(tok string) bool {
 	for _, r := range tok {
 		if r >= rune(len(charByte)) || charByte[r] < 0 {
-			return []byte(tok)
+			return false
 		}
-		out = append(out, byte(charByte[r]))
 	}
-	return out
+	return true
 }
 
 // appendLossy appends b to dst as valid UTF-8, replacing each maximal ill-formed

@@ -6,7 +6,6 @@
 package tokenizer
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -277,25 +276,24 @@ func (t *Tokenizer) buildTables(vocab map[string]int, addedJSON []addedTokenJSON
 	t.normAdded = newAddedMatcher(normed)
 	t.vocabSize = size
 
-	byID := make([]string, size)
+	// Two passes over the vocabulary lay every token's bytes out in id order without
+	// an id-indexed table of strings: first the lengths, then the bytes.
 	t.isToken = make([]bool, size)
+	t.tokOff = make([]uint32, size+1)
 	for tok, id := range vocab {
 		if t.isToken[id] {
-			return fmt.Errorf("%w: vocab tokens %q and %q share id %d", ErrInvalid, byID[id], tok, id)
+			return fmt.Errorf("%w: vocab tokens share id %d (one is %q)", ErrInvalid, id, tok)
 		}
-		byID[id] = tok
 		t.isToken[id] = true
+		t.tokOff[id+1] = uint32(tokenByteLen(tok))
 	}
-	t.tokOff = make([]uint32, size+1)
-	var buf bytes.Buffer
-	for id, tok := range byID {
-		t.tokOff[id] = uint32(buf.Len())
-		if t.isToken[id] {
-			buf.Write(tokenBytes(tok))
-		}
+	for id := range size {
+		t.tokOff[id+1] += t.tokOff[id]
 	}
-	t.tokOff[size] = uint32(buf.Len())
-	t.tokBytes = buf.Bytes()
+	t.tokBytes = make([]byte, t.tokOff[size])
+	for tok, id := range vocab {
+		appendVocabBytes(t.tokBytes[t.tokOff[id]:t.tokOff[id]], tok)
+	}
 	return nil
 }
 

@@ -340,3 +340,16 @@ func TestInvalidUTF8Input(t *testing.T) {
 		t.Errorf("round trip of invalid UTF-8 = %q, want %q", got, "a\uFFFDb")
 	}
 }
+
+func TestDecodeNonByteLevelEntry(t *testing.T) {
+	// An entry with a rune that stands for no byte is its own UTF-8 text, as in the
+	// Hugging Face ByteLevel decoder; "Ġ" stands for a space.
+	tk := mustParse(t, []byte(`{"model": {"type": "BPE", "vocab": {"a": 0, "中Ġ": 1, "Ġ": 2}, "merges": []},
+		"pre_tokenizer": {"type": "ByteLevel"}, "decoder": {"type": "ByteLevel"}}`))
+	if got, want := tk.Decode([]int{1, 0, 2, 0}), "中Ġa a"; got != want {
+		t.Errorf("Decode = %q, want %q", got, want)
+	}
+	if got := tk.VocabSize(); got != 3 {
+		t.Errorf("VocabSize() = %d, want 3", got)
+	}
+}
