@@ -137,3 +137,5 @@ func TestForwardMatchesGolden(t *testing.T) {
 		}
 	}
 }
+
+func cpuBackend() engine.Backend { return cpu.New(0) }

@@ -91,6 +91,22 @@ func (b *Backend) MultiMatMul(outs [][]float32, x []float32, n int, ws []*model.
 // fixed summation order, whatever n is.
 func matRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols int) {
 	r := lo
+	if w.BF16 != nil && n > 1 {
+		// Widen four weight rows once and reuse them for every batch row.
+		buf := make([]float32, 4*cols)
+		f0, f1, f2, f3 := buf[:cols], buf[cols:2*cols], buf[2*cols:3*cols], buf[3*cols:]
+		for ; r+4 <= hi; r += 4 {
+			widen(f0, w.BF16[r*cols:(r+1)*cols])
+			widen(f1, w.BF16[(r+1)*cols:(r+2)*cols])
+			widen(f2, w.BF16[(r+2)*cols:(r+3)*cols])
+			widen(f3, w.BF16[(r+3)*cols:(r+4)*cols])
+			for i := 0; i < n; i++ {
+				a, b2, c, d := dot4F32(f0, f1, f2, f3, x[i*cols:(i+1)*cols])
+				o := out[i*rows+r : i*rows+r+4]
+				o[0], o[1], o[2], o[3] = a, b2, c, d
+			}
+		}
+	}
 	if w.BF16 != nil {
 		for ; r+4 <= hi; r += 4 {
 			w0 := w.BF16[r*cols : (r+1)*cols]
@@ -168,6 +184,47 @@ func dot4BF16(w0, w1, w2, w3 []uint16, x []float32) (float32, float32, float32, 
 		b0 += bf(w1[j]) * x[j]
 		c0 += bf(w2[j]) * x[j]
 		d0 += bf(w3[j]) * x[j]
+	}
+	return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), (c0 + c1) + (c2 + c3), (d0 + d1) + (d2 + d3)
+}
+
+func widen(dst []float32, src []uint16) {
+	dst = dst[:len(src)]
+	for i, u := range src {
+		dst[i] = bf(u)
+	}
+}
+
+// dot4F32 is dot4BF16 over widened rows, with the same summation order.
+func dot4F32(w0, w1, w2, w3, x []float32) (float32, float32, float32, float32) {
+	m := len(x)
+	w0, w1, w2, w3 = w0[:m], w1[:m], w2[:m], w3[:m]
+	var a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 float32
+	j := 0
+	for ; j+4 <= m; j += 4 {
+		x0, x1, x2, x3 := x[j], x[j+1], x[j+2], x[j+3]
+		a0 += w0[j] * x0
+		a1 += w0[j+1] * x1
+		a2 += w0[j+2] * x2
+		a3 += w0[j+3] * x3
+		b0 += w1[j] * x0
+		b1 += w1[j+1] * x1
+		b2 += w1[j+2] * x2
+		b3 += w1[j+3] * x3
+		c0 += w2[j] * x0
+		c1 += w2[j+1] * x1
+		c2 += w2[j+2] * x2
+		c3 += w2[j+3] * x3
+		d0 += w3[j] * x0
+		d1 += w3[j+1] * x1
+		d2 += w3[j+2] * x2
+		d3 += w3[j+3] * x3
+	}
+	for ; j < m; j++ {
+		a0 += w0[j] * x[j]
+		b0 += w1[j] * x[j]
+		c0 += w2[j] * x[j]
+		d0 += w3[j] * x[j]
 	}
 	return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), (c0 + c1) + (c2 + c3), (d0 + d1) + (d2 + d3)
 }

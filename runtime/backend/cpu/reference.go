@@ -51,7 +51,8 @@ func (Reference) RoPE(x []float32, n, heads, headDim int, pos []int, invFreq []f
 		for h := 0; h < heads; h++ {
 			v := x[(i*heads+h)*headDim : (i*heads+h+1)*headDim]
 			for k := 0; k < half; k++ {
-				ang := float64(pos[i]) * float64(invFreq[k])
+				// The angle is a float32 product, as in the Hugging Face implementation.
+				ang := float64(float32(pos[i]) * invFreq[k])
 				c, s := math.Cos(ang), math.Sin(ang)
 				a, b := float64(v[k]), float64(v[k+half])
 				v[k] = float32(a*c - b*s)
