@@ -1,14 +1,228 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/loopserve/loopserve/bench"
+	"github.com/loopserve/loopserve/runtime/backend/cpu"
+	"github.com/loopserve/loopserve/runtime/model"
+)
 
 func newBenchCmd() *cobra.Command {
-	return &cobra.Command{
+	cmd := &cobra.Command{
 		Use:   "bench",
 		Short: "Measure runtime and serving speed against their peers",
 		Long: `Benchmarks the runtime (decode and prefill tokens/s, memory bandwidth fraction, a PyTorch peer)
 and the serving path (requests/s, TTFT, inter-token latency) side by side, reporting ratios.`,
 		Args: cobra.NoArgs,
-		RunE: notImplemented("bench"),
 	}
+	cmd.AddCommand(newBenchRuntimeCmd())
+	cmd.AddCommand(newBenchServeCmd())
+	return cmd
+}
+
+// runtimeReport is `bench runtime --json`: one object. Peer fields are null without --peer.
+type runtimeReport struct {
+	Model              string  `json:"model"`
+	Params             int64   `json:"params"`
+	LoopSteps          int     `json:"loop_steps"`
+	Threads            int     `json:"threads"`
+	LoadAverage        string  `json:"load_average,omitempty"` // /proc/loadavg before the run: other work skews figures
+	PrefillTokens      int     `json:"prefill_tokens"`
+	DecodeTokens       int     `json:"decode_tokens"`
+	Batch              int     `json:"batch"`
+	PrefillTokS        float64 `json:"prefill_tok_s"`
+	DecodeTokSB1       float64 `json:"decode_tok_s_b1"`
+	DecodeTokSB8       float64 `json:"decode_tok_s_b8"` // at --batch sequences (8 by default)
+	LoopStepsPerToken  float64 `json:"loop_steps_per_token"`
+	WeightBytesPerTok  int64   `json:"weight_bytes_per_token"`
+	BandwidthGBs       float64 `json:"bandwidth_gb_s"`
+	BandwidthFractionB float64 `json:"bandwidth_fraction_b1"`
+
+	PeerDtype        string   `json:"peer_dtype,omitempty"`
+	PeerTorch        string   `json:"peer_torch,omitempty"`
+	PeerPrefillTokS  *float64 `json:"peer_prefill_tok_s"`
+	PeerDecodeTokSB1 *float64 `json:"peer_decode_tok_s_b1"`
+	PeerDecodeTokSB8 *float64 `json:"peer_decode_tok_s_b8"`
+	RatioPrefill     *float64 `json:"ratio_prefill"`   // ours / peer
+	RatioDecodeB1    *float64 `json:"ratio_decode_b1"` // ours / peer
+	RatioDecodeB8    *float64 `json:"ratio_decode_b8"` // ours / peer
+}
+
+func newBenchRuntimeCmd() *cobra.Command {
+	var (
+		modelDir, peerScript, python, peerDtype string
+		asJSON, withPeer                        bool
+		opts                                    bench.RuntimeOptions
+		bwMiB, bwPasses, threads                int
+	)
+	cmd := &cobra.Command{
+		Use:   "runtime",
+		Short: "Decode and prefill tokens/s of the CPU engine, its memory-bandwidth fraction, and a PyTorch peer",
+		Long: `Loads the model with the CPU engine and measures prefill tokens/s (one --prefill-token prompt)
+and full-depth greedy decode tokens/s at batch 1 and at --batch sequences, after measuring this
+machine's memory bandwidth (all cores streaming a large buffer, best of --bandwidth-passes).
+bandwidth_fraction_b1 = weight bytes read per decoded token (every layer once per loop step, the
+LM head once) × decode tokens/s at batch 1 / bandwidth.
+
+With --peer (the default) it then runs the PyTorch eager peer (hack/peer/ouro.py, Debian's
+python3-torch) on the same weights and prompts and prints our/peer ratios. Targets: decode at
+batch 1 ≥ 60% of bandwidth and ≥ 1.5× the peer; prefill ≥ 1× the peer.
+
+A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/ouro-1.4b-random).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			out := cmd.OutOrStdout()
+			progress := io.Discard
+			if !asJSON {
+				progress = cmd.ErrOrStderr()
+			}
+			peer := bench.Peer{Python: python, Script: peerScript, Dtype: peerDtype, Threads: threads}
+			if withPeer {
+				if err := peer.Available(ctx); err != nil {
+					return fmt.Errorf("peer (run with --peer=false to skip it): %w", err)
+				}
+			}
+			rep := runtimeReport{Model: modelDir, Threads: runtime.GOMAXPROCS(0)}
+			if threads > 0 {
+				rep.Threads = threads
+			}
+			if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+				rep.LoadAverage = strings.Join(strings.Fields(string(b))[:3], " ")
+			}
+
+			fmt.Fprintf(progress, "measuring memory bandwidth (%d MiB, %d passes)…\n", bwMiB, bwPasses)
+			bw, err := bench.MeasureBandwidth(ctx, int64(bwMiB)<<20, bwPasses)
+			if err != nil {
+				return err
+			}
+			rep.BandwidthGBs = bw.GBPerSec()
+
+			fmt.Fprintf(progress, "loading %s…\n", modelDir)
+			m, err := model.Load(modelDir)
+			if err != nil {
+				return err
+			}
+			rep.Params = params(m)
+			rep.LoopSteps = m.Config.TotalUTSteps
+			fmt.Fprintln(progress, "running the engine…")
+			res, err := bench.Runtime(ctx, m, cpu.New(threads), opts)
+			if cerr := m.Close(); err == nil && cerr != nil {
+				err = cerr
+			}
+			if err != nil {
+				return err
+			}
+			rep.PrefillTokens, rep.DecodeTokens, rep.Batch = res.PrefillTokens, res.DecodeTokens, res.Batch
+			rep.PrefillTokS, rep.DecodeTokSB1, rep.DecodeTokSB8 = res.PrefillTokS, res.DecodeTokSB1, res.DecodeTokSBN
+			rep.LoopStepsPerToken = res.LoopStepsPerTok
+			rep.WeightBytesPerTok = res.WeightBytesPerTk
+			if rep.BandwidthGBs > 0 {
+				rep.BandwidthFractionB = float64(res.WeightBytesPerTk) * res.DecodeTokSB1 / (rep.BandwidthGBs * 1e9)
+			}
+
+			if withPeer {
+				fmt.Fprintln(progress, "running the PyTorch peer…")
+				prefill, prompts := opts.Prompts(m.Config.VocabSize)
+				pr, err := peer.Bench(ctx, modelDir, bench.PeerSpec{PrefillPrompt: prefill, DecodePrompts: prompts,
+					DecodeTokens: res.DecodeTokens + 1, Repeats: max(opts.Repeats, 1)})
+				if err != nil {
+					return err
+				}
+				rep.PeerDtype, rep.PeerTorch = pr.Dtype, pr.Torch
+				rep.PeerPrefillTokS, rep.PeerDecodeTokSB1, rep.PeerDecodeTokSB8 = &pr.PrefillTokS, &pr.DecodeTokSB1, &pr.DecodeTokSBN
+				rep.RatioPrefill = ratio(rep.PrefillTokS, pr.PrefillTokS)
+				rep.RatioDecodeB1 = ratio(rep.DecodeTokSB1, pr.DecodeTokSB1)
+				rep.RatioDecodeB8 = ratio(rep.DecodeTokSB8, pr.DecodeTokSBN)
+			}
+			if asJSON {
+				enc := json.NewEncoder(out)
+				return enc.Encode(rep)
+			}
+			return printRuntimeReport(out, rep)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&modelDir, "model", "testdata/models/ouro-tiny-arith", "model folder (config.json + safetensors)")
+	f.BoolVar(&asJSON, "json", false, "print one JSON object")
+	f.BoolVar(&withPeer, "peer", true, "run the PyTorch peer side by side")
+	f.StringVar(&peerScript, "peer-script", "hack/peer/ouro.py", "the peer's script")
+	f.StringVar(&python, "python", "/usr/bin/python3", "the peer's interpreter (needs torch)")
+	f.StringVar(&peerDtype, "peer-dtype", "bfloat16", "the peer's compute dtype: bfloat16 (the weights' own, fastest here) or float32")
+	f.IntVar(&opts.PrefillLen, "prefill", 128, "prompt tokens timed for prefill")
+	f.IntVar(&opts.PromptLen, "prompt", 16, "prompt tokens of each decoding sequence")
+	f.IntVar(&opts.DecodeTokens, "tokens", 32, "tokens generated per sequence (the first, from prefill, is not timed)")
+	f.IntVar(&opts.Batch, "batch", 8, "sequences decoding together for the batched figure")
+	f.IntVar(&opts.Repeats, "repeats", 1, "best of this many runs of each measurement")
+	f.Uint64Var(&opts.Seed, "seed", 1, "prompt seed")
+	f.IntVar(&bwMiB, "bandwidth-mib", 2048, "bandwidth buffer size in MiB (far above the last-level cache)")
+	f.IntVar(&bwPasses, "bandwidth-passes", 5, "bandwidth passes (best one counts)")
+	f.IntVar(&threads, "threads", 0, "engine and peer threads (0: GOMAXPROCS / every core)")
+	return cmd
+}
+
+func params(m *model.Model) int64 {
+	n := int64(len(m.Norm) + len(m.ExitW) + 1)
+	mat := func(w *model.Matrix) int64 { return int64(w.Rows) * int64(w.Cols) }
+	n += mat(&m.Embed)
+	if !m.Config.TieWordEmbeddings {
+		n += mat(&m.LMHead)
+	}
+	for i := range m.Layers {
+		L := &m.Layers[i]
+		n += int64(len(L.InputNorm) + len(L.InputNorm2) + len(L.PostAttnNorm) + len(L.PostAttnNorm2))
+		for _, w := range []*model.Matrix{&L.Q, &L.K, &L.V, &L.O, &L.Gate, &L.Up, &L.Down} {
+			n += mat(w)
+		}
+	}
+	return n
+}
+
+func ratio(ours, peer float64) *float64 {
+	if peer <= 0 {
+		return nil
+	}
+	r := ours / peer
+	return &r
+}
+
+func printRuntimeReport(w io.Writer, r runtimeReport) error {
+	fmt.Fprintf(w, "model %s: %.3gB params, %d loop steps; %d threads; load average %s\n",
+		r.Model, float64(r.Params)/1e9, r.LoopSteps, r.Threads, r.LoadAverage)
+	fmt.Fprintf(w, "memory bandwidth %.1f GB/s; %.3g GB of weights per decoded token (full depth)\n",
+		r.BandwidthGBs, float64(r.WeightBytesPerTok)/1e9)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	peerHead := "peer"
+	if r.PeerTorch != "" {
+		peerHead = fmt.Sprintf("peer (torch %s %s)", r.PeerTorch, r.PeerDtype)
+	}
+	fmt.Fprintf(tw, "\tloopserve\t%s\tratio\ttarget\n", peerHead)
+	row := func(name string, ours float64, peer, ratio *float64, target string) {
+		p, q := "-", "-"
+		if peer != nil {
+			p = fmt.Sprintf("%.3g", *peer)
+		}
+		if ratio != nil {
+			q = fmt.Sprintf("%.2f×", *ratio)
+		}
+		fmt.Fprintf(tw, "%s\t%.3g\t%s\t%s\t%s\n", name, ours, p, q, target)
+	}
+	row(fmt.Sprintf("prefill tok/s (%d-token prompt)", r.PrefillTokens), r.PrefillTokS, r.PeerPrefillTokS, r.RatioPrefill, "≥ 1×")
+	row("decode tok/s, batch 1", r.DecodeTokSB1, r.PeerDecodeTokSB1, r.RatioDecodeB1, "≥ 1.5×")
+	row(fmt.Sprintf("decode tok/s, batch %d", r.Batch), r.DecodeTokSB8, r.PeerDecodeTokSB8, r.RatioDecodeB8, "")
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(w, "decode at batch 1 reads %.1f GB/s of weights: %.0f%% of the memory bandwidth (target ≥ 60%%); mean depth %.2f\n",
+		float64(r.WeightBytesPerTok)*r.DecodeTokSB1/1e9, 100*r.BandwidthFractionB, r.LoopStepsPerToken)
+	return err
 }

@@ -1,0 +1,253 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/loopserve/loopserve/runtime/engine"
+	"github.com/loopserve/loopserve/runtime/model"
+)
+
+// RuntimeOptions size an engine benchmark. Zero fields take the defaults in brackets.
+type RuntimeOptions struct {
+	PrefillLen   int    // prompt tokens timed for prefill [128]
+	PromptLen    int    // prompt tokens of each decoding sequence [16]
+	DecodeTokens int    // tokens generated per sequence, the first (from prefill) untimed [32]
+	Batch        int    // sequences decoding together for the batched figure [8]
+	Repeats      int    // best of this many runs of each measurement [1]
+	Seed         uint64 // prompt seed [1]
+}
+
+func (o *RuntimeOptions) defaults() {
+	if o.PrefillLen <= 0 {
+		o.PrefillLen = 128
+	}
+	if o.PromptLen <= 0 {
+		o.PromptLen = 16
+	}
+	if o.DecodeTokens <= 0 {
+		o.DecodeTokens = 32
+	}
+	if o.Batch <= 0 {
+		o.Batch = 8
+	}
+	if o.Repeats <= 0 {
+		o.Repeats = 1
+	}
+	if o.Seed == 0 {
+		o.Seed = 1
+	}
+}
+
+// Prompts are the prompts of o for a model with vocab entries; the peer gets the same ones.
+func (o RuntimeOptions) Prompts(vocab int) (prefill []int, decode [][]int) {
+	o.defaults()
+	return Prompts(vocab, o.PrefillLen, o.PromptLen, o.Batch, o.Seed)
+}
+
+// RuntimeResult holds the engine's rates. Every token runs all R loop steps (full depth), as
+// the peer's do.
+type RuntimeResult struct {
+	PrefillTokens    int     `json:"prefill_tokens"`
+	PrefillTokS      float64 `json:"prefill_tok_s"`
+	DecodeTokens     int     `json:"decode_tokens"` // timed o.DecodeTokens per sequence
+	DecodeTokSB1     float64 `json:"decode_tok_s_b1"`
+	Batch            int     `json:"o.Batch"`
+	DecodeTokSBN     float64 `json:"decode_tok_s_bn"`
+	LoopStepsPerTok  float64 `json:"loop_steps_per_token"` // mean depth of the o.Batch-1 o.DecodeTokens
+	WeightBytesPerTk int64   `json:"weight_bytes_per_token"`
+}
+
+// WeightBytesPerToken is the weight bytes a full-depth decode step of one token reads: every
+// layer matrix once per loop step, the LM head once, one embedding row. Norm vectors, the exit
+// gate and the KV cache are left out (a few hundred KB at short contexts).
+func WeightBytesPerToken(m *model.Model) int64 {
+	size := func(w *model.Matrix) int64 {
+		if w.BF16 != nil {
+			return int64(len(w.BF16)) * 2
+		}
+		return int64(len(w.F32)) * 4
+	}
+	var layer int64
+	for i := range m.Layers {
+		L := &m.Layers[i]
+		for _, w := range []*model.Matrix{&L.Q, &L.K, &L.V, &L.O, &L.Gate, &L.Up, &L.Down} {
+			layer += size(w)
+		}
+	}
+	return int64(m.Config.TotalUTSteps)*layer + size(&m.LMHead) + size(&m.Embed)/int64(max(m.Embed.Rows, 1))
+}
+
+// Runtime measures prefill and full-depth greedy decode of m with an engine on be. It runs the
+// engine's batching loop itself and stops it before returning.
+func Runtime(ctx context.Context, m *model.Model, be engine.Backend, o RuntimeOptions) (RuntimeResult, error) {
+	o.defaults()
+	if o.DecodeTokens < 2 {
+		return RuntimeResult{}, fmt.Errorf("decode o.DecodeTokens %d: at least 2 are needed to time one", o.DecodeTokens)
+	}
+	e, err := engine.New(m, engine.Options{Backend: be, Mode: engine.Fast, MaxBatch: o.Batch,
+		MaxContext: max(o.PrefillLen, o.PromptLen+o.DecodeTokens) + 1})
+	if err != nil {
+		return RuntimeResult{}, err
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	var runErr error
+	wg.Go(func() { runErr = e.Run(runCtx) })
+	defer func() {
+		stop()
+		wg.Wait()
+	}()
+
+	prefill, prompts := o.Prompts(m.Config.VocabSize)
+	res := RuntimeResult{PrefillTokens: o.PrefillLen, DecodeTokens: o.DecodeTokens - 1, Batch: o.Batch,
+		WeightBytesPerTk: WeightBytesPerToken(m)}
+
+	// Warm-up: grows the engine's scratch buffers and faults the weights in.
+	if _, err := PrefillRate(ctx, e, prefill[:min(8, len(prefill))]); err != nil {
+		return RuntimeResult{}, fmt.Errorf("warm-up: %w", err)
+	}
+	for range o.Repeats {
+		rate, err := PrefillRate(ctx, e, prefill)
+		if err != nil {
+			return RuntimeResult{}, err
+		}
+		res.PrefillTokS = max(res.PrefillTokS, rate)
+
+		before := e.Stats()
+		if rate, err = DecodeRate(ctx, e, prompts[:1], o.DecodeTokens); err != nil {
+			return RuntimeResult{}, err
+		}
+		res.DecodeTokSB1 = max(res.DecodeTokSB1, rate)
+		after := e.Stats()
+		if dt := after.Tokens - before.Tokens; dt > 0 {
+			res.LoopStepsPerTok = float64(after.ChosenDepth-before.ChosenDepth) / float64(dt)
+		}
+
+		if rate, err = DecodeRate(ctx, e, prompts, o.DecodeTokens); err != nil {
+			return RuntimeResult{}, err
+		}
+		res.DecodeTokSBN = max(res.DecodeTokSBN, rate)
+	}
+	stop()
+	wg.Wait()
+	if runErr != nil {
+		return RuntimeResult{}, fmt.Errorf("engine run: %w", runErr)
+	}
+	return res, nil
+}
+
+// request is a full-depth greedy request that ignores eos, so it yields exactly n tokens.
+func request(e *engine.Engine, id string, prompt []int, n int) engine.Request {
+	return engine.Request{ID: id, Prompt: prompt, MaxTokens: n, IgnoreEOS: true,
+		Exit: engine.Exit{ForceDepth: e.Config().TotalUTSteps}}
+}
+
+// PrefillRate returns prompt tokens per second to the first token of prompt (every loop step
+// for every position, then the LM head of the last), run with e.Generate.
+func PrefillRate(ctx context.Context, e *engine.Engine, prompt []int) (float64, error) {
+	start := time.Now()
+	if _, err := e.Generate(ctx, request(e, "prefill", prompt, 1), func(engine.Token) bool { return true }); err != nil {
+		return 0, fmt.Errorf("prefill: %w", err)
+	}
+	return float64(len(prompt)) / time.Since(start).Seconds(), nil
+}
+
+// DecodeRate returns full-depth greedy decode tokens per second over prompts decoded together,
+// tokens per sequence, the first of each (from prefill) untimed. One prompt runs with
+// e.Generate; several are submitted at once, so e.Run must be running with MaxBatch ≥
+// len(prompts).
+func DecodeRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens int) (float64, error) {
+	if tokens < 2 || len(prompts) == 0 {
+		return 0, fmt.Errorf("decode: %d prompts, %d tokens: want at least 1 and 2", len(prompts), tokens)
+	}
+	if len(prompts) > 1 {
+		return batchRate(ctx, e, prompts, tokens)
+	}
+	var first time.Time
+	n := 0
+	if _, err := e.Generate(ctx, request(e, "decode-b1", prompts[0], tokens), func(engine.Token) bool {
+		if n == 0 {
+			first = time.Now()
+		}
+		n++
+		return true
+	}); err != nil {
+		return 0, fmt.Errorf("decode at batch 1: %w", err)
+	}
+	if n != tokens {
+		return 0, fmt.Errorf("decode at batch 1: %d tokens, want %d", n, tokens)
+	}
+	return float64(n-1) / time.Since(first).Seconds(), nil
+}
+
+// batchRate submits the prompts at once to the running engine and returns the tokens
+// per second generated while all of them were decoding: from the last sequence's first token
+// (its prefill done) to the first sequence's last token.
+func batchRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens int) (float64, error) {
+	batch := len(prompts)
+	times := make([][]time.Time, batch) // [batch][tokens] arrival times
+	errs := make([]error, batch)
+	chans := make([]<-chan engine.Event, batch)
+	for i := range chans {
+		ch, err := e.Submit(ctx, request(e, fmt.Sprintf("decode-b%d-%d", batch, i), prompts[i], tokens))
+		if err != nil {
+			return 0, fmt.Errorf("decode at batch %d: %w", batch, err)
+		}
+		chans[i] = ch
+	}
+	var wg sync.WaitGroup
+	for i, ch := range chans {
+		wg.Go(func() {
+			for ev := range ch {
+				switch {
+				case ev.Err != nil:
+					errs[i] = ev.Err
+				case !ev.Done:
+					times[i] = append(times[i], time.Now())
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return 0, fmt.Errorf("decode at batch %d: %w", batch, err)
+	}
+	var from, to time.Time
+	last := 0 // the sequence whose first token came last
+	for i, ts := range times {
+		if len(ts) != tokens {
+			return 0, fmt.Errorf("decode at batch %d: sequence %d yielded %d tokens, want %d", batch, i, len(ts), tokens)
+		}
+		if ts[0].After(from) {
+			from, last = ts[0], i
+		}
+		if to.IsZero() || ts[len(ts)-1].Before(to) {
+			to = ts[len(ts)-1]
+		}
+	}
+	// Tokens of one iteration arrive microseconds apart, iterations milliseconds apart: shift
+	// the window by half an iteration so it holds whole iterations (from, to].
+	gaps := make([]time.Duration, 0, tokens)
+	for j := 1; j < len(times[last]); j++ {
+		gaps = append(gaps, times[last][j].Sub(times[last][j-1]))
+	}
+	slices.Sort(gaps)
+	half := gaps[len(gaps)/2] / 2
+	counted := 0
+	for _, ts := range times {
+		for _, t := range ts {
+			if t.After(from.Add(half)) && !t.After(to.Add(half)) {
+				counted++
+			}
+		}
+	}
+	if counted == 0 || !to.After(from) {
+		return 0, fmt.Errorf("decode at batch %d: no interval where every sequence was decoding", batch)
+	}
+	return float64(counted) / to.Sub(from).Seconds(), nil
+}
