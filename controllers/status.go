@@ -146,7 +146,10 @@ func degraded(lm *v1alpha1.LoopModel, reason, msg string) metav1.Condition {
 
 // setCondition sets c and records an event when it marks a new problem or a finished rollout.
 func (r *LoopModelReconciler) setCondition(lm *v1alpha1.LoopModel, c metav1.Condition) {
-	old := meta.FindStatusCondition(lm.Status.Conditions, c.Type)
+	var old *metav1.Condition
+	if o := meta.FindStatusCondition(lm.Status.Conditions, c.Type); o != nil {
+		old = o.DeepCopy() // SetStatusCondition updates the found element in place
+	}
 	meta.SetStatusCondition(&lm.Status.Conditions, c)
 	if old != nil && old.Status == c.Status && old.Reason == c.Reason {
 		return

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
+	"github.com/go-logr/logr/funcr"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -84,6 +86,11 @@ func runSuite(m *testing.M) int {
 // startOperator runs the manager with short intervals so the suite observes retries, resyncs
 // and recoveries in seconds. The returned func stops it and waits for it.
 func startOperator() (func(), error) {
+	if os.Getenv("LOOPSERVE_TEST_LOG") != "" {
+		ctrl.SetLogger(funcr.New(func(prefix, args string) { fmt.Fprintln(os.Stderr, prefix, args) }, funcr.Options{}))
+	} else {
+		ctrl.SetLogger(logr.Discard())
+	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                 scheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},

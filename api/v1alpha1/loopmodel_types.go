@@ -192,7 +192,7 @@ const (
 
 // LoopSpec sets how deep each token runs.
 //
-// +kubebuilder:validation:XValidation:rule="!has(self.minExitThreshold) || self.minExitThreshold <= self.exitThreshold",message="minExitThreshold must be less than or equal to exitThreshold"
+// +kubebuilder:validation:XValidation:rule="!has(self.minExitThreshold) || !has(self.exitThreshold) || self.minExitThreshold <= self.exitThreshold",message="minExitThreshold must be less than or equal to exitThreshold"
 type LoopSpec struct {
 	// maxSteps caps the loop steps per token (the model's total_ut_steps, 4 for Ouro);
 	// running more steps than the model was trained with hurts quality.
@@ -255,7 +255,7 @@ type SLOSpec struct {
 
 // ScalingSpec bounds the workers.
 //
-// +kubebuilder:validation:XValidation:rule="self.minReplicas <= self.maxReplicas",message="minReplicas must be less than or equal to maxReplicas"
+// +kubebuilder:validation:XValidation:rule="!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",message="minReplicas must be less than or equal to maxReplicas"
 type ScalingSpec struct {
 	// replicas is the desired number of workers, clamped to [minReplicas, maxReplicas]; the
 	// /scale subresource writes it (HPA, KEDA, kubectl scale).

@@ -1,0 +1,139 @@
+package controllers
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/yaml"
+
+	"github.com/loopserve/loopserve/api/v1alpha1"
+)
+
+// TestInvalidLoopModelsRejected: the API server itself (OpenAPI schema and CEL rules of the
+// generated CRD) refuses invalid LoopModels with a message naming the problem.
+func TestInvalidLoopModelsRejected(t *testing.T) {
+	ns := newNamespace(t)
+	tests := []struct {
+		name   string
+		change func(*v1alpha1.LoopModel)
+		want   string
+	}{
+		{"min threshold above threshold", func(lm *v1alpha1.LoopModel) {
+			lm.Spec.Loop.ExitThreshold = 0.6
+			lm.Spec.Loop.MinExitThreshold = ptr.To(0.8)
+		}, "minExitThreshold must be less than or equal to exitThreshold"},
+		{"threshold above 1", func(lm *v1alpha1.LoopModel) { lm.Spec.Loop.ExitThreshold = 1.5 },
+			"spec.loop.exitThreshold: Invalid value: 1.5: spec.loop.exitThreshold in body should be less than or equal to 1"},
+		{"threshold negative", func(lm *v1alpha1.LoopModel) { lm.Spec.Loop.ExitThreshold = -0.1 },
+			"spec.loop.exitThreshold in body should be greater than 0"},
+		{"min threshold zero", func(lm *v1alpha1.LoopModel) { lm.Spec.Loop.MinExitThreshold = ptr.To(0.0) },
+			"spec.loop.minExitThreshold in body should be greater than 0"},
+		{"probe fraction above 0.5", func(lm *v1alpha1.LoopModel) { lm.Spec.Loop.ProbeFraction = ptr.To(0.6) },
+			"spec.loop.probeFraction in body should be less than or equal to 0.5"},
+		{"min replicas above max", func(lm *v1alpha1.LoopModel) {
+			lm.Spec.Scaling.MinReplicas = 3
+			lm.Spec.Scaling.MaxReplicas = 2
+		}, "minReplicas must be less than or equal to maxReplicas"},
+		{"two sources", func(lm *v1alpha1.LoopModel) {
+			lm.Spec.Model.Source.PVC = &v1alpha1.PVCSource{ClaimName: "w"}
+		}, "exactly one of pvc, hostPath, image or url must be set"},
+		{"no source", func(lm *v1alpha1.LoopModel) { lm.Spec.Model.Source = v1alpha1.ModelSource{} },
+			"exactly one of pvc, hostPath, image or url must be set"},
+		{"path escapes the volume", func(lm *v1alpha1.LoopModel) { lm.Spec.Model.Path = "../etc" },
+			"path must be relative and must not contain '..'"},
+		{"absolute path", func(lm *v1alpha1.LoopModel) { lm.Spec.Model.Path = "/etc" },
+			"path must be relative and must not contain '..'"},
+		{"unknown kv policy", func(lm *v1alpha1.LoopModel) { lm.Spec.Loop.KVPolicy = "first" },
+			`spec.loop.kvPolicy: Unsupported value: "first": supported values: "full", "last"`},
+		{"unknown tuning mode", func(lm *v1alpha1.LoopModel) { lm.Spec.Tuning.Mode = "manual" },
+			`spec.tuning.mode: Unsupported value: "manual"`},
+		{"http NATS URL", func(lm *v1alpha1.LoopModel) { lm.Spec.NATS.URL = "http://nats:4222" },
+			"spec.nats.url in body should match"},
+		{"zero steps", func(lm *v1alpha1.LoopModel) { lm.Spec.Loop.MaxSteps = -1 },
+			"spec.loop.maxSteps in body should be greater than or equal to 1"},
+		{"relative host path", func(lm *v1alpha1.LoopModel) { lm.Spec.Model.Source.HostPath.Path = "models" },
+			"spec.model.source.hostPath.path in body should match '^/'"},
+		{"url source with ftp", func(lm *v1alpha1.LoopModel) {
+			lm.Spec.Model.Source = v1alpha1.ModelSource{URL: &v1alpha1.URLSource{URL: "ftp://x/m.tgz"}}
+		}, "spec.model.source.url.url in body should match '^https?://'"},
+		{"name too long for the Service", func(lm *v1alpha1.LoopModel) { lm.Name = strings.Repeat("a", 51) },
+			"metadata.name must be a DNS-1035 label"},
+		{"name starting with a digit", func(lm *v1alpha1.LoopModel) { lm.Name = "1model" },
+			"metadata.name must be a DNS-1035 label"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			lm := newLoopModel(ns, "invalid", "nats://127.0.0.1:4222")
+			tt.change(lm)
+			err := k8s.Create(context.Background(), lm)
+			if !apierrors.IsInvalid(err) {
+				t.Fatalf("create error = %v, want Invalid", err)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("create error = %v\nwant it to contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// TestSamplesAccepted: every file in config/samples decodes strictly and is accepted by the API
+// server, which fills in the documented defaults.
+func TestSamplesAccepted(t *testing.T) {
+	ns := newNamespace(t)
+	files, err := filepath.Glob(filepath.Join("..", "config", "samples", "*.yaml"))
+	if err != nil || len(files) < 2 {
+		t.Fatalf("samples = %v, %v; want the CPU and GPU samples", files, err)
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var lm v1alpha1.LoopModel
+			if err := yaml.UnmarshalStrict(b, &lm); err != nil {
+				t.Fatalf("decoding %s: %v", f, err)
+			}
+			lm.Namespace = ns
+			if err := k8s.Create(context.Background(), &lm); err != nil {
+				t.Fatalf("API server refused %s: %v", f, err)
+			}
+			got := getLoopModel(t, ns, lm.Name)
+			if got.Spec.Tuning.Mode == "" || got.Spec.Model.Format != v1alpha1.FormatHF || got.Spec.Scaling.Replicas == nil {
+				t.Errorf("defaults not applied: tuning %+v format %q replicas %v", got.Spec.Tuning, got.Spec.Model.Format, got.Spec.Scaling.Replicas)
+			}
+		})
+	}
+}
+
+// TestDefaults: an almost empty LoopModel gets the documented defaults from the API server.
+func TestDefaults(t *testing.T) {
+	ns := newNamespace(t)
+	lm := &v1alpha1.LoopModel{}
+	lm.Namespace, lm.Name = ns, "bare"
+	lm.Spec.Model.Source.HostPath = &v1alpha1.HostPathSource{Path: "/models"}
+	if err := k8s.Create(context.Background(), lm); err != nil {
+		t.Fatalf("creating: %v", err)
+	}
+	got := getLoopModel(t, ns, "bare").Spec
+	want := v1alpha1.LoopModelSpec{
+		Model: v1alpha1.ModelSpec{Source: lm.Spec.Model.Source, Format: v1alpha1.FormatHF, ContextLength: 2048},
+		Loop:  v1alpha1.LoopSpec{MaxSteps: 4, ExitThreshold: 0.9, ProbeFraction: ptr.To(0.02), KVPolicy: v1alpha1.KVFull},
+		Scaling: v1alpha1.ScalingSpec{Replicas: ptr.To[int32](1), MinReplicas: 1, MaxReplicas: 1,
+			ScaleDownDelay: got.Scaling.ScaleDownDelay},
+		Tuning: v1alpha1.TuningSpec{Mode: v1alpha1.TuningAuto, Interval: got.Tuning.Interval, MaxStep: ptr.To(0.05)},
+	}
+	if diff := cmp.Diff(got, want); diff != "" {
+		t.Errorf("defaulted spec (-got +want):\n%s", diff)
+	}
+	if got.Scaling.ScaleDownDelay == nil || got.Scaling.ScaleDownDelay.Duration.String() != "5m0s" ||
+		got.Tuning.Interval == nil || got.Tuning.Interval.Duration.String() != "30s" {
+		t.Errorf("duration defaults = %v, %v; want 5m and 30s", got.Scaling.ScaleDownDelay, got.Tuning.Interval)
+	}
+}
