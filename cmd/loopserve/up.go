@@ -81,12 +81,11 @@ type upConfig struct {
 	natsPort int
 	tokens   []string
 	engine   serveEngineFlags
-	ready    func(*serve.Local) // called once serving (tests, bench)
 }
 
 // runUp serves until ctx ends.
 func runUp(ctx context.Context, out io.Writer, log *slog.Logger, c upConfig) error {
-	local, stop, err := startUp(ctx, log, c)
+	_, local, stop, err := startUp(ctx, log, c)
 	if err != nil {
 		return err
 	}
@@ -94,23 +93,20 @@ func runUp(ctx context.Context, out io.Writer, log *slog.Logger, c upConfig) err
 	fmt.Fprintf(out, "loopserve is serving %s at %s (NATS %s)\n\n", c.ref, url, local.Server.ClientURL())
 	fmt.Fprintf(out, "curl -s %s/v1/completions -H 'Content-Type: application/json' \\\n  -d '{\"model\": \"%s\", \"prompt\": \"a = 2 ; n = a + 7 ; b = 0 ; ? n =\", \"max_tokens\": 4}'\n\n", url, c.ref)
 	fmt.Fprintln(out, "Press Ctrl-C to stop.")
-	if c.ready != nil {
-		c.ready(local)
-	}
 	<-ctx.Done()
 	fmt.Fprintln(out, "stopping")
 	return stop()
 }
 
 // startUp loads the model, starts its engine and the local deployment; stop undoes both.
-func startUp(ctx context.Context, log *slog.Logger, c upConfig) (*serve.Local, func() error, error) {
+func startUp(ctx context.Context, log *slog.Logger, c upConfig) (*serve.Loaded, *serve.Local, func() error, error) {
 	opts, err := c.engine.options()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	l, err := serve.Load(c.dir, opts)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	stopEngine := runEngine(l)
 	wo := l.Worker
@@ -119,9 +115,9 @@ func startUp(ctx context.Context, log *slog.Logger, c upConfig) (*serve.Local, f
 	local, err := serve.StartLocal(ctx, serve.LocalOptions{Ref: c.ref, DataDir: c.dataDir, NATSPort: c.natsPort, Listen: c.listen,
 		Gen: l.Engine, Tok: l.Tok, Worker: wo, Gateway: serve.GatewayOptions{Tokens: c.tokens, Logger: log}})
 	if err != nil {
-		return nil, nil, errors.Join(err, stopEngine())
+		return nil, nil, nil, errors.Join(err, stopEngine())
 	}
-	return local, func() error { return errors.Join(local.Close(), stopEngine()) }, nil
+	return l, local, func() error { return errors.Join(local.Close(), stopEngine()) }, nil
 }
 
 // resolveModel picks the model directory: the flag, else testdata/models/ouro-tiny-arith under the

@@ -275,7 +275,9 @@ func (g *Gateway) complete(rw http.ResponseWriter, r *http.Request, chat bool) {
 
 	ctx, cancel := context.WithTimeout(r.Context(), g.opt.RequestTimeout)
 	defer cancel()
-	inbox := g.nc.NewRespInbox()
+	// A plain inbox, not one under the connection's request mux: once unsubscribed, a worker's
+	// final-chunk request gets "no responders" at once instead of timing out.
+	inbox := g.nc.NewInbox()
 	sub, err := g.nc.SubscribeSync(inbox)
 	if err != nil {
 		g.unavailable(w, fmt.Errorf("subscribing to the reply subject: %w", err))

@@ -77,6 +77,7 @@ type Worker struct {
 
 	mu        sync.Mutex
 	cancels   map[string]context.CancelFunc // request id -> stop its generation (client gone)
+	gone      map[string]time.Time          // cancelled before this worker took them -> when
 	histories map[string]*chunkHistory      // request id -> chunks published, for resends
 }
 
@@ -108,7 +109,7 @@ func NewWorker(nc *nats.Conn, gen Generator, tok Tokenizer, o WorkerOptions) (*W
 		return nil, fmt.Errorf("opening JetStream: %w", err)
 	}
 	w := &Worker{nc: nc, js: js, gen: gen, tok: tok, opt: o, log: o.Logger.With("loopmodel", o.Ref.String(), "worker", o.Name),
-		cancels: make(map[string]context.CancelFunc)}
+		cancels: make(map[string]context.CancelFunc), gone: make(map[string]time.Time)}
 	w.stats = newStatsWindow(o.Ref, o.Name, o.MaxSteps, o.Capacity, gen.Threshold())
 	if o.Metrics != nil {
 		w.met = o.Metrics.model(o.Ref.String(), o.MaxSteps)
@@ -166,8 +167,21 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	defer ctl.Unsubscribe()
 	cancel, err := w.nc.Subscribe(w.opt.Ref.CancelSubject(), func(m *nats.Msg) {
+		id := string(m.Data)
 		w.mu.Lock()
-		stop := w.cancels[string(m.Data)]
+		stop := w.cancels[id]
+		if stop == nil {
+			// Still queued (or on another worker): remember it so that it is dropped when taken.
+			now := time.Now()
+			w.gone[id] = now
+			if len(w.gone) > 1024 {
+				for k, t := range w.gone {
+					if now.Sub(t) > 5*time.Minute {
+						delete(w.gone, k)
+					}
+				}
+			}
+		}
 		w.mu.Unlock()
 		if stop != nil {
 			stop()
@@ -265,8 +279,15 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 	jctx, stop := context.WithCancel(ctx)
 	defer stop()
 	w.mu.Lock()
+	_, gone := w.gone[job.ID]
+	delete(w.gone, job.ID)
 	w.cancels[job.ID] = stop
 	w.mu.Unlock()
+	if gone {
+		log.Debug("dropping a request its client abandoned")
+		_ = msg.Term()
+		return
+	}
 	defer func() {
 		w.mu.Lock()
 		delete(w.cancels, job.ID)
