@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/loopserve/loopserve/bus"
@@ -359,4 +361,182 @@ func (s slowGenerator) Submit(ctx context.Context, r engine.Request) (<-chan eng
 		}
 	}()
 	return out, nil
+}
+
+func TestStopper(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		stops  []string
+		pieces []string
+		want   []string // emitted per piece
+		hitAt  int      // piece index where a stop hits; -1 none
+		tail   string
+	}{
+		{"none", nil, []string{"a", "b"}, []string{"a", "b"}, -1, ""},
+		{"within a piece", []string{";"}, []string{" 9", " ; x"}, []string{" 9", " "}, 1, ""},
+		{"across pieces", []string{"END"}, []string{"xE", "N", "Dy"}, []string{"x", "", ""}, 2, ""},
+		{"false start flushed", []string{"END"}, []string{"xE", "N"}, []string{"x", ""}, -1, "EN"},
+		{"earliest of two", []string{"b", "a"}, []string{"xab"}, []string{"x"}, 0, ""},
+		{"empty stop ignored", []string{""}, []string{"ab"}, []string{"ab"}, -1, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newStopper(tc.stops)
+			var got []string
+			hitAt := -1
+			for i, p := range tc.pieces {
+				out, hit := s.add(p)
+				got = append(got, out)
+				if hit {
+					hitAt = i
+					break
+				}
+			}
+			if d := cmp.Diff(got, tc.want); d != "" || hitAt != tc.hitAt {
+				t.Errorf("emitted (-got +want):\n%s hit at %d, want %d", d, hitAt, tc.hitAt)
+			}
+			if tail := s.flush(); tail != tc.tail {
+				t.Errorf("tail %q, want %q", tail, tc.tail)
+			}
+		})
+	}
+}
+
+func TestStopStringEndsGeneration(t *testing.T) {
+	c := newCluster(t, clusterOptions{})
+	c.startWorker("w1", newGenerator(t), WorkerOptions{})
+	ctx := context.Background()
+	body := map[string]any{"model": "ouro-tiny-arith", "prompt": arithPrompt, "max_tokens": 12}
+	full, err := post(ctx, c.gw.URL, "/v1/completions", body)
+	if err != nil || full.Status != 200 {
+		t.Fatalf("%v %+v", err, full)
+	}
+	i := strings.Index(full.Text[1:], " ")
+	if i < 0 {
+		t.Skipf("output %q has no inner space to stop at", full.Text)
+	}
+	stop := full.Text[i+1 : i+3] // a two-character stop string from inside the output
+	cut := strings.Index(full.Text, stop)
+	for _, stream := range []bool{false, true} {
+		body["stop"], body["stream"] = []string{stop}, stream
+		got, err := post(ctx, c.gw.URL, "/v1/completions", body)
+		if err != nil || got.Status != 200 {
+			t.Fatalf("%v %+v", err, got)
+		}
+		if got.Text != full.Text[:cut] || got.Finish != "stop" {
+			t.Errorf("stream=%v stop %q: got %q finish %q, want %q finish stop (full %q)", stream, stop, got.Text, got.Finish, full.Text[:cut], full.Text)
+		}
+	}
+}
+
+// TestStatsAndControl checks the worker's stats snapshots and that a threshold published on the
+// control subject applies at once and shows in the next snapshots and in the depths.
+func TestStatsAndControl(t *testing.T) {
+	c := newCluster(t, clusterOptions{})
+	dir := t.TempDir()
+	file := dir + "/threshold.json"
+	if err := os.WriteFile(file, []byte(`{"exitThreshold": 0.9}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	gen := newGenerator(t)
+	c.startWorker("w1", gen, WorkerOptions{ThresholdFile: file})
+	if got := gen.Threshold(); got != 0.9 {
+		t.Errorf("threshold after the file = %v, want 0.9", got)
+	}
+	nc := c.connect("operator")
+	snaps := make(chan bus.StatsSnapshot, 64)
+	sub, err := nc.Subscribe(c.ref.StatsSubject(), func(m *nats.Msg) {
+		s, err := bus.DecodeStats(m.Data)
+		if err != nil {
+			t.Errorf("bad snapshot: %v", err)
+			return
+		}
+		select {
+		case snaps <- s:
+		default:
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	ctx := context.Background()
+	run := func() result {
+		r, err := post(ctx, c.gw.URL, "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": arithPrompt, "max_tokens": 16})
+		if err != nil || r.Status != 200 {
+			t.Fatalf("%v %+v", err, r)
+		}
+		return r
+	}
+	// Collect snapshots until they account for the request's tokens.
+	collect := func(tau float64, tokens int) bus.StatsSnapshot {
+		t.Helper()
+		var sum bus.StatsSnapshot
+		deadline := time.After(20 * time.Second)
+		for sum.Tokens < int64(tokens) {
+			select {
+			case s := <-snaps:
+				if s.ExitThreshold != tau || s.Tokens == 0 {
+					continue
+				}
+				if sum.MaxSteps == 0 {
+					sum = s
+					continue
+				}
+				sum.Tokens += s.Tokens
+				sum.Requests += s.Requests
+				for i := range s.DepthCounts {
+					sum.DepthCounts[i] += s.DepthCounts[i]
+				}
+			case <-deadline:
+				t.Fatalf("snapshots under tau %v hold %d tokens, want %d", tau, sum.Tokens, tokens)
+			}
+		}
+		return sum
+	}
+	high := run()
+	s := collect(0.9, len(high.Depths))
+	if s.Worker != "w1" || s.MaxSteps != 4 || s.Capacity != 8 || s.Requests != 1 {
+		t.Errorf("snapshot = worker %q steps %d capacity %d requests %d", s.Worker, s.MaxSteps, s.Capacity, s.Requests)
+	}
+	want := make([]int64, 4)
+	for _, d := range high.Depths {
+		want[d-1]++
+	}
+	if d := cmp.Diff(s.DepthCounts, want); d != "" {
+		t.Errorf("depth counts (-got +want):\n%s", d)
+	}
+
+	b, _ := json.Marshal(bus.Control{ExitThreshold: 0.3})
+	if err := nc.Publish(c.ref.ControlSubject(), b); err != nil {
+		t.Fatal(err)
+	}
+	awaitCond(t, func() bool { return gen.Threshold() == 0.3 })
+	low := run()
+	collect(0.3, len(low.Depths))
+	mean := func(ds []int) float64 {
+		var s int
+		for _, d := range ds {
+			s += d
+		}
+		return float64(s) / float64(len(ds))
+	}
+	if mean(low.Depths) >= mean(high.Depths) {
+		t.Errorf("mean depth at tau 0.3 = %.2f, not below %.2f at 0.9", mean(low.Depths), mean(high.Depths))
+	}
+	// The Prometheus side.
+	mfs, err := c.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, mf := range mfs {
+		seen[mf.GetName()] = true
+	}
+	for _, name := range []string{"loopserve_exit_depth", "loopserve_cumulative_exit", "loopserve_generated_tokens_total", "loopserve_loop_steps_total",
+		"loopserve_queue_wait_seconds", "loopserve_time_to_first_token_seconds", "loopserve_inter_token_latency_seconds",
+		"loopserve_batch_size", "loopserve_inflight_requests", "loopserve_exit_threshold", "loopserve_gateway_requests_total"} {
+		if !seen[name] {
+			t.Errorf("metric %s missing", name)
+		}
+	}
 }
