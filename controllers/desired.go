@@ -1,6 +1,7 @@
 package controllers
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -36,7 +37,7 @@ const (
 	modelMount    = "/models"
 	configVolume  = "config"
 	configMount   = "/etc/loopserve"
-	configFile    = "threshold.json" // bus.Control plus the restart-only loop settings
+	configFile    = "threshold.json" // a bus.Control message
 	credsVolume   = "nats-creds"
 	credsMount    = "/var/run/loopserve/nats"
 	tmpVolume     = "tmp"
@@ -103,28 +104,11 @@ func thresholdInForce(lm *v1alpha1.LoopModel) float64 {
 	return lm.Spec.Loop.ExitThreshold
 }
 
-// workerConfig is the content of the worker's --threshold-file: the control message (applied
-// live) plus the loop settings read at start, whose changes roll the pods via the spec hash.
-type workerConfig struct {
-	bus.Control
-	MaxSteps      int32             `json:"maxSteps"`
-	ProbeFraction float64           `json:"probeFraction"`
-	KVPolicy      v1alpha1.KVPolicy `json:"kvPolicy"`
-}
-
-func desiredWorkerConfig(lm *v1alpha1.LoopModel, tau float64) workerConfig {
-	return workerConfig{
-		Control:       bus.Control{ExitThreshold: tau},
-		MaxSteps:      lm.Spec.Loop.MaxSteps,
-		ProbeFraction: ptr.Deref(lm.Spec.Loop.ProbeFraction, 0),
-		KVPolicy:      lm.Spec.Loop.KVPolicy,
-	}
-}
-
 func desiredConfigMap(lm *v1alpha1.LoopModel, tau float64) (*corev1.ConfigMap, error) {
-	b, err := json.Marshal(desiredWorkerConfig(lm, tau))
+	// The worker reads the file at start (--threshold-file); later changes reach it over NATS.
+	b, err := json.Marshal(bus.Control{ExitThreshold: tau})
 	if err != nil {
-		return nil, fmt.Errorf("encoding the worker config: %w", err)
+		return nil, fmt.Errorf("encoding the threshold file: %w", err)
 	}
 	return &corev1.ConfigMap{
 		TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "ConfigMap"},
@@ -150,7 +134,8 @@ func desiredService(lm *v1alpha1.LoopModel) *corev1.Service {
 	}
 }
 
-// specHash digests every setting that needs a worker restart. The exit threshold is left out on
+// specHash digests every setting that needs a worker restart, including those the pod template
+// does not show (maxSteps only reaches the registry today). The exit threshold is left out on
 // purpose: it is applied live over NATS, so changing it must not roll the pods.
 func specHash(lm *v1alpha1.LoopModel, d defaults) (string, error) {
 	in := struct {
@@ -184,7 +169,10 @@ func workerArgs(lm *v1alpha1.LoopModel, d defaults) []string {
 		"--model", modelDir(lm),
 		"--loopmodel", ref(lm).String(),
 		"--threshold-file", path.Join(configMount, configFile),
-		"--metrics-addr", ":" + strconv.Itoa(metricsPort),
+		"--metrics-listen", ":" + strconv.Itoa(metricsPort),
+		"--kv-policy", string(cmp.Or(lm.Spec.Loop.KVPolicy, v1alpha1.KVFull)),
+		"--probe-fraction", strconv.FormatFloat(ptr.Deref(lm.Spec.Loop.ProbeFraction, 0), 'g', -1, 64),
+		"--capacity", strconv.Itoa(workerBatch),
 	}
 }
 
@@ -248,11 +236,15 @@ func desiredDeployment(lm *v1alpha1.LoopModel, d defaults) (*appsv1.Deployment, 
 		mounts = append(mounts, corev1.VolumeMount{Name: credsVolume, MountPath: credsMount, ReadOnly: true})
 		env = append(env, corev1.EnvVar{Name: "LOOPSERVE_NATS_CREDS", Value: path.Join(credsMount, key)})
 	}
-	env = append(env, corev1.EnvVar{Name: "HOME", Value: "/tmp"})
+	env = append(env,
+		corev1.EnvVar{Name: "HOME", Value: "/tmp"},
+		// The worker names itself in its stats snapshots after its pod.
+		corev1.EnvVar{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
+	)
 
 	probe := func(period, failures int32) *corev1.Probe {
 		return &corev1.Probe{
-			ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/metrics", Port: intstr.FromString(metricsName)}},
+			ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz", Port: intstr.FromString(metricsName)}},
 			PeriodSeconds:    period,
 			FailureThreshold: failures,
 			TimeoutSeconds:   5,

@@ -167,12 +167,14 @@ func TestDesiredDeploymentRuntime(t *testing.T) {
 		{Name: "LOOPSERVE_BACKEND", Value: "cuda"},
 		{Name: "LOOPSERVE_NATS_CREDS", Value: "/var/run/loopserve/nats/op.creds"},
 		{Name: "HOME", Value: "/tmp"},
+		{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
 	}
 	if diff := cmp.Diff(c.Env, wantEnv); diff != "" {
 		t.Errorf("env (-got +want):\n%s", diff)
 	}
 	wantArgs := []string{"worker", "--nats", "nats://nats:4222", "--model", "/models/ouro", "--loopmodel", "ml/ouro",
-		"--threshold-file", "/etc/loopserve/threshold.json", "--metrics-addr", ":9090"}
+		"--threshold-file", "/etc/loopserve/threshold.json", "--metrics-listen", ":9090",
+		"--kv-policy", "full", "--probe-fraction", "0.02", "--capacity", "8"}
 	if diff := cmp.Diff(c.Args, wantArgs); diff != "" {
 		t.Errorf("args (-got +want):\n%s", diff)
 	}
@@ -264,7 +266,7 @@ func TestDesiredConfigMap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := `{"exitThreshold":0.75,"maxSteps":4,"probeFraction":0.02,"kvPolicy":"full"}`
+	want := `{"exitThreshold":0.75}`
 	if diff := cmp.Diff(cm.Data, map[string]string{"threshold.json": want}); diff != "" {
 		t.Errorf("ConfigMap data (-got +want):\n%s", diff)
 	}

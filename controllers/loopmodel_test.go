@@ -2,7 +2,6 @@ package controllers
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -74,7 +73,8 @@ func TestLoopModelLifecycle(t *testing.T) {
 	}
 	c := dep.Spec.Template.Spec.Containers[0]
 	wantArgs := []string{"worker", "--nats", srv.url(), "--model", "/models/ouro-tiny-arith", "--loopmodel", ns + "/tiny",
-		"--threshold-file", "/etc/loopserve/threshold.json", "--metrics-addr", ":9090"}
+		"--threshold-file", "/etc/loopserve/threshold.json", "--metrics-listen", ":9090",
+		"--kv-policy", "full", "--probe-fraction", "0.02", "--capacity", "8"}
 	if diff := cmp.Diff(c.Args, wantArgs); diff != "" {
 		t.Errorf("worker args (-got +want):\n%s", diff)
 	}
@@ -96,12 +96,9 @@ func TestLoopModelLifecycle(t *testing.T) {
 	if len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != 9090 || svc.Spec.Selector[labelInstance] != "tiny" {
 		t.Errorf("service = ports %+v selector %v, want metrics port 9090 selecting the workers", svc.Spec.Ports, svc.Spec.Selector)
 	}
-	var wc workerConfig
-	if err := json.Unmarshal([]byte(cm.Data["threshold.json"]), &wc); err != nil {
-		t.Fatalf("decoding threshold.json %q: %v", cm.Data["threshold.json"], err)
-	}
-	if diff := cmp.Diff(wc, workerConfig{Control: bus.Control{ExitThreshold: 0.9}, MaxSteps: 4, ProbeFraction: 0.02, KVPolicy: v1alpha1.KVFull}); diff != "" {
-		t.Errorf("threshold.json with API defaults (-got +want):\n%s", diff)
+	// The worker decodes the file with the same function as the control messages.
+	if c, err := bus.DecodeControl([]byte(cm.Data["threshold.json"])); err != nil || c.ExitThreshold != 0.9 {
+		t.Errorf("threshold.json %q = %+v, %v; want the default threshold 0.9", cm.Data["threshold.json"], c, err)
 	}
 
 	// Until the workers are ready: not Ready, Progressing; the queue and entry already exist.
