@@ -221,6 +221,7 @@ type preTokenizerJSON struct {
 	Invert         bool              `json:"invert"`
 	AddPrefixSpace bool              `json:"add_prefix_space"`
 	UseRegex       *bool             `json:"use_regex"`
+	Individual     bool              `json:"individual_digits"`
 }
 
 type patternJSON struct {
@@ -279,6 +280,18 @@ func appendPreTokenizer(raw json.RawMessage, steps *[]splitStep, depth int) erro
 			step.re = re
 		}
 		*steps = append(*steps, step)
+	case "Digits":
+		// Rust's char::is_numeric is the N category, as \p{N} is: individual digits
+		// are isolated one by one, else runs of them.
+		pattern := `\p{N}+`
+		if p.Individual {
+			pattern = `\p{N}`
+		}
+		s, err := newRegexSplit(pattern, isolated, false)
+		if err != nil {
+			return err
+		}
+		*steps = append(*steps, s)
 	case "Split":
 		b, ok := behaviors[p.Behavior]
 		if !ok {

@@ -353,3 +353,24 @@ func TestDecodeNonByteLevelEntry(t *testing.T) {
 		t.Errorf("VocabSize() = %d, want 3", got)
 	}
 }
+
+func TestDigitsPreTokenizer(t *testing.T) {
+	for _, tc := range []struct {
+		individual bool
+		want       []string
+	}{
+		{true, []string{"ab", "1", "2", "3", " x", "٤", "٥"}},
+		{false, []string{"ab", "123", " x", "٤٥"}},
+	} {
+		raw := fmt.Sprintf(`{"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": %v}, {"type": "ByteLevel", "use_regex": false}]}`, tc.individual)
+		steps, err := parsePreTokenizer(json.RawMessage(raw))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		steps[0].split("ab123 x٤٥", func(p string) { got = append(got, p) })
+		if diff := cmp.Diff(got, tc.want); diff != "" {
+			t.Errorf("individual=%v (-got +want):\n%s", tc.individual, diff)
+		}
+	}
+}
