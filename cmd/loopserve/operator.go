@@ -1,14 +1,120 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+	ctrl "sigs.k8s.io/controller-runtime"
+
+	"github.com/loopserve/loopserve/controllers"
+)
+
+// operatorFlags are the settings of `loopserve operator`.
+type operatorFlags struct {
+	kubeconfig      string
+	natsURL         string
+	workerImage     string
+	metricsAddr     string
+	probeAddr       string
+	leaderElect     bool
+	leaderElectNS   string
+	resync          time.Duration
+	natsTimeout     time.Duration
+	retryMax        time.Duration
+	jsonLogs        bool
+	leaderElectID   string
+	reconcilePeriod time.Duration
+}
 
 func newOperatorCmd() *cobra.Command {
-	return &cobra.Command{
+	var f operatorFlags
+	cmd := &cobra.Command{
 		Use:   "operator",
 		Short: "Run the LoopModel Kubernetes operator",
 		Long: `Reconciles LoopModel resources into runtime Deployments, Services and ConfigMaps, creates their
-JetStream streams, scales them by loop-steps per second and retunes their exit thresholds.`,
+JetStream work queues and loopserve_models registry entries, and publishes the exit threshold in
+force on loopserve.ctl.<ns>.<name>.
+
+Runs with leader election (one active replica), serves Prometheus metrics on --metrics-addr and
+/healthz and /readyz on --health-probe-addr. A NATS outage marks LoopModels Degraded
+(NATSUnreachable) and is retried with backoff; the operator itself keeps running.`,
 		Args: cobra.NoArgs,
-		RunE: notImplemented("operator"),
+		RunE: func(cmd *cobra.Command, _ []string) error { return runOperator(cmd, f) },
 	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster config, then $KUBECONFIG or ~/.kube/config)")
+	fl.StringVar(&f.natsURL, "nats-url", os.Getenv("LOOPSERVE_NATS_URL"), "NATS URL for LoopModels that set no spec.nats.url ($LOOPSERVE_NATS_URL)")
+	fl.StringVar(&f.workerImage, "worker-image", os.Getenv("LOOPSERVE_WORKER_IMAGE"), "worker image for LoopModels that set no spec.runtime.image ($LOOPSERVE_WORKER_IMAGE)")
+	fl.StringVar(&f.metricsAddr, "metrics-addr", ":8080", `address serving Prometheus metrics ("0": none)`)
+	fl.StringVar(&f.probeAddr, "health-probe-addr", ":8081", "address serving /healthz and /readyz")
+	fl.BoolVar(&f.leaderElect, "leader-elect", true, "elect one active operator through a Lease")
+	fl.StringVar(&f.leaderElectNS, "leader-election-namespace", "", "namespace of the Lease (default: the pod's namespace)")
+	fl.StringVar(&f.leaderElectID, "leader-election-id", "loopserve-operator.loopserve.io", "name of the Lease")
+	fl.DurationVar(&f.resync, "resync", 5*time.Minute, "recheck period of a Ready LoopModel (repairs NATS state lost by the server)")
+	fl.DurationVar(&f.reconcilePeriod, "poll", 10*time.Second, "recheck period while workers roll out (crash loops do not change the Deployment)")
+	fl.DurationVar(&f.natsTimeout, "nats-timeout", 5*time.Second, "bound on one reconcile's NATS calls")
+	fl.DurationVar(&f.retryMax, "retry-max", 2*time.Minute, "longest backoff between retries after errors, e.g. while NATS is down")
+	fl.BoolVar(&f.jsonLogs, "json-logs", true, "log JSON lines (false: text)")
+	return cmd
+}
+
+func runOperator(cmd *cobra.Command, f operatorFlags) error {
+	var h slog.Handler = slog.NewJSONHandler(cmd.ErrOrStderr(), nil)
+	if !f.jsonLogs {
+		h = slog.NewTextHandler(cmd.ErrOrStderr(), nil)
+	}
+	log := logr.FromSlogHandler(h)
+	ctrl.SetLogger(log)
+	klog.SetLogger(log)
+
+	cfg, err := kubeConfig(f.kubeconfig)
+	if err != nil {
+		return err
+	}
+	mgr, pool, err := controllers.NewManager(cfg, controllers.ManagerOptions{
+		NATSURL:                 f.natsURL,
+		WorkerImage:             f.workerImage,
+		MetricsAddr:             f.metricsAddr,
+		ProbeAddr:               f.probeAddr,
+		LeaderElection:          f.leaderElect,
+		LeaderElectionID:        f.leaderElectID,
+		LeaderElectionNamespace: f.leaderElectNS,
+		PollInterval:            f.reconcilePeriod,
+		Resync:                  f.resync,
+		NATSTimeout:             f.natsTimeout,
+		RetryMax:                f.retryMax,
+	})
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	log.Info("operator starting", "natsURL", f.natsURL, "workerImage", f.workerImage, "leaderElection", f.leaderElect)
+	if err := mgr.Start(cmd.Context()); err != nil {
+		return fmt.Errorf("running manager: %w", err)
+	}
+	return nil
+}
+
+// kubeConfig loads the given kubeconfig file, or the usual chain (in-cluster, $KUBECONFIG,
+// ~/.kube/config) when path is empty.
+func kubeConfig(path string) (*rest.Config, error) {
+	if path == "" {
+		cfg, err := ctrl.GetConfig()
+		if err != nil {
+			return nil, fmt.Errorf("loading Kubernetes config: %w", err)
+		}
+		return cfg, nil
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", path)
+	if err != nil {
+		return nil, fmt.Errorf("loading kubeconfig %s: %w", path, err)
+	}
+	return cfg, nil
 }
