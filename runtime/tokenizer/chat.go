@@ -11,8 +11,10 @@ import (
 
 // ErrUnsupportedTemplate marks a chat template this package cannot render faithfully.
 // Hugging Face chat templates are Jinja programs; this package renders the subset that
-// ChatML templates are written in (see parseChatTemplate) and refuses anything else
-// rather than render it differently from transformers.
+// ChatML templates are written in — text, comments, whitespace control, one
+// "for m in messages" loop, "if [not] add_generation_prompt ... else ... endif", and
+// expressions joining string literals, m.role, m.content, bos_token and eos_token with +
+// or ~ — and refuses anything else rather than render it differently from transformers.
 var ErrUnsupportedTemplate = errors.New("unsupported chat template")
 
 // ErrNoTemplate means the tokenizer has no chat template (LoadDir found none).
