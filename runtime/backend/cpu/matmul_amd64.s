@@ -1,0 +1,181 @@
+#include "textflag.h"
+
+// Tiles of the bf16 matrix product: 4 weight rows × m activation rows over k columns (k a
+// multiple of 8). Accumulator (x row i, weight row j) is a vector of 8 float32 lanes; lane l
+// sums w[c]·x[c] over c ≡ l (mod 8) in increasing c with one FMA each, whatever m is, so an
+// output does not depend on which tile computed it. The 8 lanes are stored to acc[(i*4+j)*8:]
+// and reduced by the caller. bf16 → float32 is a zero-extend and a 16-bit shift (exact).
+//
+// func tile4xM(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32)
+// ldw and ldx are row strides in bytes.
+
+TEXT ·tile4x1(SB), NOSPLIT, $0-48
+	MOVQ w+0(FP), SI
+	MOVQ ldw+8(FP), R8
+	MOVQ x+16(FP), DI
+	MOVQ ldx+24(FP), R9
+	MOVQ k+32(FP), CX
+	MOVQ acc+40(FP), DX
+	LEAQ (SI)(R8*1), R11
+	LEAQ (SI)(R8*2), R10
+	LEAQ (R10)(R8*1), R12
+	VXORPS Y4, Y4, Y4
+	VXORPS Y5, Y5, Y5
+	VXORPS Y6, Y6, Y6
+	VXORPS Y7, Y7, Y7
+	XORQ AX, AX
+	XORQ BX, BX
+	SHRQ $3, CX
+	TESTQ CX, CX
+	JZ done1
+loop1:
+	VPMOVZXWD (SI)(AX*1), Y0
+	VPSLLD $16, Y0, Y0
+	VPMOVZXWD (R11)(AX*1), Y1
+	VPSLLD $16, Y1, Y1
+	VPMOVZXWD (R10)(AX*1), Y2
+	VPSLLD $16, Y2, Y2
+	VPMOVZXWD (R12)(AX*1), Y3
+	VPSLLD $16, Y3, Y3
+	VFMADD231PS (DI)(BX*1), Y0, Y4
+	VFMADD231PS (DI)(BX*1), Y1, Y5
+	VFMADD231PS (DI)(BX*1), Y2, Y6
+	VFMADD231PS (DI)(BX*1), Y3, Y7
+	ADDQ $16, AX
+	ADDQ $32, BX
+	DECQ CX
+	JNZ loop1
+done1:
+	VMOVUPS Y4, 0(DX)
+	VMOVUPS Y5, 32(DX)
+	VMOVUPS Y6, 64(DX)
+	VMOVUPS Y7, 96(DX)
+	VZEROUPPER
+	RET
+
+TEXT ·tile4x2(SB), NOSPLIT, $0-48
+	MOVQ w+0(FP), SI
+	MOVQ ldw+8(FP), R8
+	MOVQ x+16(FP), DI
+	MOVQ ldx+24(FP), R9
+	MOVQ k+32(FP), CX
+	MOVQ acc+40(FP), DX
+	LEAQ (SI)(R8*1), R11
+	LEAQ (SI)(R8*2), R10
+	LEAQ (R10)(R8*1), R12
+	LEAQ (DI)(R9*1), R13
+	VXORPS Y4, Y4, Y4
+	VXORPS Y5, Y5, Y5
+	VXORPS Y6, Y6, Y6
+	VXORPS Y7, Y7, Y7
+	VXORPS Y8, Y8, Y8
+	VXORPS Y9, Y9, Y9
+	VXORPS Y10, Y10, Y10
+	VXORPS Y11, Y11, Y11
+	XORQ AX, AX
+	XORQ BX, BX
+	SHRQ $3, CX
+	TESTQ CX, CX
+	JZ done2
+loop2:
+	VPMOVZXWD (SI)(AX*1), Y0
+	VPSLLD $16, Y0, Y0
+	VPMOVZXWD (R11)(AX*1), Y1
+	VPSLLD $16, Y1, Y1
+	VPMOVZXWD (R10)(AX*1), Y2
+	VPSLLD $16, Y2, Y2
+	VPMOVZXWD (R12)(AX*1), Y3
+	VPSLLD $16, Y3, Y3
+	VFMADD231PS (DI)(BX*1), Y0, Y4
+	VFMADD231PS (DI)(BX*1), Y1, Y5
+	VFMADD231PS (DI)(BX*1), Y2, Y6
+	VFMADD231PS (DI)(BX*1), Y3, Y7
+	VFMADD231PS (R13)(BX*1), Y0, Y8
+	VFMADD231PS (R13)(BX*1), Y1, Y9
+	VFMADD231PS (R13)(BX*1), Y2, Y10
+	VFMADD231PS (R13)(BX*1), Y3, Y11
+	ADDQ $16, AX
+	ADDQ $32, BX
+	DECQ CX
+	JNZ loop2
+done2:
+	VMOVUPS Y4, 0(DX)
+	VMOVUPS Y5, 32(DX)
+	VMOVUPS Y6, 64(DX)
+	VMOVUPS Y7, 96(DX)
+	VMOVUPS Y8, 128(DX)
+	VMOVUPS Y9, 160(DX)
+	VMOVUPS Y10, 192(DX)
+	VMOVUPS Y11, 224(DX)
+	VZEROUPPER
+	RET
+
+TEXT ·tile4x3(SB), NOSPLIT, $0-48
+	MOVQ w+0(FP), SI
+	MOVQ ldw+8(FP), R8
+	MOVQ x+16(FP), DI
+	MOVQ ldx+24(FP), R9
+	MOVQ k+32(FP), CX
+	MOVQ acc+40(FP), DX
+	LEAQ (SI)(R8*1), R11
+	LEAQ (SI)(R8*2), R10
+	LEAQ (R10)(R8*1), R12
+	LEAQ (DI)(R9*1), R13
+	LEAQ (DI)(R9*2), R14
+	VXORPS Y4, Y4, Y4
+	VXORPS Y5, Y5, Y5
+	VXORPS Y6, Y6, Y6
+	VXORPS Y7, Y7, Y7
+	VXORPS Y8, Y8, Y8
+	VXORPS Y9, Y9, Y9
+	VXORPS Y10, Y10, Y10
+	VXORPS Y11, Y11, Y11
+	VXORPS Y12, Y12, Y12
+	VXORPS Y13, Y13, Y13
+	VXORPS Y14, Y14, Y14
+	VXORPS Y15, Y15, Y15
+	XORQ AX, AX
+	XORQ BX, BX
+	SHRQ $3, CX
+	TESTQ CX, CX
+	JZ done3
+loop3:
+	VPMOVZXWD (SI)(AX*1), Y0
+	VPSLLD $16, Y0, Y0
+	VPMOVZXWD (R11)(AX*1), Y1
+	VPSLLD $16, Y1, Y1
+	VPMOVZXWD (R10)(AX*1), Y2
+	VPSLLD $16, Y2, Y2
+	VPMOVZXWD (R12)(AX*1), Y3
+	VPSLLD $16, Y3, Y3
+	VFMADD231PS (DI)(BX*1), Y0, Y4
+	VFMADD231PS (DI)(BX*1), Y1, Y5
+	VFMADD231PS (DI)(BX*1), Y2, Y6
+	VFMADD231PS (DI)(BX*1), Y3, Y7
+	VFMADD231PS (R13)(BX*1), Y0, Y8
+	VFMADD231PS (R13)(BX*1), Y1, Y9
+	VFMADD231PS (R13)(BX*1), Y2, Y10
+	VFMADD231PS (R13)(BX*1), Y3, Y11
+	VFMADD231PS (R14)(BX*1), Y0, Y12
+	VFMADD231PS (R14)(BX*1), Y1, Y13
+	VFMADD231PS (R14)(BX*1), Y2, Y14
+	VFMADD231PS (R14)(BX*1), Y3, Y15
+	ADDQ $16, AX
+	ADDQ $32, BX
+	DECQ CX
+	JNZ loop3
+done3:
+	VMOVUPS Y4, 0(DX)
+	VMOVUPS Y5, 32(DX)
+	VMOVUPS Y6, 64(DX)
+	VMOVUPS Y7, 96(DX)
+	VMOVUPS Y8, 128(DX)
+	VMOVUPS Y9, 160(DX)
+	VMOVUPS Y10, 192(DX)
+	VMOVUPS Y11, 224(DX)
+	VMOVUPS Y12, 256(DX)
+	VMOVUPS Y13, 288(DX)
+	VMOVUPS Y14, 320(DX)
+	VMOVUPS Y15, 352(DX)
+	VZEROUPPER
+	RET
