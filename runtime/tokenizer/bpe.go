@@ -1,9 +1,9 @@
 package tokenizer
 
 import (
-	"hash/maphash"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // merge is one BPE rule: the pair it applies to is its key in bpe.merges.
@@ -186,47 +186,33 @@ func (h *candHeap) pop() candidate {
 	return top
 }
 
-// wordCache holds recent BPE results per word. It is sharded to keep lock contention low
-// when many requests encode at once; a full shard is emptied rather than evicted entry by
-// entry, which bounds memory at no bookkeeping cost. Safe for concurrent use.
+// wordCache holds recent BPE results per word. Reads take no lock (sync.Map is built
+// for this read-mostly use: hits read-lock nothing and write no shared memory); when it
+// has grown past its bound it is emptied rather than evicted entry by entry, which bounds
+// memory at no bookkeeping cost. Safe for concurrent use.
 type wordCache struct {
-	seed   maphash.Seed
-	shards [cacheShards]cacheShard
+	m sync.Map // string -> []int32
+	n atomic.Int64
 }
 
-const (
-	cacheShards   = 32
-	cacheShardCap = 2048 // entries per shard: 64Ki words in all
-)
+// wordCacheCap bounds the cached words; a few MB at most.
+const wordCacheCap = 1 << 16
 
-type cacheShard struct {
-	mu sync.RWMutex
-	m  map[string][]int32
-}
-
-func newWordCache() *wordCache {
-	return &wordCache{seed: maphash.MakeSeed()}
-}
-
-func (c *wordCache) shard(word string) *cacheShard {
-	return &c.shards[maphash.String(c.seed, word)%cacheShards]
-}
+func newWordCache() *wordCache { return &wordCache{} }
 
 // get returns the cached ids of word; the slice is shared and must not be modified.
 func (c *wordCache) get(word string) ([]int32, bool) {
-	s := c.shard(word)
-	s.mu.RLock()
-	ids, ok := s.m[word]
-	s.mu.RUnlock()
-	return ids, ok
+	v, ok := c.m.Load(word)
+	if !ok {
+		return nil, false
+	}
+	return v.([]int32), true
 }
 
 func (c *wordCache) put(word string, ids []int32) {
-	s := c.shard(word)
-	s.mu.Lock()
-	if s.m == nil || len(s.m) >= cacheShardCap {
-		s.m = make(map[string][]int32, 64)
+	if c.n.Add(1) > wordCacheCap {
+		c.m.Clear()
+		c.n.Store(0)
 	}
-	s.m[strings.Clone(word)] = ids // a clone: word may be a slice of a long request text
-	s.mu.Unlock()
+	c.m.Store(strings.Clone(word), ids) // a clone: word may be a slice of a long request text
 }

@@ -44,6 +44,7 @@ var behaviors = map[string]behavior{
 // works, as in the Oniguruma engine Hugging Face uses; RE2 mode would make \s ASCII-only.
 type regexSplit struct {
 	re       *regexp2.Regexp // nil for a literal pattern
+	fast     func(s string, i int) int // hand-written matcher for re, if there is one
 	literal  string
 	behavior behavior
 	invert   bool
@@ -54,7 +55,7 @@ func newRegexSplit(pattern string, b behavior, invert bool) (*regexSplit, error)
 	if err != nil {
 		return nil, fmt.Errorf("compiling split pattern %q: %w", pattern, err)
 	}
-	return &regexSplit{re: re, behavior: b, invert: invert}, nil
+	return &regexSplit{re: re, fast: fastSplitters[pattern], behavior: b, invert: invert}, nil
 }
 
 // compiled keeps the few distinct split patterns in use (a compiled regexp2.Regexp is
@@ -97,7 +98,14 @@ func (s *regexSplit) spans(piece string) []span {
 		spans = append(spans, span{start, end, true})
 		last = end
 	}
-	if s.re == nil {
+	switch {
+	case s.fast != nil:
+		for i := 0; i < len(piece); {
+			j := s.fast(piece, i)
+			add(i, j)
+			i = j
+		}
+	case s.re == nil:
 		if s.literal != "" {
 			for i := 0; ; {
 				j := strings.Index(piece[i:], s.literal)
@@ -108,7 +116,7 @@ func (s *regexSplit) spans(piece string) []span {
 				i += j + len(s.literal)
 			}
 		}
-	} else {
+	default:
 		runes := []rune(piece)
 		// byteAt[i] is the byte offset of rune i; piece is valid UTF-8 here, so each
 		// rune's width is its encoded length.
@@ -139,6 +147,15 @@ func (s *regexSplit) spans(piece string) []span {
 }
 
 func (s *regexSplit) split(piece string, emit func(string)) {
+	if s.fast != nil && s.behavior == isolated && !s.invert {
+		// The common case, without building spans: every match is a piece.
+		for i := 0; i < len(piece); {
+			j := s.fast(piece, i)
+			emit(piece[i:j])
+			i = j
+		}
+		return
+	}
 	spans := s.spans(piece)
 	switch s.behavior {
 	case isolated:

@@ -350,19 +350,22 @@ func (t *Tokenizer) Encode(text string) []int {
 }
 
 // encodePlain pre-tokenizes normalized text free of added tokens and runs BPE per piece.
+// The chain of steps is built once per call, not once per piece.
 func (t *Tokenizer) encodePlain(text string, ids []int) []int {
-	var run func(piece string, step int)
-	run = func(piece string, step int) {
-		if piece == "" {
-			return
-		}
-		if step == len(t.steps) {
+	next := func(piece string) {
+		if piece != "" {
 			ids = t.model.encode(piece, ids)
-			return
 		}
-		t.steps[step].split(piece, func(sub string) { run(sub, step+1) })
 	}
-	run(text, 0)
+	for k := len(t.steps) - 1; k >= 0; k-- {
+		step, after := t.steps[k], next
+		next = func(piece string) {
+			if piece != "" {
+				step.split(piece, after)
+			}
+		}
+	}
+	next(text)
 	return ids
 }
 
