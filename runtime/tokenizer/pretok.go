@@ -43,7 +43,7 @@ var behaviors = map[string]behavior{
 // regexp2's default (.NET) mode: there \s, \p{L} and \p{N} are Unicode-aware and lookahead
 // works, as in the Oniguruma engine Hugging Face uses; RE2 mode would make \s ASCII-only.
 type regexSplit struct {
-	re       *regexp2.Regexp // nil for a literal pattern
+	re       *regexp2.Regexp           // nil for a literal pattern
 	fast     func(s string, i int) int // hand-written matcher for re, if there is one
 	literal  string
 	behavior behavior
