@@ -72,9 +72,13 @@ func TestGoldens(t *testing.T) {
 			if got := tok.VocabSize(); got != g.VocabSize {
 				t.Errorf("VocabSize() = %d, want %d", got, g.VocabSize)
 			}
+			slow := withoutFastPaths(tok)
 			for i, c := range g.Cases {
 				if diff := cmp.Diff(tok.Encode(c.Text), c.IDs); diff != "" {
 					t.Errorf("case %d %.40q: Encode (-got +want):\n%s", i, c.Text, diff)
+				}
+				if diff := cmp.Diff(slow.Encode(c.Text), c.IDs); diff != "" {
+					t.Errorf("case %d %.40q: Encode with regexp2 only (-got +want):\n%s", i, c.Text, diff)
 				}
 				if got := tok.Decode(c.IDs); got != c.Decoded {
 					t.Errorf("case %d: Decode = %q, want %q", i, got, c.Decoded)
@@ -82,4 +86,29 @@ func TestGoldens(t *testing.T) {
 			}
 		})
 	}
+}
+
+// withoutFastPaths returns a copy of tk whose split steps all run on regexp2.
+func withoutFastPaths(tk *Tokenizer) *Tokenizer {
+	c := *tk
+	c.steps = nil
+	for _, s := range tk.steps {
+		switch s := s.(type) {
+		case *regexSplit:
+			cp := *s
+			cp.fast = nil
+			c.steps = append(c.steps, &cp)
+		case *byteLevelStep:
+			cp := *s
+			if s.re != nil {
+				re := *s.re
+				re.fast = nil
+				cp.re = &re
+			}
+			c.steps = append(c.steps, &cp)
+		default:
+			c.steps = append(c.steps, s)
+		}
+	}
+	return &c
 }
