@@ -88,3 +88,12 @@ func BenchmarkSplitQwen(b *testing.B) {
 		})
 	}
 }
+
+func TestFastPathsInUse(t *testing.T) {
+	if s, ok := qwen(t).steps[0].(*regexSplit); !ok || s.fast == nil {
+		t.Errorf("qwen3 split step %#v has no fast matcher", qwen(t).steps[0])
+	}
+	if s, ok := tiny(t).steps[0].(*byteLevelStep); !ok || s.re == nil || s.re.fast == nil {
+		t.Errorf("ouro ByteLevel step %#v has no fast matcher", tiny(t).steps[0])
+	}
+}
