@@ -441,7 +441,3 @@ type ObservedStats struct {
 	// +optional
 	Agreement float64 `json:"agreement,omitempty"`
 }
-
-func init() {
-	SchemeBuilder.Register(&LoopModel{}, &LoopModelList{})
-}
