@@ -110,8 +110,8 @@ func TestForwardMatchesGolden(t *testing.T) {
 		m, g := loadGolden(t, name)
 		for k := range g.json.Prompts {
 			for _, b := range backends {
-				if b.name == "reference" && k > 0 {
-					continue // the oracle is slow; one prompt per model shows it agrees
+				if b.name == "reference" && (k > 0 || name != "ouro-tiny-random") {
+					continue // the oracle is slow; one prompt shows it agrees
 				}
 				tr, err := engine.Forward(context.Background(), m, b.be, g.ids(t, k))
 				if err != nil {

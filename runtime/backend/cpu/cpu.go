@@ -89,6 +89,7 @@ func (b *Backend) MultiMatMul(outs [][]float32, x []float32, n int, ws []*model.
 // matRows computes output columns [lo, hi) for every batch row. Four weight rows are taken at
 // a time so each x element loaded serves four FMAs; every output is one dotN/dot call with a
 // fixed summation order, whatever n is.
+//go:norace
 func matRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols int) {
 	r := lo
 	if w.BF16 != nil && n > 1 {
@@ -139,6 +140,7 @@ func bf(u uint16) float32 { return math.Float32frombits(uint32(u) << 16) }
 
 // dotBF16 and dot4BF16 must sum in the same order (4 lanes over j mod 4, then a fixed
 // combination) so that a row's value does not depend on which of them computed it.
+//go:norace
 func dotBF16(w []uint16, x []float32) float32 {
 	x = x[:len(w)]
 	var s0, s1, s2, s3 float32
@@ -155,6 +157,7 @@ func dotBF16(w []uint16, x []float32) float32 {
 	return (s0 + s1) + (s2 + s3)
 }
 
+//go:norace
 func dot4BF16(w0, w1, w2, w3 []uint16, x []float32) (float32, float32, float32, float32) {
 	m := len(x)
 	w0, w1, w2, w3 = w0[:m], w1[:m], w2[:m], w3[:m]
@@ -188,6 +191,7 @@ func dot4BF16(w0, w1, w2, w3 []uint16, x []float32) (float32, float32, float32, 
 	return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), (c0 + c1) + (c2 + c3), (d0 + d1) + (d2 + d3)
 }
 
+//go:norace
 func widen(dst []float32, src []uint16) {
 	dst = dst[:len(src)]
 	for i, u := range src {
@@ -196,6 +200,7 @@ func widen(dst []float32, src []uint16) {
 }
 
 // dot4F32 is dot4BF16 over widened rows, with the same summation order.
+//go:norace
 func dot4F32(w0, w1, w2, w3, x []float32) (float32, float32, float32, float32) {
 	m := len(x)
 	w0, w1, w2, w3 = w0[:m], w1[:m], w2[:m], w3[:m]
@@ -229,6 +234,7 @@ func dot4F32(w0, w1, w2, w3, x []float32) (float32, float32, float32, float32) {
 	return (a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), (c0 + c1) + (c2 + c3), (d0 + d1) + (d2 + d3)
 }
 
+//go:norace
 func dotF32(w, x []float32) float32 {
 	x = x[:len(w)]
 	var s0, s1, s2, s3 float32
@@ -245,6 +251,10 @@ func dotF32(w, x []float32) float32 {
 	return (s0 + s1) + (s2 + s3)
 }
 
+// The kernels below are marked go:norace: they touch only the slices their caller hands
+// them, disjoint per goroutine by construction, and race instrumentation of every element
+// access would make -race test runs an order of magnitude slower.
+
 // RMSNorm implements engine.Backend.
 func (b *Backend) RMSNorm(out, x []float32, n int, weight []float32, eps float32) {
 	d := len(weight)
@@ -255,6 +265,7 @@ func (b *Backend) RMSNorm(out, x []float32, n int, weight []float32, eps float32
 	})
 }
 
+//go:norace
 func rmsRow(out, x, weight []float32, eps float32) {
 	var ss float64
 	for _, v := range x {
@@ -275,6 +286,7 @@ func (b *Backend) RoPE(x []float32, n, heads, headDim int, pos []int, invFreq []
 	})
 }
 
+//go:norace
 func ropeRow(x []float32, heads, headDim, pos int, invFreq []float32) {
 	half := headDim / 2
 	for k := 0; k < half; k++ {
@@ -295,6 +307,7 @@ func (b *Backend) SiLUMul(gate, up []float32) {
 	b.parallel(len(gate), len(gate)*16, func(lo, hi int) { siluMul(gate[lo:hi], up[lo:hi]) })
 }
 
+//go:norace
 func siluMul(gate, up []float32) {
 	up = up[:len(gate)]
 	for i, g := range gate {
@@ -320,6 +333,7 @@ func (b *Backend) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, 
 	})
 }
 
+//go:norace
 func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, scores []float32) {
 	q := j.Q[h*headDim : (h+1)*headDim]
 	off := (h / group) * headDim

@@ -1,0 +1,106 @@
+package engine
+
+import (
+	"context"
+	"testing"
+
+	"github.com/loopserve/loopserve/runtime/model"
+)
+
+// naive is a minimal Backend for in-package tests (the real ones live in backend/cpu, which
+// imports this package).
+type naive struct{}
+
+func (naive) MatMul(out, x []float32, n int, w *model.Matrix) {
+	row := make([]float32, w.Cols)
+	for r := 0; r < w.Rows; r++ {
+		w.Row(r, row)
+		for i := 0; i < n; i++ {
+			var s float32
+			for j, v := range row {
+				s += v * x[i*w.Cols+j]
+			}
+			out[i*w.Rows+r] = s
+		}
+	}
+}
+
+func (naive) RMSNorm(out, x []float32, n int, weight []float32, eps float32) {
+	d := len(weight)
+	for i := 0; i < n; i++ {
+		var ss float32
+		for _, v := range x[i*d : (i+1)*d] {
+			ss += v * v
+		}
+		inv := 1 / float32(sqrt(float64(ss/float32(d)+eps)))
+		for j := 0; j < d; j++ {
+			out[i*d+j] = weight[j] * x[i*d+j] * inv
+		}
+	}
+}
+
+func (naive) RoPE([]float32, int, int, int, []int, []float32) {}
+
+func (naive) SiLUMul(gate, up []float32) {
+	for i := range gate {
+		gate[i] *= sigmoid(gate[i]) * up[i]
+	}
+}
+
+func (naive) Attention(jobs []AttnJob, heads, kvHeads, headDim int, scale float32) {
+	for _, j := range jobs {
+		clear(j.Out)
+		for h := 0; h < heads; h++ {
+			// Attend to the newest position only: enough to move data through the cache.
+			off := (h / (heads / kvHeads)) * headDim
+			copy(j.Out[h*headDim:(h+1)*headDim], j.V[(j.N-1)*kvHeads*headDim+off:][:headDim])
+		}
+	}
+}
+
+func sqrt(x float64) float64 {
+	z := x
+	for i := 0; i < 40; i++ {
+		z = (z + x/z) / 2
+	}
+	return z
+}
+
+// TestKVMemoryRatio: after the same generation, the KVFull cache holds R× the bytes of KVLast.
+func TestKVMemoryRatio(t *testing.T) {
+	m, err := model.Load("../../../shared/models/ouro-tiny-random")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	R := m.Config.TotalUTSteps
+	used, alloc := map[KVPolicy]int64{}, map[KVPolicy]int64{}
+	for _, p := range []KVPolicy{KVFull, KVLast} {
+		e, err := New(m, Options{Backend: naive{}, Mode: Fast, KVPolicy: p, Threshold: 0.5})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := e.newSequence(context.Background(), Request{Prompt: []int{1, 2, 3, 4, 5}, MaxTokens: 20, IgnoreEOS: true})
+		b := newBatcher(e)
+		for !s.done {
+			b.iterate([]*sequence{s})
+		}
+		if s.generated != 20 {
+			t.Fatalf("%v: generated %d", p, s.generated)
+		}
+		used[p] = s.kv.usedBytes(len(s.tokens) - 1)
+		for i := range s.kv.k {
+			alloc[p] += int64(4 * (len(s.kv.k[i]) + len(s.kv.v[i])))
+		}
+		if s.kv.bytes() < used[p] {
+			t.Fatalf("%v: %d bytes allocated for %d used", p, s.kv.bytes(), used[p])
+		}
+	}
+	if alloc[KVFull] != int64(R)*alloc[KVLast] || alloc[KVLast] == 0 {
+		t.Errorf("KV allocations full %d, last %d: want ratio %d:1", alloc[KVFull], alloc[KVLast], R)
+	}
+	if used[KVFull] != int64(R)*used[KVLast] || used[KVLast] == 0 {
+		t.Errorf("KV bytes full %d, last %d: want ratio %d:1", used[KVFull], used[KVLast], R)
+	}
+	t.Logf("KV bytes for 24 positions: full %d, last %d", used[KVFull], used[KVLast])
+}
