@@ -89,6 +89,7 @@ func (b *Backend) MultiMatMul(outs [][]float32, x []float32, n int, ws []*model.
 // matRows computes output columns [lo, hi) for every batch row. Four weight rows are taken at
 // a time so each x element loaded serves four FMAs; every output is one dotN/dot call with a
 // fixed summation order, whatever n is.
+//
 //go:norace
 func matRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols int) {
 	r := lo
@@ -140,6 +141,7 @@ func bf(u uint16) float32 { return math.Float32frombits(uint32(u) << 16) }
 
 // dotBF16 and dot4BF16 must sum in the same order (4 lanes over j mod 4, then a fixed
 // combination) so that a row's value does not depend on which of them computed it.
+//
 //go:norace
 func dotBF16(w []uint16, x []float32) float32 {
 	x = x[:len(w)]
@@ -200,6 +202,7 @@ func widen(dst []float32, src []uint16) {
 }
 
 // dot4F32 is dot4BF16 over widened rows, with the same summation order.
+//
 //go:norace
 func dot4F32(w0, w1, w2, w3, x []float32) (float32, float32, float32, float32) {
 	m := len(x)
