@@ -72,6 +72,10 @@ func (p *NATSPool) Conn(ctx context.Context, url string, creds []byte) (*nats.Co
 		opts = append(opts, nats.Timeout(min(time.Until(deadline), cmp.Or(p.DialTimeout, 2*time.Second))))
 	}
 	nc, err := nats.Connect(url, opts...)
+	if errors.Is(err, nats.ErrAuthorization) {
+		// The server answered: a credentials problem, not an outage.
+		return nil, fmt.Errorf("connecting to %s: %w", url, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: connecting to %s: %w", ErrNATSUnreachable, url, err)
 	}
