@@ -29,8 +29,8 @@ type servePoint struct {
 	TTFTP95Ms         float64 `json:"ttft_p95_ms"`
 	ITLP50Ms          float64 `json:"itl_p50_ms"`
 	ITLP95Ms          float64 `json:"itl_p95_ms"`
-	MeanDepth         float64 `json:"mean_depth"`           // engine: chosen depth per generated token
-	LoopStepsPerToken float64 `json:"loop_steps_per_token"` // engine: decode loop steps executed per generated token
+	MeanDepth         float64 `json:"mean_depth"`           // engine: mean exit depth of decode tokens
+	LoopStepsPerToken float64 `json:"loop_steps_per_token"` // engine: loop steps executed per decode token
 	RowsPerIteration  float64 `json:"rows_per_iteration"`   // engine: rows (tokens in flight) per batch iteration
 }
 
@@ -96,8 +96,9 @@ ratios lowered/base.`,
 						RequestsPerSec: res.RequestsPerSecond(), TokensPerSec: res.TokensPerSecond(),
 						TTFTP50Ms: ms(loadtest.Quantile(res.TTFT, 0.5)), TTFTP95Ms: ms(loadtest.Quantile(res.TTFT, 0.95)),
 						ITLP50Ms: ms(loadtest.Quantile(res.ITL, 0.5)), ITLP95Ms: ms(loadtest.Quantile(res.ITL, 0.95))}
-					if tok := after.Tokens - before.Tokens; tok > 0 {
-						p.MeanDepth = float64(after.ChosenDepth-before.ChosenDepth) / float64(tok)
+					// Decode tokens only: a request's first token comes from prefill, counted apart.
+					if tok := after.DecodeTokens - before.DecodeTokens; tok > 0 {
+						p.MeanDepth = float64(after.DecodeDepth-before.DecodeDepth) / float64(tok)
 						p.LoopStepsPerToken = float64(after.LoopSteps-before.LoopSteps) / float64(tok)
 					}
 					if it := after.Iterations - before.Iterations; it > 0 {
@@ -161,7 +162,7 @@ func printServeReport(out io.Writer, model string, steps int, ef serveEngineFlag
 	_ = tw.Flush()
 	for _, p := range points {
 		if p.Clients == 8 {
-			fmt.Fprintf(out, "\nat 8 clients, tau %.2f: %.3f loop steps executed per generated token, mean exit depth %.3f (R = %d)",
+			fmt.Fprintf(out, "\nat 8 clients, tau %.2f: %.3f loop steps executed per decode token, mean exit depth %.3f (R = %d)",
 				p.Threshold, p.LoopStepsPerToken, p.MeanDepth, steps)
 		}
 	}

@@ -99,8 +99,8 @@ func TestManyStreamingClientsAgainstUp(t *testing.T) {
 	ctx, stop := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer stop()
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients}}
-	res, err := loadtest.Run(ctx, loadtest.Options{URL: local.URL(), Model: testRef.String(), Clients: clients, Requests: clients, MaxTokens: 1,
-		Client: client})
+	res, err := loadtest.Run(ctx, loadtest.Options{URL: local.URL(), Model: testRef.String(), Clients: clients, Requests: clients, MaxTokens: 2,
+		ExitThreshold: 0.3, Prompts: []string{"a = 1 ; ? a =", "b = 2 ; ? b ="}, Client: client})
 	if err != nil {
 		t.Fatal(err)
 	}

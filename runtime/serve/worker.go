@@ -508,6 +508,7 @@ func (w *Worker) finish(ctx context.Context, reply string, final Chunk) bool {
 	}()
 	b, _ := json.Marshal(final)
 	deadline := time.Now().Add(30 * time.Second)
+	var silentSince time.Time
 	for attempt := 0; ; attempt++ {
 		if ctx.Err() != nil {
 			return false
@@ -517,7 +518,16 @@ func (w *Worker) finish(ctx context.Context, reply string, final Chunk) bool {
 		cancel()
 		switch {
 		case errors.Is(err, nats.ErrNoResponders):
-			return true // the gateway has it all and left, or the client is gone
+			// The gateway has it all and left, or its client is gone; or, right after a NATS
+			// restart, its subscription is not back yet. Only a lasting silence means gone.
+			if silentSince.IsZero() {
+				silentSince = time.Now()
+			}
+			if time.Since(silentSince) > noResponderGrace {
+				return true
+			}
+			sleepCtx(ctx, 200*time.Millisecond)
+			continue
 		case err != nil:
 			if ctx.Err() != nil {
 				return false
@@ -542,6 +552,10 @@ func (w *Worker) finish(ctx context.Context, reply string, final Chunk) bool {
 		}
 	}
 }
+
+// noResponderGrace is how long a final chunk may find no gateway listening before the worker
+// concludes that the gateway is gone (rather than reconnecting) and acks the request.
+const noResponderGrace = 3 * time.Second
 
 // chunkHistory holds one request's published chunks in index order.
 type chunkHistory struct{ chunks []Chunk }
