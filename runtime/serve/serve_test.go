@@ -68,6 +68,22 @@ func TestCompletionEndToEnd(t *testing.T) {
 	if streamed.Chunks < whole.Usage.CompletionTokens {
 		t.Errorf("streamed %d chunks for %d tokens", streamed.Chunks, whole.Usage.CompletionTokens)
 	}
+
+	// Per-request depth controls reach the engine.
+	shallow, err := post(ctx, c.gw.URL, "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": arithPrompt, "max_tokens": 8, "max_depth": 1})
+	if err != nil || shallow.Status != 200 {
+		t.Fatalf("max_depth 1: %v %+v", err, shallow)
+	}
+	for i, d := range shallow.Depths {
+		if d != 1 {
+			t.Errorf("max_depth 1: token %d ran %d steps", i, d)
+		}
+	}
+	anytime, err := post(ctx, c.gw.URL, "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": arithPrompt, "max_tokens": 8, "deadline_ms": 1})
+	if err != nil || anytime.Status != 200 {
+		t.Fatalf("deadline_ms 1: %v %+v", err, anytime)
+	}
+	checkDepths(t, anytime, anytime.Usage.CompletionTokens)
 }
 
 var cmpIgnoreChunks = cmp.FilterPath(func(p cmp.Path) bool { return p.Last().String() == ".Chunks" }, cmp.Ignore())
