@@ -2,13 +2,17 @@ package controllers
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	appsv1 "k8s.io/api/apps/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/yaml"
 
@@ -135,5 +139,47 @@ func TestDefaults(t *testing.T) {
 	if got.Scaling.ScaleDownDelay == nil || got.Scaling.ScaleDownDelay.Duration.String() != "5m0s" ||
 		got.Tuning.Interval == nil || got.Tuning.Interval.Duration.String() != "30s" {
 		t.Errorf("duration defaults = %v, %v; want 5m and 30s", got.Scaling.ScaleDownDelay, got.Tuning.Interval)
+	}
+}
+
+// TestPrinterColumns: kubectl get shows Ready, Replicas, Threshold, Mean depth, P95 and Age
+// (the API server's Table rendering of the CRD's printer columns).
+func TestPrinterColumns(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t)
+	srv := startNATS(t)
+	if err := k8s.Create(ctx, newLoopModel(ns, "shown", srv.url())); err != nil {
+		t.Fatal(err)
+	}
+	await(t, waitLong, "Deployment created", exists(&appsv1.Deployment{}, ns, "shown-worker"))
+	markDeploymentReady(t, ns, "shown-worker")
+	await(t, waitLong, "Ready", conditionIs(ns, "shown", CondReady, metav1.ConditionTrue, ReasonAvailable))
+
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := cs.CoreV1().RESTClient().Get().AbsPath("/apis/loopserve.io/v1alpha1/namespaces", ns, "loopmodels").
+		SetHeader("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io").DoRaw(ctx)
+	if err != nil {
+		t.Fatalf("listing as a table: %v", err)
+	}
+	var table metav1.Table
+	if err := json.Unmarshal(body, &table); err != nil {
+		t.Fatalf("decoding table: %v", err)
+	}
+	var cols []string
+	for _, c := range table.ColumnDefinitions {
+		cols = append(cols, c.Name)
+	}
+	if diff := cmp.Diff(cols, []string{"Name", "Ready", "Replicas", "Threshold", "Mean depth", "P95", "Age"}); diff != "" {
+		t.Errorf("columns (-got +want):\n%s", diff)
+	}
+	if len(table.Rows) != 1 {
+		t.Fatalf("rows = %d, want 1", len(table.Rows))
+	}
+	cells := table.Rows[0].Cells
+	if len(cells) < 4 || cells[0] != "shown" || cells[1] != "True" || cells[2] != float64(1) || cells[3] != 0.9 {
+		t.Errorf("row = %v, want shown, True, 1, 0.9, ...", cells)
 	}
 }
