@@ -92,6 +92,9 @@ func (b *Backend) MultiMatMul(outs [][]float32, x []float32, n int, ws []*model.
 //
 //go:norace
 func matRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols int) {
+	if fastMatRows(out, x, n, w, lo, hi, rows, cols) {
+		return
+	}
 	r := lo
 	if w.BF16 != nil && n > 1 {
 		// Widen four weight rows once and reuse them for every batch row.
