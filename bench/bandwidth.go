@@ -6,7 +6,10 @@ package bench
 import (
 	"context"
 	"fmt"
+	"os"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -81,4 +84,29 @@ func fill(p []uint64) uint64 {
 		p[i] = uint64(i) * 0x9e3779b97f4a7c15
 	}
 	return 0
+}
+
+// LastLevelCache returns the size in bytes of the largest CPU cache Linux reports for cpu0, or
+// 0 when unknown. Decode of a model whose weights fit in it is not bound by memory bandwidth,
+// so a bandwidth fraction above 1 is possible there.
+func LastLevelCache() int64 {
+	var best int64
+	for i := 0; i < 8; i++ {
+		b, err := os.ReadFile(fmt.Sprintf("/sys/devices/system/cpu/cpu0/cache/index%d/size", i))
+		if err != nil {
+			continue
+		}
+		s := strings.TrimSpace(string(b))
+		mult := int64(1)
+		switch {
+		case strings.HasSuffix(s, "K"):
+			mult, s = 1<<10, strings.TrimSuffix(s, "K")
+		case strings.HasSuffix(s, "M"):
+			mult, s = 1<<20, strings.TrimSuffix(s, "M")
+		}
+		if v, err := strconv.ParseInt(s, 10, 64); err == nil && v*mult > best {
+			best = v * mult
+		}
+	}
+	return best
 }

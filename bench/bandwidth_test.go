@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"os"
 	"testing"
 )
 
@@ -46,5 +47,15 @@ func BenchmarkSumWords(b *testing.B) {
 	b.SetBytes(int64(len(p) * 8))
 	for b.Loop() {
 		sumWords(p)
+	}
+}
+
+func TestLastLevelCache(t *testing.T) {
+	llc := LastLevelCache()
+	if _, err := os.Stat("/sys/devices/system/cpu/cpu0/cache/index0/size"); err != nil {
+		t.Skipf("no cache information in sysfs: %v", err)
+	}
+	if llc < 16<<10 {
+		t.Errorf("LastLevelCache() = %d bytes, want at least an L1's 16 KiB", llc)
 	}
 }
