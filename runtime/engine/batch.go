@@ -127,7 +127,7 @@ func (b *batcher) plan(s *sequence) {
 		if s.req.Speculative.Draft > 0 {
 			r.maxDepth, r.forced = R, true // the tail of a speculative request: plain full depth
 		}
-		if e.opts.Mode == Fast && !r.runAll && probeHit(s.seed, s.generated, e.opts.ProbeFraction) {
+		if s.req.Speculative.Draft == 0 && probeHit(s.seed, s.generated, e.opts.ProbeFraction) {
 			r.probe, r.runAll = true, true
 		}
 		add(r)
@@ -190,7 +190,7 @@ func (b *batcher) iterate(seqs []*sequence) {
 			if row.chosen == t && row.wantLogits {
 				copy(b.exitH[row.hIdx*H:(row.hIdx+1)*H], hi)
 			}
-			if row.chosen == t && row.probe && e.opts.KVPolicy == KVLast {
+			if row.chosen == t && row.probe && e.opts.Mode == Fast && e.opts.KVPolicy == KVLast {
 				b.saveExitKV(row, t)
 			}
 			if row.chosen >= 0 && !row.runAll {
@@ -292,8 +292,9 @@ func (b *batcher) finish(logits []float32) {
 		i = j
 		for k := range rows {
 			row := &rows[k]
-			if row.probe {
-				// A probe's output and cache must be what its exit alone would give.
+			if row.probe && e.opts.Mode == Fast {
+				// A probe's output and cache must be what its exit alone would give (in Exact
+				// mode every token keeps its own per-step keys and values anyway).
 				if e.opts.KVPolicy == KVFull {
 					s.kv.copyStep(row.pos, row.chosen, R)
 				} else if row.chosen < R-1 {

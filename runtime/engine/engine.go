@@ -51,7 +51,7 @@ type Options struct {
 	KVPolicy      KVPolicy // KVFull or KVLast
 	MaxBatch      int      // sequences in the running batch; 0 means 8
 	Threshold     float64  // initial exit threshold τ; 0 takes config early_exit_threshold (1 if unset)
-	ProbeFraction float64  // fraction of decode tokens (Fast mode) that run all R steps, in [0, 1]
+	ProbeFraction float64  // fraction of decode tokens that run all R steps and report Token.Agree, in [0, 1]
 	MaxContext    int      // positions per sequence; 0 takes max_position_embeddings (2048 if unset)
 	// Decode turns token ids into text; needed for Request.StopStrings.
 	Decode func([]int) string

@@ -25,16 +25,19 @@ type runner struct {
 	eps     float32
 
 	capRows int
-	x       []float32 // [rows, hidden] normed input / scratch
-	q       []float32 // [rows, qDim]
-	k, v    []float32 // [rows, kvDim]
-	att     []float32 // [rows, qDim]
-	o       []float32 // [rows, hidden]
-	gate    []float32 // [rows, inter]
-	up      []float32 // [rows, inter]
-	pos     []int     // [rows]
-	jobs    []AttnJob // [rows]
-	logits  []float32 // [rows, vocab]
+	x       []float32   // [rows, hidden] normed input / scratch
+	q       []float32   // [rows, qDim]
+	k, v    []float32   // [rows, kvDim]
+	att     []float32   // [rows, qDim]
+	o       []float32   // [rows, hidden]
+	gate    []float32   // [rows, inter]
+	up      []float32   // [rows, inter]
+	pos     []int       // [rows]
+	jobs    []AttnJob   // [rows]
+	logits  []float32   // [rows, vocab]
+	outs3   [][]float32 // reused argument slices for MultiMatMul, so a step allocates nothing
+	outs2   [][]float32
+	qkv, gu [][]*model.Matrix // per layer: {Q, K, V} and {Gate, Up}
 }
 
 func newRunner(m *model.Model, be Backend) *runner {
@@ -42,6 +45,12 @@ func newRunner(m *model.Model, be Backend) *runner {
 	hd := c.HeadDimOrDefault()
 	r := &runner{m: m, be: be, c: c, hd: hd, scale: float32(1 / math.Sqrt(float64(hd))), eps: float32(c.RMSNormEps)}
 	r.multi, _ = be.(MultiMatMuler)
+	r.outs3, r.outs2 = make([][]float32, 3), make([][]float32, 2)
+	for i := range m.Layers {
+		L := &m.Layers[i]
+		r.qkv = append(r.qkv, []*model.Matrix{&L.Q, &L.K, &L.V})
+		r.gu = append(r.gu, []*model.Matrix{&L.Gate, &L.Up})
+	}
 	// inv_freq as Hugging Face computes it: 1 / theta^(2i/d) in float32.
 	r.invFreq = make([]float32, hd/2)
 	for i := range r.invFreq {
@@ -96,7 +105,8 @@ func (r *runner) step(t int, rows []fwdRow, h []float32) {
 		L := &r.m.Layers[li]
 		r.be.RMSNorm(x, h, n, L.InputNorm, r.eps)
 		if r.multi != nil {
-			r.multi.MultiMatMul([][]float32{q, k, v}, x, n, []*model.Matrix{&L.Q, &L.K, &L.V})
+			r.outs3[0], r.outs3[1], r.outs3[2] = q, k, v
+			r.multi.MultiMatMul(r.outs3, x, n, r.qkv[li])
 		} else {
 			r.be.MatMul(q, x, n, &L.Q)
 			r.be.MatMul(k, x, n, &L.K)
@@ -117,7 +127,8 @@ func (r *runner) step(t int, rows []fwdRow, h []float32) {
 		add(h, o)
 		r.be.RMSNorm(x, h, n, L.PostAttnNorm, r.eps)
 		if r.multi != nil {
-			r.multi.MultiMatMul([][]float32{g, u}, x, n, []*model.Matrix{&L.Gate, &L.Up})
+			r.outs2[0], r.outs2[1] = g, u
+			r.multi.MultiMatMul(r.outs2, x, n, r.gu[li])
 		} else {
 			r.be.MatMul(g, x, n, &L.Gate)
 			r.be.MatMul(u, x, n, &L.Up)

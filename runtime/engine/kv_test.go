@@ -12,13 +12,15 @@ import (
 type naive struct{}
 
 func (naive) MatMul(out, x []float32, n int, w *model.Matrix) {
-	row := make([]float32, w.Cols)
 	for r := 0; r < w.Rows; r++ {
-		w.Row(r, row)
 		for i := 0; i < n; i++ {
 			var s float32
-			for j, v := range row {
-				s += v * x[i*w.Cols+j]
+			for j := 0; j < w.Cols; j++ {
+				if w.BF16 != nil {
+					s += model.BF16ToF32(w.BF16[r*w.Cols+j]) * x[i*w.Cols+j]
+				} else {
+					s += w.F32[r*w.Cols+j] * x[i*w.Cols+j]
+				}
 			}
 			out[i*w.Rows+r] = s
 		}
@@ -103,4 +105,22 @@ func TestKVMemoryRatio(t *testing.T) {
 		t.Errorf("KV bytes full %d, last %d: want ratio %d:1", used[KVFull], used[KVLast], R)
 	}
 	t.Logf("KV bytes for 24 positions: full %d, last %d", used[KVFull], used[KVLast])
+}
+
+// TestStepAllocatesNothing: once buffers have grown, a loop step over a batch allocates nothing.
+func TestStepAllocatesNothing(t *testing.T) {
+	m, err := model.Load("../../../shared/models/ouro-tiny-random")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	r := newRunner(m, naive{})
+	kv := newKVCache(KVFull, m.Config.TotalUTSteps, m.Config.NumHiddenLayers, m.Config.KVDim())
+	kv.reserve(8)
+	rows := []fwdRow{{kv, 0}, {kv, 1}, {kv, 2}}
+	h := make([]float32, 3*m.Config.HiddenSize)
+	r.step(0, rows, h)
+	if a := testing.AllocsPerRun(10, func() { r.step(1, rows, h) }); a != 0 {
+		t.Errorf("step allocates %g times", a)
+	}
 }
