@@ -14,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
 
 	"github.com/loopserve/loopserve/runtime/serve"
@@ -47,7 +48,7 @@ depth of every token in loop_depths. /metrics serves Prometheus metrics.`,
 			}
 			defer nc.Close()
 			reg := prometheus.NewRegistry()
-			reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 			m, err := serve.NewMetrics(reg)
 			if err != nil {
 				return err
