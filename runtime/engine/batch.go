@@ -88,10 +88,17 @@ func (b *batcher) plan(s *sequence) {
 	n := len(s.tokens) - 1 // positions already in the cache
 	switch {
 	case !s.prefilled:
+		// Under KVFull a long prompt is prefilled in chunks so running sequences keep
+		// decoding; KVLast needs the whole prompt in one pass (its single cache per layer
+		// cannot hold an earlier chunk's per-step keys).
+		end := len(s.tokens)
+		if e.opts.KVPolicy == KVFull {
+			end = min(end, s.prefillPos+e.opts.PrefillChunk)
+		}
 		s.kv.reserve(len(s.tokens))
-		for i, id := range s.tokens {
+		for i := s.prefillPos; i < end; i++ {
 			r := base
-			r.kind, r.id, r.pos, r.runAll = rowPrefill, id, i, true
+			r.kind, r.id, r.pos, r.runAll = rowPrefill, s.tokens[i], i, true
 			r.wantLogits = i == len(s.tokens)-1
 			if s.req.Speculative.Draft > 0 {
 				r.maxDepth, r.forced = R, true
@@ -313,9 +320,12 @@ func (b *batcher) finish(logits []float32) {
 		lg := func(row *rowState) []float32 { return logits[row.hIdx*V : (row.hIdx+1)*V] }
 		switch last.kind {
 		case rowPrefill:
-			s.prefilled = true
 			e.count(func(cn *Counters) { cn.PrefillTokens += uint64(len(rows)) })
-			s.emit(b.token(last, s.smp.pick(lg(last)), last.ran))
+			s.prefillPos = last.pos + 1
+			if last.wantLogits {
+				s.prefilled = true
+				s.emit(b.token(last, s.smp.pick(lg(last)), last.ran))
+			}
 		case rowDecode:
 			e.count(func(cn *Counters) {
 				cn.DecodeTokens++

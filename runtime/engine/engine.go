@@ -53,6 +53,7 @@ type Options struct {
 	Threshold     float64  // initial exit threshold τ; 0 takes config early_exit_threshold (1 if unset)
 	ProbeFraction float64  // fraction of decode tokens that run all R steps and report Token.Agree, in [0, 1]
 	MaxContext    int      // positions per sequence; 0 takes max_position_embeddings (2048 if unset)
+	PrefillChunk  int      // prompt tokens prefilled per iteration under KVFull; 0 means 256
 	// Decode turns token ids into text; needed for Request.StopStrings.
 	Decode func([]int) string
 }
@@ -104,6 +105,9 @@ func New(m *model.Model, opts Options) (*Engine, error) {
 	c := m.Config
 	if opts.MaxBatch == 0 {
 		opts.MaxBatch = 8
+	}
+	if opts.PrefillChunk <= 0 {
+		opts.PrefillChunk = 256
 	}
 	switch {
 	case opts.MaxBatch < 0:

@@ -137,7 +137,8 @@ func TestBatchedMatchesGolden(t *testing.T) {
 	for _, name := range goldenModels {
 		m, g := loadGolden(t, name)
 		for _, kv := range []engine.KVPolicy{engine.KVFull} {
-			e := newEngine(t, m, engine.Options{MaxBatch: 5, KVPolicy: kv})
+			// Small prefill chunks: chunking must not change any token either.
+			e := newEngine(t, m, engine.Options{MaxBatch: 5, KVPolicy: kv, PrefillChunk: 7})
 			var reqs []engine.Request
 			var wants []goldenRun
 			for k, p := range g.json.Prompts {

@@ -16,14 +16,15 @@ type sequence struct {
 	out    *mailbox
 	direct func(Token) bool // Generate's callback instead of out
 
-	kv        *kvCache
-	tokens    []int // prompt, then accepted generated tokens; the last one is not yet in kv
-	prefilled bool
-	generated int
-	smp       *sampler
-	seed      uint64
-	stops     map[int]bool
-	maxStop   int // longest stop string in bytes
+	kv         *kvCache
+	tokens     []int // prompt, then accepted generated tokens; the last one is not yet in kv
+	prefilled  bool
+	prefillPos int // prompt positions already prefilled (chunked prefill)
+	generated  int
+	smp        *sampler
+	seed       uint64
+	stops      map[int]bool
+	maxStop    int // longest stop string in bytes
 
 	drafts       []int // speculative drafts awaiting verification
 	draftSteps   int   // loop steps spent drafting since the last verification
