@@ -23,7 +23,10 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
 )
@@ -44,6 +47,12 @@ type LoopModelReconciler struct {
 	NATSTimeout  time.Duration // bound on one reconcile's NATS calls (5s when zero)
 	RetryBase    time.Duration // first retry delay after an error (1s when zero)
 	RetryMax     time.Duration // longest retry delay after repeated errors, e.g. NATS down (2m when zero)
+
+	// StatsWindow is how far back status.observed looks at the workers' stats (1m when zero);
+	// StatsInterval is the least time between two status updates caused by stats (15s when zero).
+	StatsWindow, StatsInterval time.Duration
+
+	stats *statsBook // set up by SetupWithManager
 }
 
 // +kubebuilder:rbac:groups=loopserve.io,resources=loopmodels,verbs=get;list;watch;update;patch
@@ -111,11 +120,14 @@ func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 func (r *LoopModelReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	limiter := workqueue.NewTypedItemExponentialFailureRateLimiter[reconcile.Request](
 		cmp.Or(r.RetryBase, time.Second), cmp.Or(r.RetryMax, 2*time.Minute))
+	statsEvents := make(chan event.GenericEvent, 64)
+	r.stats = newStatsBook(cmp.Or(r.StatsWindow, time.Minute), cmp.Or(r.StatsInterval, 15*time.Second), statsEvents)
 	return ctrl.NewControllerManagedBy(mgr).
 		For(&v1alpha1.LoopModel{}).
 		Owns(&appsv1.Deployment{}).
 		Owns(&corev1.Service{}).
 		Owns(&corev1.ConfigMap{}).
+		WatchesRawSource(source.Channel(statsEvents, &handler.EnqueueRequestForObject{})).
 		WithOptions(controller.Options{RateLimiter: limiter}).
 		Named("loopmodel").
 		Complete(r)
@@ -306,6 +318,9 @@ func (r *LoopModelReconciler) finalize(ctx context.Context, lm *v1alpha1.LoopMod
 		before := lm.DeepCopy()
 		r.setCondition(lm, degraded(lm, ReasonNATSUnreachable, "deletion waits for NATS cleanup: "+err.Error()))
 		return errors.Join(err, r.patchStatus(ctx, before, lm))
+	}
+	if r.stats != nil {
+		r.stats.forget(ref(lm))
 	}
 	patch := client.MergeFrom(lm.DeepCopy())
 	controllerutil.RemoveFinalizer(lm, Finalizer)

@@ -32,6 +32,7 @@ type ManagerOptions struct {
 	LeaderElectionNamespace string // "" means the pod's namespace
 
 	PollInterval, Resync, NATSTimeout, RetryBase, RetryMax time.Duration
+	StatsWindow, StatsInterval                             time.Duration
 	NATSReconnectWait                                      time.Duration
 
 	// SkipNameValidation allows several managers in one process (tests).
@@ -74,17 +75,19 @@ func NewManager(cfg *rest.Config, o ManagerOptions) (ctrl.Manager, *NATSPool, er
 	}
 	pool := &NATSPool{ReconnectWait: o.NATSReconnectWait}
 	r := &LoopModelReconciler{
-		Client:       mgr.GetClient(),
-		APIReader:    mgr.GetAPIReader(),
-		Events:       mgr.GetEventRecorder("loopserve-operator"),
-		NATS:         pool,
-		NATSURL:      o.NATSURL,
-		WorkerImage:  o.WorkerImage,
-		PollInterval: o.PollInterval,
-		Resync:       o.Resync,
-		NATSTimeout:  o.NATSTimeout,
-		RetryBase:    o.RetryBase,
-		RetryMax:     o.RetryMax,
+		Client:        mgr.GetClient(),
+		APIReader:     mgr.GetAPIReader(),
+		Events:        mgr.GetEventRecorder("loopserve-operator"),
+		NATS:          pool,
+		NATSURL:       o.NATSURL,
+		WorkerImage:   o.WorkerImage,
+		PollInterval:  o.PollInterval,
+		Resync:        o.Resync,
+		NATSTimeout:   o.NATSTimeout,
+		RetryBase:     o.RetryBase,
+		RetryMax:      o.RetryMax,
+		StatsWindow:   o.StatsWindow,
+		StatsInterval: o.StatsInterval,
 	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return nil, nil, fmt.Errorf("setting up the LoopModel controller: %w", err)

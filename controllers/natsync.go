@@ -32,6 +32,11 @@ func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopMod
 	if _, err := bus.EnsureQueue(ctx, js, ref(lm), queueOptions(lm)); err != nil {
 		return err
 	}
+	if r.stats != nil {
+		if err := r.stats.watch(nc, ref(lm)); err != nil {
+			return fmt.Errorf("subscribing to %s: %w", ref(lm).StatsSubject(), err)
+		}
+	}
 	kv, err := bus.Registry(ctx, js)
 	if err != nil {
 		return err

@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"fmt"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -122,6 +123,11 @@ func (r *LoopModelReconciler) setStatus(lm *v1alpha1.LoopModel, p *plan, ro roll
 			fmt.Sprintf("%d of %d workers ready; requests go to %s", ro.ready, ro.desired, ref(lm).RequestSubject())))
 	}
 
+	if r.stats != nil {
+		if obs, ok := r.stats.observed(ref(lm), time.Now()); ok {
+			st.Observed = obs
+		}
+	}
 	if natsErr == nil {
 		st.ExitThreshold = p.tau
 		st.ObservedGeneration = lm.Generation

@@ -127,6 +127,8 @@ func startOperator() (func(), error) {
 		RetryBase:               50 * time.Millisecond,
 		RetryMax:                500 * time.Millisecond,
 		NATSReconnectWait:       100 * time.Millisecond,
+		StatsWindow:             time.Minute,
+		StatsInterval:           200 * time.Millisecond,
 	})
 	if err != nil {
 		return nil, err

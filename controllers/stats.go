@@ -1,0 +1,188 @@
+package controllers
+
+import (
+	"math"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+
+	"github.com/loopserve/loopserve/api/v1alpha1"
+	"github.com/loopserve/loopserve/bus"
+)
+
+// statsBook collects the stats snapshots the workers of each LoopModel publish and turns the
+// recent ones into status.observed. It subscribes once per LoopModel on the operator's pooled
+// connection (nats.go resubscribes after reconnects) and asks for a reconcile, at most once per
+// interval, when snapshots arrive. Safe for concurrent use.
+type statsBook struct {
+	window   time.Duration             // snapshots older than this are dropped
+	interval time.Duration             // least time between two reconciles asked for one LoopModel
+	notify   chan<- event.GenericEvent // reconcile requests; sends never block
+
+	mu    sync.Mutex
+	books map[bus.Ref]*modelStats
+}
+
+type modelStats struct {
+	conn      *nats.Conn
+	sub       *nats.Subscription
+	snaps     []bus.StatsSnapshot // by arrival, within the window
+	lastAsked time.Time
+}
+
+func newStatsBook(window, interval time.Duration, notify chan<- event.GenericEvent) *statsBook {
+	return &statsBook{window: window, interval: interval, notify: notify, books: make(map[bus.Ref]*modelStats)}
+}
+
+// watch subscribes to a LoopModel's stats subject on nc, moving the subscription when the
+// LoopModel's connection changed (another NATS URL or credentials).
+func (b *statsBook) watch(nc *nats.Conn, r bus.Ref) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if ms, ok := b.books[r]; ok {
+		if ms.conn == nc && ms.sub.IsValid() {
+			return nil
+		}
+		_ = ms.sub.Unsubscribe()
+	}
+	ms := &modelStats{conn: nc}
+	sub, err := nc.Subscribe(r.StatsSubject(), func(m *nats.Msg) { b.add(r, m.Data) })
+	if err != nil {
+		return err
+	}
+	ms.sub = sub
+	b.books[r] = ms
+	return nil
+}
+
+// forget drops a deleted LoopModel's subscription and snapshots.
+func (b *statsBook) forget(r bus.Ref) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if ms, ok := b.books[r]; ok {
+		_ = ms.sub.Unsubscribe()
+		delete(b.books, r)
+	}
+}
+
+func (b *statsBook) add(r bus.Ref, data []byte) {
+	s, err := bus.DecodeStats(data)
+	if err != nil || s.Ref() != r {
+		return // a malformed or misaddressed snapshot is ignored: workers are not trusted to be right
+	}
+	now := time.Now()
+	b.mu.Lock()
+	ms, ok := b.books[r]
+	if !ok {
+		b.mu.Unlock()
+		return
+	}
+	ms.snaps = append(prune(ms.snaps, now.Add(-b.window)), s)
+	ask := now.Sub(ms.lastAsked) >= b.interval
+	if ask {
+		ms.lastAsked = now
+	}
+	b.mu.Unlock()
+	if ask && b.notify != nil {
+		lm := &v1alpha1.LoopModel{}
+		lm.Namespace, lm.Name = r.Namespace, r.Name
+		select {
+		case b.notify <- event.GenericEvent{Object: lm}:
+		default: // a reconcile is already queued
+		}
+	}
+}
+
+// observed aggregates the LoopModel's snapshots of the last window; ok is false when they
+// hold no generated token.
+func (b *statsBook) observed(r bus.Ref, now time.Time) (*v1alpha1.ObservedStats, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ms, ok := b.books[r]
+	if !ok {
+		return nil, false
+	}
+	ms.snaps = prune(ms.snaps, now.Add(-b.window))
+	return aggregate(ms.snaps)
+}
+
+func prune(snaps []bus.StatsSnapshot, since time.Time) []bus.StatsSnapshot {
+	i := 0
+	for i < len(snaps) && snaps[i].End.Before(since) {
+		i++
+	}
+	return append(snaps[:0], snaps[i:]...)
+}
+
+// aggregate sums the workers' snapshots: the mean depth over all tokens, the loop-step rate as
+// the sum of each worker's rate, the highest worker P95 inter-token latency (a conservative
+// reading of quantiles that cannot be merged), and the probe agreement expected at the observed
+// exit depths, Σ_d P(depth d)·agree(d). Snapshots with another MaxSteps than the newest are
+// skipped (a rollout changed it).
+func aggregate(snaps []bus.StatsSnapshot) (*v1alpha1.ObservedStats, bool) {
+	if len(snaps) == 0 {
+		return nil, false
+	}
+	steps := snaps[len(snaps)-1].MaxSteps
+	depth := make([]int64, steps)
+	agree := make([]int64, steps)
+	var probes int64
+	var p95 float64
+	type span struct {
+		steps   int64
+		seconds float64
+	}
+	perWorker := map[string]span{}
+	for _, s := range snaps {
+		if s.MaxSteps != steps {
+			continue
+		}
+		for d := range steps {
+			depth[d] += s.DepthCounts[d]
+			agree[d] += s.ProbeAgree[d]
+		}
+		probes += s.Probes
+		if s.Tokens > 0 {
+			p95 = max(p95, s.TokenLatencyP95)
+		}
+		w := perWorker[s.Worker]
+		w.steps += s.LoopSteps
+		w.seconds += s.End.Sub(s.Start).Seconds()
+		perWorker[s.Worker] = w
+	}
+	var tokens, sum int64
+	for d, c := range depth {
+		tokens += c
+		sum += int64(d+1) * c
+	}
+	if tokens == 0 {
+		return nil, false
+	}
+	var rate float64
+	for _, w := range perWorker {
+		if w.seconds > 0 {
+			rate += float64(w.steps) / w.seconds
+		}
+	}
+	obs := &v1alpha1.ObservedStats{
+		MeanDepth:          round3(float64(sum) / float64(tokens)),
+		LoopStepsPerSecond: round3(rate),
+	}
+	if p95 > 0 {
+		obs.TokenLatencyP95 = &metav1.Duration{Duration: time.Duration(p95 * float64(time.Second)).Round(time.Microsecond)}
+	}
+	if probes > 0 {
+		var a float64
+		for d, c := range depth {
+			a += float64(c) / float64(tokens) * float64(agree[d]) / float64(probes)
+		}
+		obs.Agreement = round3(a)
+	}
+	return obs, true
+}
+
+// round3 keeps three decimals: finer digits would only churn the status.
+func round3(x float64) float64 { return math.Round(x*1000) / 1000 }

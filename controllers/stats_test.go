@@ -1,0 +1,109 @@
+package controllers
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/loopserve/loopserve/api/v1alpha1"
+	"github.com/loopserve/loopserve/bus"
+)
+
+// snapshot is one worker's window: 2 seconds with the given depth counts, loop steps, P95 and
+// probe agreement counts.
+func snapshot(r bus.Ref, worker string, end time.Time, depth []int64, loopSteps int64, p95 float64, probes int64, agree []int64) bus.StatsSnapshot {
+	s := bus.NewStatsSnapshot(r, worker, len(depth))
+	s.Start, s.End = end.Add(-2*time.Second), end
+	s.ExitThreshold = 0.9
+	copy(s.DepthCounts, depth)
+	for _, c := range depth {
+		s.Tokens += c
+	}
+	s.LoopSteps = loopSteps
+	s.TokenLatencyP95 = p95
+	s.Probes = probes
+	copy(s.ProbeAgree, agree)
+	return s
+}
+
+func TestAggregate(t *testing.T) {
+	r := bus.Ref{Namespace: "ml", Name: "ouro"}
+	now := time.Now()
+	a := snapshot(r, "a", now, []int64{10, 20, 10, 0}, 80, 0.020, 10, []int64{5, 8, 9, 10})
+	b := snapshot(r, "b", now, []int64{0, 0, 0, 40}, 160, 0.050, 10, []int64{6, 8, 10, 10})
+	a2 := snapshot(r, "a", now.Add(-2*time.Second), []int64{40, 0, 0, 0}, 40, 0.010, 0, nil)
+	old := snapshot(r, "c", now, []int64{0, 0, 5}, 15, 0.5, 0, nil) // before a rollout to 4 steps
+	idle := snapshot(r, "a", now, []int64{0, 0, 0, 0}, 0, 0, 0, nil)
+
+	tests := []struct {
+		name  string
+		snaps []bus.StatsSnapshot
+		want  *v1alpha1.ObservedStats
+	}{
+		{"none", nil, nil},
+		{"idle", []bus.StatsSnapshot{idle}, nil},
+		{"two workers", []bus.StatsSnapshot{a, b}, &v1alpha1.ObservedStats{
+			MeanDepth: 3, LoopStepsPerSecond: 120, Agreement: 0.8875,
+			TokenLatencyP95: &metav1.Duration{Duration: 50 * time.Millisecond}}},
+		{"one worker over two windows", []bus.StatsSnapshot{a2, a}, &v1alpha1.ObservedStats{
+			MeanDepth: 1.5, LoopStepsPerSecond: 30, Agreement: 0.625*0.5 + 0.25*0.8 + 0.125*0.9,
+			TokenLatencyP95: &metav1.Duration{Duration: 20 * time.Millisecond}}},
+		{"other step count skipped", []bus.StatsSnapshot{old, b}, &v1alpha1.ObservedStats{
+			MeanDepth: 4, LoopStepsPerSecond: 80, Agreement: 1,
+			TokenLatencyP95: &metav1.Duration{Duration: 50 * time.Millisecond}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, ok := aggregate(tt.snaps)
+			if ok != (tt.want != nil) {
+				t.Fatalf("aggregate ok = %v, want %v", ok, tt.want != nil)
+			}
+			if diff := cmp.Diff(got, tt.want, cmpopts.EquateApprox(0, 1e-3)); diff != "" {
+				t.Errorf("observed (-got +want):\n%s", diff)
+			}
+		})
+	}
+}
+
+// TestObservedStats: snapshots published by (simulated) workers on the stats subject show up
+// in status.observed within seconds.
+func TestObservedStats(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t)
+	srv := startNATS(t)
+	if err := k8s.Create(ctx, newLoopModel(ns, "stats", srv.url())); err != nil {
+		t.Fatal(err)
+	}
+	r := bus.Ref{Namespace: ns, Name: "stats"}
+	await(t, waitLong, "queue in place", conditionIs(ns, "stats", CondDegraded, metav1.ConditionFalse, ReasonAsExpected))
+
+	nc, _ := srv.js()
+	publish := func(s bus.StatsSnapshot) {
+		b, err := json.Marshal(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := nc.Publish(r.StatsSubject(), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	publish(bus.StatsSnapshot{Namespace: ns, Name: "stats"}) // invalid: ignored
+	now := time.Now()
+	publish(snapshot(r, "a", now, []int64{10, 20, 10, 0}, 80, 0.020, 10, []int64{5, 8, 9, 10}))
+	publish(snapshot(r, "b", now, []int64{0, 0, 0, 40}, 160, 0.050, 10, []int64{6, 8, 10, 10}))
+	await(t, waitLong, "status.observed", func() error {
+		obs := getLoopModel(t, ns, "stats").Status.Observed
+		if obs == nil || math.Abs(obs.MeanDepth-3) > 1e-9 || math.Abs(obs.LoopStepsPerSecond-120) > 1e-9 ||
+			math.Abs(obs.Agreement-0.888) > 1e-3 || obs.TokenLatencyP95 == nil || obs.TokenLatencyP95.Duration != 50*time.Millisecond {
+			return fmt.Errorf("observed = %+v", obs)
+		}
+		return nil
+	})
+}
