@@ -142,7 +142,7 @@ func printServeReport(out io.Writer, model string, steps int, ef serveEngineFlag
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "tau\tclients\treq/s\ttok/s\tTTFT p50 ms\tTTFT p95 ms\tITL p50 ms\tITL p95 ms\tmean depth\tsteps/token\trows/iter\terrors\t")
 	for _, p := range points {
-		fmt.Fprintf(tw, "%.2f\t%d\t%.1f\t%.0f\t%.1f\t%.1f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f\t%d\t\n", p.Threshold, p.Clients, p.RequestsPerSec, p.TokensPerSec,
+		fmt.Fprintf(tw, "%.2f\t%d\t%.1f\t%.0f\t%.1f\t%.1f\t%.3f\t%.3f\t%.2f\t%.2f\t%.1f\t%d\t\n", p.Threshold, p.Clients, p.RequestsPerSec, p.TokensPerSec,
 			p.TTFTP50Ms, p.TTFTP95Ms, p.ITLP50Ms, p.ITLP95Ms, p.MeanDepth, p.LoopStepsPerToken, p.RowsPerIteration, p.Errors)
 	}
 	_ = tw.Flush()
