@@ -274,10 +274,19 @@ func (r *LoopModelReconciler) applyObject(ctx context.Context, lm *v1alpha1.Loop
 	switch {
 	case created:
 		r.Events.Eventf(lm, obj, corev1.EventTypeNormal, EventCreated, "Apply", "created %s %s", kind, obj.GetName())
-	case existing.GetResourceVersion() != obj.GetResourceVersion():
+	case changed(existing, obj):
 		r.Events.Eventf(lm, obj, corev1.EventTypeNormal, EventUpdated, "Apply", "updated %s %s", kind, obj.GetName())
 	}
 	return nil
+}
+
+// changed tells whether an apply changed the object: by generation where the kind keeps one
+// (a Deployment's status churns its resourceVersion), else by resourceVersion.
+func changed(before, after client.Object) bool {
+	if before.GetGeneration() > 0 && after.GetGeneration() > 0 {
+		return before.GetGeneration() != after.GetGeneration()
+	}
+	return before.GetResourceVersion() != after.GetResourceVersion()
 }
 
 // observe summarises the rollout of the applied Deployment, looking at its pods only while it

@@ -175,6 +175,7 @@ func TestLoopModelLifecycle(t *testing.T) {
 		return nil
 	})
 	await(t, waitLong, "ThresholdPublished event", hasEvent(ns, "tiny", EventThresholdPublished))
+	await(t, waitLong, "Updated event for the ConfigMap", hasEvent(ns, "tiny", EventUpdated))
 	dep2 := getDeployment(t, ns, "tiny-worker")
 	if h := dep2.Spec.Template.Annotations[AnnotationSpecHash]; h != hashBefore || dep2.Generation != genBefore {
 		t.Errorf("threshold change touched the pod template: hash %s -> %s, generation %d -> %d", hashBefore, h, genBefore, dep2.Generation)
