@@ -1,6 +1,18 @@
 // Package engine runs LoopLM (looped language model) inference: the exact and fast (early
 // exit) forward passes, per-step KV caches with the full and last policies, continuous
 // batching with depth compaction, sampling and self-speculative decoding.
+//
+// One loop step runs every decoder layer (sandwich norms, RoPE, GQA, SwiGLU) and the final
+// norm; the normed state feeds the next step, the exit gate and the LM head. A token's exit
+// step is the first whose cumulative exit probability reaches the threshold (or the forced or
+// capped depth); its token is chosen from that step's logits.
+//
+// The batching loop (Run) advances every running request by one token per iteration. An
+// iteration gathers one row per decoding request (all prompt rows, chunked, for a new one) and
+// runs the loop steps; after each step the rows that exited leave the batch, so a step's matrix
+// multiplications only cover tokens still computing (depth compaction). Kernels compute every
+// row independently of the others, so a request's tokens do not depend on what it is batched
+// with: the same request (and seed, or id when the seed is 0) gives the same tokens.
 package engine
 
 import (

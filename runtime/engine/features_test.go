@@ -177,6 +177,28 @@ func TestSpeculativeEqualsFullDepthGreedy(t *testing.T) {
 	}
 }
 
+// TestSpeculativeBatched runs speculative requests through the batching loop beside plain
+// ones: each still equals full-depth greedy decoding.
+func TestSpeculativeBatched(t *testing.T) {
+	m, g := loadGolden(t, "ouro-tiny-arith")
+	e := newEngine(t, m, engine.Options{Mode: engine.Fast, MaxBatch: 8, Threshold: 0.5})
+	var reqs []engine.Request
+	for k := range g.json.Prompts {
+		reqs = append(reqs,
+			engine.Request{ID: fmt.Sprint("s", k), Prompt: g.ids(t, k), MaxTokens: 12, IgnoreEOS: true, Speculative: engine.Speculative{Draft: 3, DraftDepth: 2}},
+			engine.Request{ID: fmt.Sprint("p", k), Prompt: g.ids(t, k), MaxTokens: 5, IgnoreEOS: true})
+	}
+	res := runBatched(t, e, reqs)
+	for k := range g.json.Prompts {
+		if diff := cmp.Diff(res[2*k].ids, g.json.Prompts[k].Generate["full"].IDs); diff != "" {
+			t.Errorf("p%d (-speculative +greedy):\n%s", k, diff)
+		}
+	}
+	if st := e.Stats(); st.DraftTokens == 0 || st.AcceptedDrafts == 0 {
+		t.Errorf("stats %+v: no drafts accepted", st)
+	}
+}
+
 func TestSamplingSeeds(t *testing.T) {
 	m := loadModel(t, "ouro-tiny-random")
 	e := newEngine(t, m, engine.Options{})
