@@ -333,7 +333,9 @@ func TestWorkerKilledMidGeneration(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("first worker killed after %d of %d tokens; stream complete %s later", int(tokensGenerated(t, c))-2*before, before, time.Since(killed))
-	if time.Since(killed) < time.Second {
+	// Redelivery comes AckWait after the last heartbeat, which precedes the kill by up to a third
+	// of AckWait; much sooner would mean the first worker had finished.
+	if time.Since(killed) < time.Second/2 {
 		t.Errorf("stream completed %s after the kill, before AckWait: the first worker was not mid-generation", time.Since(killed))
 	}
 	if d := cmp.Diff(got, want, cmpIgnoreChunks); d != "" {
@@ -554,5 +556,57 @@ func TestStatsAndControl(t *testing.T) {
 		if !seen[name] {
 			t.Errorf("metric %s missing", name)
 		}
+	}
+}
+
+// TestWorkerDrainOnStop stops workers the way a rolling update does: one with a long drain
+// finishes its request; one with a short drain hands it back at once (well before AckWait) to
+// the other worker.
+func TestWorkerDrainOnStop(t *testing.T) {
+	c := newCluster(t, clusterOptions{queue: bus.QueueOptions{AckWait: 30 * time.Second}})
+	ctx := context.Background()
+	gen := newGenerator(t)
+	body := map[string]any{"model": "ouro-tiny-arith", "prompt": arithPrompt, "max_tokens": 24, "stream": true}
+	stopRef := c.startWorker("ref", gen, WorkerOptions{})
+	want, err := post(ctx, c.gw.URL, "/v1/completions", body)
+	if err != nil || want.Status != 200 {
+		t.Fatalf("reference: %v %+v", err, want)
+	}
+	stopRef()
+
+	for _, tc := range []struct {
+		name  string
+		drain time.Duration
+		other bool // a second worker takes over
+	}{
+		{"finishes within the drain", 20 * time.Second, false},
+		{"handed back after a short drain", 50 * time.Millisecond, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := tokensGenerated(t, c)
+			stop := c.startWorker("draining", slowGenerator{gen, 20 * time.Millisecond}, WorkerOptions{Drain: tc.drain})
+			var got result
+			done := make(chan error, 1)
+			go func() {
+				var err error
+				got, err = post(ctx, c.gw.URL, "/v1/completions", body)
+				done <- err
+			}()
+			awaitCond(t, func() bool { return tokensGenerated(t, c) > before })
+			start := time.Now()
+			if tc.other {
+				c.startWorker("other", gen, WorkerOptions{})
+			}
+			stop()
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			if took := time.Since(start); took > 10*time.Second {
+				t.Errorf("request completed %s after the stop: it waited for AckWait", took)
+			}
+			if d := cmp.Diff(got, want, cmpIgnoreChunks); d != "" {
+				t.Errorf("(-got +want):\n%s", d)
+			}
+		})
 	}
 }

@@ -60,11 +60,16 @@ type WorkerOptions struct {
 	Logger           *slog.Logger
 	// ThresholdFile, when set, is read at start for the operator's threshold ({"exitThreshold": x}).
 	ThresholdFile string
+	// Drain is how long requests in flight may run on after Run's context ends (a rolling
+	// update's SIGTERM); those still running then are handed back (Nak) for immediate
+	// redelivery. 0 abandons them at once without a word, as a crash would: JetStream
+	// redelivers them after AckWait.
+	Drain time.Duration
 }
 
 // Worker consumes a LoopModel's work queue and generates. Create it with NewWorker and call Run
-// once. A worker whose context ends leaves its in-flight requests un-acked, as a crash would:
-// JetStream redelivers them to another worker after AckWait.
+// once. When Run's context ends the worker stops taking requests; those in flight get
+// WorkerOptions.Drain to finish.
 type Worker struct {
 	nc    *nats.Conn
 	js    jetstream.JetStream
@@ -139,7 +144,8 @@ func (w *Worker) setThreshold(tau float64) {
 	}
 }
 
-// Run consumes until ctx ends, then waits for its goroutines; in-flight requests stay un-acked.
+// Run consumes until ctx ends, lets requests in flight drain (see WorkerOptions.Drain), and
+// returns once all its goroutines have.
 func (w *Worker) Run(ctx context.Context) error {
 	cons, err := w.js.Consumer(ctx, w.opt.Ref.Stream(), bus.ConsumerName)
 	if err != nil {
@@ -192,9 +198,26 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	defer cancel.Unsubscribe()
 
-	var wg sync.WaitGroup
+	// Requests run under hard, which ends Drain after ctx (at once without a drain).
+	hard, hardCancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer hardCancel()
+	var wg, jobs sync.WaitGroup
 	wg.Go(func() { w.statsLoop(ctx) })
 	defer wg.Wait()
+	defer func() {
+		drained := make(chan struct{})
+		go func() { jobs.Wait(); close(drained) }()
+		if w.opt.Drain > 0 {
+			t := time.NewTimer(w.opt.Drain)
+			select {
+			case <-drained:
+			case <-t.C:
+			}
+			t.Stop()
+		}
+		hardCancel()
+		<-drained
+	}()
 
 	slots := make(chan struct{}, w.opt.Capacity)
 	for ctx.Err() == nil {
@@ -231,9 +254,9 @@ func (w *Worker) Run(ctx context.Context) error {
 		got := 0
 		for msg := range batch.Messages() {
 			got++
-			wg.Go(func() {
+			jobs.Go(func() {
 				defer func() { <-slots }()
-				w.handle(ctx, msg, heartbeat)
+				w.handle(hard, msg, heartbeat)
 			})
 		}
 		fcancel()
@@ -322,8 +345,11 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 	final := w.generate(jctx, job, reply)
 	w.stats.end()
 	switch {
-	case ctx.Err() != nil:
-		return // the worker is stopping: leave it for redelivery
+	case ctx.Err() != nil: // the worker is stopping
+		if w.opt.Drain > 0 {
+			_ = msg.Nak() // hand it back now rather than after AckWait
+		}
+		return
 	case jctx.Err() != nil:
 		_ = msg.Term() // the client went away
 		return
@@ -335,6 +361,9 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 		log.Warn("request failed", "err", final.Error.Message)
 	}
 	if reply != "" && !w.finish(ctx, reply, final) {
+		if w.opt.Drain > 0 {
+			_ = msg.Nak()
+		}
 		return
 	}
 	actx, acancel := context.WithTimeout(ctx, 5*time.Second)
