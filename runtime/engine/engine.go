@@ -157,6 +157,9 @@ func New(m *model.Model, opts Options) (*Engine, error) {
 // Config is the model's configuration.
 func (e *Engine) Config() model.Config { return e.m.Config }
 
+// ContextLen is the positions a sequence may use: prompt plus generated tokens.
+func (e *Engine) ContextLen() int { return e.ctxLen }
+
 // SetThreshold sets τ for requests whose Exit.Threshold is 0; values are clamped to (0, 1].
 func (e *Engine) SetThreshold(tau float64) {
 	if math.IsNaN(tau) || tau > 1 {

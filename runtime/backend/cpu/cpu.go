@@ -37,6 +37,12 @@ const minWork = 32 << 10
 
 // parallel runs fn over [0, total) split into contiguous chunks, one per worker, and waits.
 func (b *Backend) parallel(total, work int, fn func(lo, hi int)) {
+	b.parallelGrain(total, work, 1, fn)
+}
+
+// parallelGrain is parallel with chunk boundaries at multiples of grain (matrix tiles span
+// four rows: a chunk edge inside a tile computes the tile twice).
+func (b *Backend) parallelGrain(total, work, grain int, fn func(lo, hi int)) {
 	workers := b.threads
 	if max := work / minWork; max < workers {
 		workers = max
@@ -50,6 +56,7 @@ func (b *Backend) parallel(total, work int, fn func(lo, hi int)) {
 	}
 	var wg sync.WaitGroup
 	chunk := (total + workers - 1) / workers
+	chunk = (chunk + grain - 1) / grain * grain
 	for lo := chunk; lo < total; lo += chunk {
 		wg.Add(1)
 		go func(lo, hi int) {
@@ -64,7 +71,7 @@ func (b *Backend) parallel(total, work int, fn func(lo, hi int)) {
 // MatMul implements engine.Backend.
 func (b *Backend) MatMul(out, x []float32, n int, w *model.Matrix) {
 	rows, cols := w.Rows, w.Cols
-	b.parallel(rows, rows*cols*n, func(lo, hi int) { matRows(out, x, n, w, lo, hi, rows, cols) })
+	b.parallelGrain(rows, rows*cols*n, 4, func(lo, hi int) { matRows(out, x, n, w, lo, hi, rows, cols) })
 }
 
 // MultiMatMul implements engine.MultiMatMuler: the rows of all weights form one index space.
@@ -74,7 +81,7 @@ func (b *Backend) MultiMatMul(outs [][]float32, x []float32, n int, ws []*model.
 		total += w.Rows
 		work += w.Rows * w.Cols * n
 	}
-	b.parallel(total, work, func(lo, hi int) {
+	b.parallelGrain(total, work, 4, func(lo, hi int) {
 		base := 0
 		for i, w := range ws {
 			a, z := max(lo-base, 0), min(hi-base, w.Rows)
