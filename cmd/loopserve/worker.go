@@ -80,6 +80,7 @@ func newWorkerCmd() *cobra.Command {
 	var (
 		natsURL, modelDir, ref, thresholdFile, metricsListen, name string
 		createQueue                                                bool
+		drain                                                      time.Duration
 		ef                                                         serveEngineFlags
 	)
 	cmd := &cobra.Command{
@@ -111,7 +112,8 @@ and applies thresholds received on loopserve.ctl.<ns>.<name> at once.`,
 				return err
 			}
 			stopEngine := runEngine(l)
-			err = runWorker(cmd.Context(), log, l, r, natsURL, createQueue, thresholdFile, metricsListen, name, ef.capacity)
+			err = runWorker(cmd.Context(), log, l, workerConfig{ref: r, natsURL: natsURL, createQueue: createQueue,
+				thresholdFile: thresholdFile, metricsListen: metricsListen, name: name, capacity: ef.capacity, drain: drain})
 			return errors.Join(err, stopEngine())
 		},
 	}
@@ -123,19 +125,29 @@ and applies thresholds received on loopserve.ctl.<ns>.<name> at once.`,
 	fl.StringVar(&metricsListen, "metrics-listen", ":9090", "address serving /metrics and /healthz (empty: none)")
 	fl.StringVar(&name, "name", "", "worker name in stats (default: $POD_NAME or the host name)")
 	fl.BoolVar(&createQueue, "create-queue", false, "create the LoopModel's stream and consumer if missing (the operator normally does)")
+	fl.DurationVar(&drain, "drain", 25*time.Second, "on SIGTERM, let requests in flight finish this long, then hand the rest back to the queue (keep below the pod's termination grace period)")
 	ef.register(cmd, 0)
 	_ = cmd.MarkFlagRequired("loopmodel")
 	return cmd
 }
 
-func runWorker(ctx context.Context, log *slog.Logger, l *serve.Loaded, r bus.Ref, natsURL string, createQueue bool,
-	thresholdFile, metricsListen, name string, capacity int) error {
+type workerConfig struct {
+	ref                                   bus.Ref
+	natsURL, thresholdFile, metricsListen string
+	name                                  string
+	createQueue                           bool
+	capacity                              int
+	drain                                 time.Duration
+}
+
+func runWorker(ctx context.Context, log *slog.Logger, l *serve.Loaded, c workerConfig) error {
+	r, natsURL, capacity, name := c.ref, c.natsURL, c.capacity, c.name
 	nc, err := nats.Connect(natsURL, nats.Name("loopserve-worker "+r.String()), nats.MaxReconnects(-1))
 	if err != nil {
 		return fmt.Errorf("connecting to NATS %s: %w", natsURL, err)
 	}
 	defer nc.Close()
-	if createQueue {
+	if c.createQueue {
 		js, err := jetstream.New(nc)
 		if err != nil {
 			return fmt.Errorf("opening JetStream: %w", err)
@@ -154,17 +166,17 @@ func runWorker(ctx context.Context, log *slog.Logger, l *serve.Loaded, r bus.Ref
 		name = os.Getenv("POD_NAME")
 	}
 	wo := l.Worker
-	wo.Ref, wo.Name, wo.Capacity, wo.Metrics, wo.Logger, wo.ThresholdFile = r, name, capacity, m, log, thresholdFile
+	wo.Ref, wo.Name, wo.Capacity, wo.Metrics, wo.Logger, wo.ThresholdFile, wo.Drain = r, name, capacity, m, log, c.thresholdFile, c.drain
 	w, err := serve.NewWorker(nc, l.Engine, l.Tok, wo)
 	if err != nil {
 		return err
 	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	if metricsListen != "" {
-		ln, err := net.Listen("tcp", metricsListen)
+	if c.metricsListen != "" {
+		ln, err := net.Listen("tcp", c.metricsListen)
 		if err != nil {
-			return fmt.Errorf("listening on %s: %w", metricsListen, err)
+			return fmt.Errorf("listening on %s: %w", c.metricsListen, err)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
