@@ -171,8 +171,9 @@ func (m *Model) bind(where map[string]*File, progress func(Progress)) error {
 	}
 	for n, f := range where {
 		if _, ok := want[n]; !ok {
-			// Tied checkpoints sometimes still carry lm_head; anything else is a mismatch.
-			if n == "lm_head.weight" && m.Config.TieWordEmbeddings {
+			// Tied checkpoints sometimes still carry lm_head, and older exports the RoPE
+			// frequency buffers (recomputed from rope_theta); anything else is a mismatch.
+			if n == "lm_head.weight" && m.Config.TieWordEmbeddings || strings.HasSuffix(n, "rotary_emb.inv_freq") {
 				continue
 			}
 			extra = append(extra, f.Path+": "+n)
