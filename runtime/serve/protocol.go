@@ -93,6 +93,7 @@ type ChunkError struct {
 	Message string `json:"message"`
 }
 
+// Error returns the message, so a ChunkError can travel as an error.
 func (e *ChunkError) Error() string { return e.Message }
 
 // finalReply is the gateway's answer to a final chunk: the next token index it still needs.
