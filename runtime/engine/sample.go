@@ -42,7 +42,9 @@ func argmax(logits []float32) int {
 	return best
 }
 
-// pick chooses a token from logits [vocab].
+// pick chooses a token from logits [vocab]: softmax at the temperature over the top-k, then
+// the smallest prefix (by probability) holding top-p of the mass, one uniform draw. Ties are
+// ordered by id, so the draw is a pure function of logits and the random stream.
 func (s *sampler) pick(logits []float32) int {
 	if s.s.Temperature <= 0 {
 		return argmax(logits)
@@ -52,34 +54,56 @@ func (s *sampler) pick(logits []float32) int {
 		s.idx = make([]int, V)
 		s.probs = make([]float64, V)
 	}
-	idx, probs := s.idx[:V], s.probs[:V]
-	for i := range idx {
-		idx[i] = i
+	T := s.s.Temperature
+	mx := float64(logits[argmax(logits)])
+	byLogit := func(a, b int) int {
+		if c := cmpDesc(logits[a], logits[b]); c != 0 {
+			return c
+		}
+		return a - b
 	}
-	cand := idx
-	if k := s.s.TopK; k > 0 && k < V {
-		// Partial order suffices: the k best, then sorted for top-p and a stable draw order.
-		slices.SortStableFunc(cand, func(a, b int) int { return cmpDesc(logits[a], logits[b]) })
-		cand = cand[:k]
-	} else if s.s.TopP > 0 && s.s.TopP < 1 {
-		slices.SortStableFunc(cand, func(a, b int) int { return cmpDesc(logits[a], logits[b]) })
+	cand := s.idx[:0]
+	topP := s.s.TopP > 0 && s.s.TopP < 1
+	switch k := s.s.TopK; {
+	case k > 0 && k < V:
+		cand = topK(cand, logits, k, byLogit)
+	case topP:
+		// The nucleus lies among the tokens within a factor 1e-9 of the best whenever they
+		// hold top-p of the mass; sort only those, else everything.
+		var total, near float64
+		cut := mx + T*math.Log(1e-9)
+		for i, v := range logits {
+			p := math.Exp((float64(v) - mx) / T)
+			total += p
+			if float64(v) >= cut {
+				near += p
+				cand = append(cand, i)
+			}
+		}
+		if near < s.s.TopP*total {
+			cand = cand[:0]
+			for i := range logits {
+				cand = append(cand, i)
+			}
+		}
+		slices.SortFunc(cand, byLogit)
+	default:
+		for i := range logits {
+			cand = append(cand, i)
+		}
 	}
-	mx := math.Inf(-1)
-	for _, i := range cand {
-		mx = math.Max(mx, float64(logits[i]))
-	}
+	probs := s.probs[:len(cand)]
 	var sum float64
 	for j, i := range cand {
-		p := math.Exp((float64(logits[i]) - mx) / s.s.Temperature)
-		probs[j] = p
-		sum += p
+		probs[j] = math.Exp((float64(logits[i]) - mx) / T)
+		sum += probs[j]
 	}
 	n := len(cand)
-	if p := s.s.TopP; p > 0 && p < 1 {
+	if topP {
 		var acc float64
-		for j := 0; j < len(cand); j++ {
-			acc += probs[j] / sum
-			if acc >= p {
+		for j := range cand {
+			acc += probs[j]
+			if acc >= s.s.TopP*sum {
 				n = j + 1
 				break
 			}
@@ -97,6 +121,50 @@ func (s *sampler) pick(logits []float32) int {
 		}
 	}
 	return cand[n-1]
+}
+
+// topK appends the k best ids (by cmp, best first) to dst, keeping a min-heap of size k.
+func topK(dst []int, logits []float32, k int, cmp func(a, b int) int) []int {
+	h := dst[:0]
+	// worse(a, b): a ranks after b.
+	worse := func(a, b int) bool { return cmp(a, b) > 0 }
+	down := func(i int) {
+		for {
+			l := 2*i + 1
+			if l >= len(h) {
+				return
+			}
+			w := l
+			if r := l + 1; r < len(h) && worse(h[r], h[l]) {
+				w = r
+			}
+			if !worse(h[w], h[i]) {
+				return
+			}
+			h[i], h[w] = h[w], h[i]
+			i = w
+		}
+	}
+	for i := range logits {
+		if len(h) < k {
+			h = append(h, i)
+			for c := len(h) - 1; c > 0; {
+				p := (c - 1) / 2
+				if !worse(h[c], h[p]) {
+					break
+				}
+				h[c], h[p] = h[p], h[c]
+				c = p
+			}
+			continue
+		}
+		if worse(h[0], i) {
+			h[0] = i
+			down(0)
+		}
+	}
+	slices.SortFunc(h, cmp)
+	return h
 }
 
 func cmpDesc(a, b float32) int {
