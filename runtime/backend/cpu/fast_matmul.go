@@ -4,39 +4,101 @@ import "github.com/loopserve/loopserve/runtime/model"
 
 // fastMatRows is the optional vector path of matRows for bf16 weights: it computes output
 // columns [lo, hi) for every batch row with the assembly tiles and reports true, or reports
-// false (leaving out untouched) where the tiles do not apply: no AVX2/FMA, float32 weights,
-// cols not a multiple of 8, fewer than 4 rows, or short buffers. Whether it applies depends
-// only on the matrix and the machine, never on n, so one matrix is always computed the same
-// way and a row's result does not depend on what else is batched with it.
+// false (leaving out untouched) where no tiles apply: no AVX2/FMA, float32 weights, cols not a
+// multiple of 8, fewer than 4 rows, or short buffers. The path and tile family depend only on
+// the matrix and the machine, never on n, and every tile of a family sums an output in the
+// same order however the work is blocked, so a row's result does not depend on what else is
+// batched with it.
 func fastMatRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols int) bool {
-	if !haveAVX2FMA || w.BF16 == nil || cols%8 != 0 || cols == 0 || rows < 4 || hi <= lo ||
+	if w.BF16 == nil || cols == 0 || rows < 4 || hi <= lo ||
 		len(w.BF16) < rows*cols || len(x) < n*cols || len(out) < n*rows {
 		return false
 	}
-	var acc [96]float32 // [3 x rows][4 weight rows][8 lanes]
-	for r := lo; r < hi; r += 4 {
-		// A tile that would run past the matrix starts earlier; a tile keeps only the rows of
-		// its chunk, [r, min(r+4, hi)): the others belong to another goroutine's chunk.
-		r0 := min(r, rows-4)
-		end := min(r+4, hi) - r0
-		wt := w.BF16[r0*cols : (r0+4)*cols]
-		for i := 0; i < n; i += 3 {
-			m := min(3, n-i)
-			tile(m, wt, x[i*cols:(i+m)*cols], cols, &acc)
-			for xi := range m {
-				o := out[(i+xi)*rows : (i+xi+1)*rows]
-				for wi := r - r0; wi < end; wi++ {
-					o[r0+wi] = laneSum(acc[(xi*4+wi)*8 : (xi*4+wi+1)*8])
-				}
-			}
-		}
+	lanes, maxM := pickTiles(cols)
+	if lanes == 0 {
+		return false
+	}
+	if n <= maxM {
+		decodeRows(out, x, n, w, lo, hi, rows, cols, lanes)
+	} else {
+		blockedRows(out, x, n, w, lo, hi, rows, cols, lanes, maxM)
 	}
 	return true
 }
 
-// laneSum adds 8 lanes in a fixed order (pairs 4 apart, then 2 apart, then the last two), the
-// same for every tile.
+// tileStart returns the first row of the 4-row tile holding row r of chunk [lo, hi), and the
+// end (relative to it) of the rows the chunk owns. A tile that would run past the matrix starts
+// earlier; only rows [r, min(r+4, hi)) are written: the others belong to another chunk.
+func tileStart(r, hi, rows int) (r0, end int) {
+	r0 = min(r, rows-4)
+	return r0, min(r+4, hi) - r0
+}
+
+// decodeRows is the path for a few activation rows (decode): each tile streams 4 weight rows
+// once over the whole k, the pattern memory bandwidth favours.
+func decodeRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols, lanes int) {
+	var acc [6 * 4 * 16]float32 // [x rows][4 weight rows][lanes]
+	for r := lo; r < hi; r += 4 {
+		r0, end := tileStart(r, hi, rows)
+		clear(acc[:n*4*lanes])
+		tile(lanes, n, w.BF16[r0*cols:(r0+4)*cols], cols, x[:n*cols], cols, cols, acc[:], 4*lanes)
+		for xi := range n {
+			o := out[xi*rows : (xi+1)*rows]
+			for wi := r - r0; wi < end; wi++ {
+				a := (xi*4 + wi) * lanes
+				o[r0+wi] = laneSum(acc[a : a+lanes])
+			}
+		}
+	}
+}
+
+// Blocking of the many-row path (prefill): kBlock columns of a tile's activation rows stay in
+// L1 while the weight tiles of a block of rowBlock rows stream past them from L2; lane
+// accumulators for [n, rowBlock] outputs persist across the k blocks.
+const (
+	kBlock   = 256
+	rowBlock = 64
+)
+
+func blockedRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols, lanes, maxM int) {
+	// Each tile of a row block has its own accumulators (a chunk's last tile may overlap the
+	// one before it, see tileStart): [n][tiles][4][lanes].
+	const tiles = rowBlock / 4
+	part := make([]float32, n*tiles*4*lanes)
+	ld := tiles * 4 * lanes
+	for rb := lo; rb < hi; rb += rowBlock {
+		rbEnd := min(rb+rowBlock, hi)
+		clear(part)
+		for k0 := 0; k0 < cols; k0 += kBlock {
+			kc := min(kBlock, cols-k0)
+			for i := 0; i < n; i += maxM {
+				m := min(maxM, n-i)
+				for t, r := 0, rb; r < rbEnd; t, r = t+1, r+4 {
+					r0, _ := tileStart(r, rbEnd, rows)
+					tile(lanes, m, w.BF16[r0*cols+k0:], cols, x[i*cols+k0:], cols, kc, part[i*ld+t*4*lanes:], ld)
+				}
+			}
+		}
+		for i := 0; i < n; i++ {
+			o := out[i*rows : (i+1)*rows]
+			for t, r := 0, rb; r < rbEnd; t, r = t+1, r+4 {
+				r0, end := tileStart(r, rbEnd, rows)
+				for wi := r - r0; wi < end; wi++ {
+					a := i*ld + (t*4+wi)*lanes
+					o[r0+wi] = laneSum(part[a : a+lanes])
+				}
+			}
+		}
+	}
+}
+
+// laneSum adds 8 or 16 lanes in a fixed pairwise order (each lane with the one half the width
+// away, repeatedly), the same for every tile. It overwrites a.
 func laneSum(a []float32) float32 {
-	a = a[:8]
-	return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+	for width := len(a) / 2; width >= 1; width /= 2 {
+		for i := 0; i < width; i++ {
+			a[i] += a[i+width]
+		}
+	}
+	return a[0]
 }

@@ -24,10 +24,27 @@ func fastRandVec(r *rand.Rand, n int) []float32 {
 	return v
 }
 
+// vectorPaths runs fn once per vector path this machine has (AVX-512, then AVX2 with AVX-512
+// switched off), skipping when it has none.
+func vectorPaths(t testing.TB, fn func(t testing.TB)) {
+	if !haveAVX2FMA && !haveAVX512 {
+		t.Skip("no AVX2/FMA or AVX-512: the portable kernels run")
+	}
+	saved := haveAVX512
+	defer func() { haveAVX512 = saved }()
+	if saved {
+		fn(t)
+	}
+	haveAVX512 = false
+	if haveAVX2FMA {
+		fn(t)
+	}
+}
+
 // checkFast compares fastMatRows over [lo, hi) with the reference kernel (relative tolerance
 // on the row's scale: float32 sums of cols terms in another order) and checks that columns
 // outside [lo, hi) are untouched.
-func checkFast(t *testing.T, w *model.Matrix, x []float32, n, lo, hi int) []float32 {
+func checkFast(t testing.TB, w *model.Matrix, x []float32, n, lo, hi int) []float32 {
 	t.Helper()
 	const sentinel = -12345
 	got := make([]float32, n*w.Rows)
@@ -64,9 +81,10 @@ func checkFast(t *testing.T, w *model.Matrix, x []float32, n, lo, hi int) []floa
 }
 
 func TestFastMatRowsMatchesReference(t *testing.T) {
-	if !haveAVX2FMA {
-		t.Skip("no AVX2/FMA: the portable kernels run")
-	}
+	vectorPaths(t, testFastMatchesReference)
+}
+
+func testFastMatchesReference(t testing.TB) {
 	r := rand.New(rand.NewPCG(3, 4))
 	for _, tc := range []struct{ n, rows, cols, lo, hi int }{
 		{1, 4, 8, 0, 4},
@@ -83,6 +101,8 @@ func TestFastMatRowsMatchesReference(t *testing.T) {
 		{1, 4, 16, 1, 2},      // one column
 		{10, 20, 8, 0, 20},    // minimal cols
 		{6, 1024, 64, 512, 1024},
+		{13, 150, 400, 3, 147}, // blocked: k blocks, row blocks, unaligned chunk
+		{7, 68, 24, 0, 68},     // blocked on AVX2 tiles under AVX-512 (cols not a multiple of 16)
 	} {
 		w := fastRandMatrix(r, tc.rows, tc.cols)
 		x := fastRandVec(r, tc.n*tc.cols)
@@ -93,11 +113,12 @@ func TestFastMatRowsMatchesReference(t *testing.T) {
 // A row's result must not depend on n or on its neighbours: compute each row alone and
 // inside batches of every size, and require bit-identical outputs.
 func TestFastMatRowsBatchInvariant(t *testing.T) {
-	if !haveAVX2FMA {
-		t.Skip("no AVX2/FMA: the portable kernels run")
-	}
+	vectorPaths(t, testFastBatchInvariant)
+}
+
+func testFastBatchInvariant(t testing.TB) {
 	r := rand.New(rand.NewPCG(5, 6))
-	const rows, cols, n = 44, 264, 7
+	const rows, cols, n = 44, 272, 14
 	w := fastRandMatrix(r, rows, cols)
 	x := fastRandVec(r, n*cols)
 	alone := make([]float32, n*rows)
@@ -140,8 +161,8 @@ func TestFastMatRowsDeclines(t *testing.T) {
 // FuzzFastMatRows differentially tests the assembly tiles against the reference on shapes
 // and chunk bounds drawn from the fuzzer.
 func FuzzFastMatRows(f *testing.F) {
-	if !haveAVX2FMA {
-		f.Skip("no AVX2/FMA: the portable kernels run")
+	if !haveAVX2FMA && !haveAVX512 {
+		f.Skip("no AVX2/FMA or AVX-512: the portable kernels run")
 	}
 	f.Add(uint8(1), uint8(4), uint8(1), uint8(0), uint8(4), uint64(1))
 	f.Add(uint8(7), uint8(33), uint8(5), uint8(3), uint8(30), uint64(2))
@@ -151,7 +172,9 @@ func FuzzFastMatRows(f *testing.F) {
 		if l >= h {
 			l, h = 0, rr
 		}
-		r := rand.New(rand.NewPCG(seed, 9))
-		checkFast(t, fastRandMatrix(r, rr, cc), fastRandVec(r, nn*cc), nn, l, h)
+		vectorPaths(t, func(t testing.TB) {
+			r := rand.New(rand.NewPCG(seed, 9))
+			checkFast(t, fastRandMatrix(r, rr, cc), fastRandVec(r, nn*cc), nn, l, h)
+		})
 	})
 }

@@ -2,8 +2,13 @@
 
 package cpu
 
-// haveAVX2FMA is false off amd64: the portable loops in cpu.go run. (A variable, as on amd64,
-// so benchmarks can switch the vector path off.)
-var haveAVX2FMA = false
+// No vector path off amd64: the portable loops in cpu.go run. (Variables, as on amd64, so
+// tests and benchmarks compile the same everywhere.)
+var (
+	haveAVX2FMA = false
+	haveAVX512  = false
+)
 
-func tile(int, []uint16, []float32, int, *[96]float32) {}
+func pickTiles(int) (lanes, maxM int) { return 0, 0 }
+
+func tile(int, int, []uint16, int, []float32, int, int, []float32, int) {}

@@ -1,181 +1,203 @@
 #include "textflag.h"
 
-// Tiles of the bf16 matrix product: 4 weight rows × m activation rows over k columns (k a
-// multiple of 8). Accumulator (x row i, weight row j) is a vector of 8 float32 lanes; lane l
-// sums w[c]·x[c] over c ≡ l (mod 8) in increasing c with one FMA each, whatever m is, so an
-// output does not depend on which tile computed it. The 8 lanes are stored to acc[(i*4+j)*8:]
-// and reduced by the caller. bf16 → float32 is a zero-extend and a 16-bit shift (exact).
+// AVX2/FMA tiles of the bf16 matrix product: 4 weight rows × m activation rows (m = 1..3) over
+// k columns (k a multiple of 8). Accumulator (x row i, weight row j) is a vector of 8 float32
+// lanes, loaded from acc + i*ldacc + j*32 bytes and stored back, so a caller may split k into
+// blocks: lane l sums w[c]·x[c] over c ≡ l (mod 8) in increasing c with one FMA each, whatever
+// m is and however k is blocked, so an output does not depend on which tile computed it.
+// bf16 → float32 is a zero-extend and a 16-bit shift (exact).
 //
-// func tile4xM(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32)
-// ldw and ldx are row strides in bytes.
+// func tile4xM(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+// ldw, ldx and ldacc are strides in bytes.
 
-TEXT ·tile4x1(SB), NOSPLIT, $0-48
+TEXT ·tile4x1(SB), NOSPLIT, $0-56
 	MOVQ w+0(FP), SI
-	MOVQ ldw+8(FP), R8
+	MOVQ ldw+8(FP), AX
 	MOVQ x+16(FP), DI
-	MOVQ ldx+24(FP), R9
+	MOVQ ldx+24(FP), DX
 	MOVQ k+32(FP), CX
-	MOVQ acc+40(FP), DX
-	LEAQ (SI)(R8*1), R11
-	LEAQ (SI)(R8*2), R10
-	LEAQ (R10)(R8*1), R12
-	VXORPS Y4, Y4, Y4
-	VXORPS Y5, Y5, Y5
-	VXORPS Y6, Y6, Y6
-	VXORPS Y7, Y7, Y7
-	XORQ AX, AX
-	XORQ BX, BX
+	LEAQ (SI)(AX*1), R11
+	LEAQ (SI)(AX*2), R10
+	LEAQ (R10)(AX*1), R12
+	MOVQ acc+40(FP), AX
+	MOVQ ldacc+48(FP), DX
+	VMOVUPS 0(AX), Y4
+	VMOVUPS 32(AX), Y5
+	VMOVUPS 64(AX), Y6
+	VMOVUPS 96(AX), Y7
 	SHRQ $3, CX
 	TESTQ CX, CX
 	JZ done1
 loop1:
-	VPMOVZXWD (SI)(AX*1), Y0
+	VPMOVZXWD (SI), Y0
 	VPSLLD $16, Y0, Y0
-	VPMOVZXWD (R11)(AX*1), Y1
+	VPMOVZXWD (R11), Y1
 	VPSLLD $16, Y1, Y1
-	VPMOVZXWD (R10)(AX*1), Y2
+	VPMOVZXWD (R10), Y2
 	VPSLLD $16, Y2, Y2
-	VPMOVZXWD (R12)(AX*1), Y3
+	VPMOVZXWD (R12), Y3
 	VPSLLD $16, Y3, Y3
-	VFMADD231PS (DI)(BX*1), Y0, Y4
-	VFMADD231PS (DI)(BX*1), Y1, Y5
-	VFMADD231PS (DI)(BX*1), Y2, Y6
-	VFMADD231PS (DI)(BX*1), Y3, Y7
-	ADDQ $16, AX
-	ADDQ $32, BX
+	VFMADD231PS (DI), Y0, Y4
+	VFMADD231PS (DI), Y1, Y5
+	VFMADD231PS (DI), Y2, Y6
+	VFMADD231PS (DI), Y3, Y7
+	ADDQ $16, SI
+	ADDQ $16, R11
+	ADDQ $16, R10
+	ADDQ $16, R12
+	ADDQ $32, DI
 	DECQ CX
 	JNZ loop1
 done1:
-	VMOVUPS Y4, 0(DX)
-	VMOVUPS Y5, 32(DX)
-	VMOVUPS Y6, 64(DX)
-	VMOVUPS Y7, 96(DX)
+	MOVQ acc+40(FP), AX
+	MOVQ ldacc+48(FP), DX
+	VMOVUPS Y4, 0(AX)
+	VMOVUPS Y5, 32(AX)
+	VMOVUPS Y6, 64(AX)
+	VMOVUPS Y7, 96(AX)
 	VZEROUPPER
 	RET
 
-TEXT ·tile4x2(SB), NOSPLIT, $0-48
+TEXT ·tile4x2(SB), NOSPLIT, $0-56
 	MOVQ w+0(FP), SI
-	MOVQ ldw+8(FP), R8
+	MOVQ ldw+8(FP), AX
 	MOVQ x+16(FP), DI
-	MOVQ ldx+24(FP), R9
+	MOVQ ldx+24(FP), DX
 	MOVQ k+32(FP), CX
-	MOVQ acc+40(FP), DX
-	LEAQ (SI)(R8*1), R11
-	LEAQ (SI)(R8*2), R10
-	LEAQ (R10)(R8*1), R12
-	LEAQ (DI)(R9*1), R13
-	VXORPS Y4, Y4, Y4
-	VXORPS Y5, Y5, Y5
-	VXORPS Y6, Y6, Y6
-	VXORPS Y7, Y7, Y7
-	VXORPS Y8, Y8, Y8
-	VXORPS Y9, Y9, Y9
-	VXORPS Y10, Y10, Y10
-	VXORPS Y11, Y11, Y11
-	XORQ AX, AX
-	XORQ BX, BX
+	LEAQ (SI)(AX*1), R11
+	LEAQ (SI)(AX*2), R10
+	LEAQ (R10)(AX*1), R12
+	LEAQ (DI)(DX*1), R13
+	MOVQ acc+40(FP), AX
+	MOVQ ldacc+48(FP), DX
+	VMOVUPS 0(AX), Y4
+	VMOVUPS 32(AX), Y5
+	VMOVUPS 64(AX), Y6
+	VMOVUPS 96(AX), Y7
+	ADDQ DX, AX
+	VMOVUPS 0(AX), Y8
+	VMOVUPS 32(AX), Y9
+	VMOVUPS 64(AX), Y10
+	VMOVUPS 96(AX), Y11
 	SHRQ $3, CX
 	TESTQ CX, CX
 	JZ done2
 loop2:
-	VPMOVZXWD (SI)(AX*1), Y0
+	VPMOVZXWD (SI), Y0
 	VPSLLD $16, Y0, Y0
-	VPMOVZXWD (R11)(AX*1), Y1
+	VPMOVZXWD (R11), Y1
 	VPSLLD $16, Y1, Y1
-	VPMOVZXWD (R10)(AX*1), Y2
+	VPMOVZXWD (R10), Y2
 	VPSLLD $16, Y2, Y2
-	VPMOVZXWD (R12)(AX*1), Y3
+	VPMOVZXWD (R12), Y3
 	VPSLLD $16, Y3, Y3
-	VFMADD231PS (DI)(BX*1), Y0, Y4
-	VFMADD231PS (DI)(BX*1), Y1, Y5
-	VFMADD231PS (DI)(BX*1), Y2, Y6
-	VFMADD231PS (DI)(BX*1), Y3, Y7
-	VFMADD231PS (R13)(BX*1), Y0, Y8
-	VFMADD231PS (R13)(BX*1), Y1, Y9
-	VFMADD231PS (R13)(BX*1), Y2, Y10
-	VFMADD231PS (R13)(BX*1), Y3, Y11
-	ADDQ $16, AX
-	ADDQ $32, BX
+	VFMADD231PS (DI), Y0, Y4
+	VFMADD231PS (DI), Y1, Y5
+	VFMADD231PS (DI), Y2, Y6
+	VFMADD231PS (DI), Y3, Y7
+	VFMADD231PS (R13), Y0, Y8
+	VFMADD231PS (R13), Y1, Y9
+	VFMADD231PS (R13), Y2, Y10
+	VFMADD231PS (R13), Y3, Y11
+	ADDQ $16, SI
+	ADDQ $16, R11
+	ADDQ $16, R10
+	ADDQ $16, R12
+	ADDQ $32, DI
+	ADDQ $32, R13
 	DECQ CX
 	JNZ loop2
 done2:
-	VMOVUPS Y4, 0(DX)
-	VMOVUPS Y5, 32(DX)
-	VMOVUPS Y6, 64(DX)
-	VMOVUPS Y7, 96(DX)
-	VMOVUPS Y8, 128(DX)
-	VMOVUPS Y9, 160(DX)
-	VMOVUPS Y10, 192(DX)
-	VMOVUPS Y11, 224(DX)
+	MOVQ acc+40(FP), AX
+	MOVQ ldacc+48(FP), DX
+	VMOVUPS Y4, 0(AX)
+	VMOVUPS Y5, 32(AX)
+	VMOVUPS Y6, 64(AX)
+	VMOVUPS Y7, 96(AX)
+	ADDQ DX, AX
+	VMOVUPS Y8, 0(AX)
+	VMOVUPS Y9, 32(AX)
+	VMOVUPS Y10, 64(AX)
+	VMOVUPS Y11, 96(AX)
 	VZEROUPPER
 	RET
 
-TEXT ·tile4x3(SB), NOSPLIT, $0-48
+TEXT ·tile4x3(SB), NOSPLIT, $0-56
 	MOVQ w+0(FP), SI
-	MOVQ ldw+8(FP), R8
+	MOVQ ldw+8(FP), AX
 	MOVQ x+16(FP), DI
-	MOVQ ldx+24(FP), R9
+	MOVQ ldx+24(FP), DX
 	MOVQ k+32(FP), CX
-	MOVQ acc+40(FP), DX
-	LEAQ (SI)(R8*1), R11
-	LEAQ (SI)(R8*2), R10
-	LEAQ (R10)(R8*1), R12
-	LEAQ (DI)(R9*1), R13
-	LEAQ (DI)(R9*2), R14
-	VXORPS Y4, Y4, Y4
-	VXORPS Y5, Y5, Y5
-	VXORPS Y6, Y6, Y6
-	VXORPS Y7, Y7, Y7
-	VXORPS Y8, Y8, Y8
-	VXORPS Y9, Y9, Y9
-	VXORPS Y10, Y10, Y10
-	VXORPS Y11, Y11, Y11
-	VXORPS Y12, Y12, Y12
-	VXORPS Y13, Y13, Y13
-	VXORPS Y14, Y14, Y14
-	VXORPS Y15, Y15, Y15
-	XORQ AX, AX
-	XORQ BX, BX
+	LEAQ (SI)(AX*1), R11
+	LEAQ (SI)(AX*2), R10
+	LEAQ (R10)(AX*1), R12
+	LEAQ (DI)(DX*1), R13
+	LEAQ (DI)(DX*2), R14
+	MOVQ acc+40(FP), AX
+	MOVQ ldacc+48(FP), DX
+	VMOVUPS 0(AX), Y4
+	VMOVUPS 32(AX), Y5
+	VMOVUPS 64(AX), Y6
+	VMOVUPS 96(AX), Y7
+	ADDQ DX, AX
+	VMOVUPS 0(AX), Y8
+	VMOVUPS 32(AX), Y9
+	VMOVUPS 64(AX), Y10
+	VMOVUPS 96(AX), Y11
+	ADDQ DX, AX
+	VMOVUPS 0(AX), Y12
+	VMOVUPS 32(AX), Y13
+	VMOVUPS 64(AX), Y14
+	VMOVUPS 96(AX), Y15
 	SHRQ $3, CX
 	TESTQ CX, CX
 	JZ done3
 loop3:
-	VPMOVZXWD (SI)(AX*1), Y0
+	VPMOVZXWD (SI), Y0
 	VPSLLD $16, Y0, Y0
-	VPMOVZXWD (R11)(AX*1), Y1
+	VPMOVZXWD (R11), Y1
 	VPSLLD $16, Y1, Y1
-	VPMOVZXWD (R10)(AX*1), Y2
+	VPMOVZXWD (R10), Y2
 	VPSLLD $16, Y2, Y2
-	VPMOVZXWD (R12)(AX*1), Y3
+	VPMOVZXWD (R12), Y3
 	VPSLLD $16, Y3, Y3
-	VFMADD231PS (DI)(BX*1), Y0, Y4
-	VFMADD231PS (DI)(BX*1), Y1, Y5
-	VFMADD231PS (DI)(BX*1), Y2, Y6
-	VFMADD231PS (DI)(BX*1), Y3, Y7
-	VFMADD231PS (R13)(BX*1), Y0, Y8
-	VFMADD231PS (R13)(BX*1), Y1, Y9
-	VFMADD231PS (R13)(BX*1), Y2, Y10
-	VFMADD231PS (R13)(BX*1), Y3, Y11
-	VFMADD231PS (R14)(BX*1), Y0, Y12
-	VFMADD231PS (R14)(BX*1), Y1, Y13
-	VFMADD231PS (R14)(BX*1), Y2, Y14
-	VFMADD231PS (R14)(BX*1), Y3, Y15
-	ADDQ $16, AX
-	ADDQ $32, BX
+	VFMADD231PS (DI), Y0, Y4
+	VFMADD231PS (DI), Y1, Y5
+	VFMADD231PS (DI), Y2, Y6
+	VFMADD231PS (DI), Y3, Y7
+	VFMADD231PS (R13), Y0, Y8
+	VFMADD231PS (R13), Y1, Y9
+	VFMADD231PS (R13), Y2, Y10
+	VFMADD231PS (R13), Y3, Y11
+	VFMADD231PS (R14), Y0, Y12
+	VFMADD231PS (R14), Y1, Y13
+	VFMADD231PS (R14), Y2, Y14
+	VFMADD231PS (R14), Y3, Y15
+	ADDQ $16, SI
+	ADDQ $16, R11
+	ADDQ $16, R10
+	ADDQ $16, R12
+	ADDQ $32, DI
+	ADDQ $32, R13
+	ADDQ $32, R14
 	DECQ CX
 	JNZ loop3
 done3:
-	VMOVUPS Y4, 0(DX)
-	VMOVUPS Y5, 32(DX)
-	VMOVUPS Y6, 64(DX)
-	VMOVUPS Y7, 96(DX)
-	VMOVUPS Y8, 128(DX)
-	VMOVUPS Y9, 160(DX)
-	VMOVUPS Y10, 192(DX)
-	VMOVUPS Y11, 224(DX)
-	VMOVUPS Y12, 256(DX)
-	VMOVUPS Y13, 288(DX)
-	VMOVUPS Y14, 320(DX)
-	VMOVUPS Y15, 352(DX)
+	MOVQ acc+40(FP), AX
+	MOVQ ldacc+48(FP), DX
+	VMOVUPS Y4, 0(AX)
+	VMOVUPS Y5, 32(AX)
+	VMOVUPS Y6, 64(AX)
+	VMOVUPS Y7, 96(AX)
+	ADDQ DX, AX
+	VMOVUPS Y8, 0(AX)
+	VMOVUPS Y9, 32(AX)
+	VMOVUPS Y10, 64(AX)
+	VMOVUPS Y11, 96(AX)
+	ADDQ DX, AX
+	VMOVUPS Y12, 0(AX)
+	VMOVUPS Y13, 32(AX)
+	VMOVUPS Y14, 64(AX)
+	VMOVUPS Y15, 96(AX)
 	VZEROUPPER
 	RET
