@@ -9,6 +9,8 @@ const (
 	CondProgressing = "Progressing"
 	// CondDegraded is True when something needs attention; its reason says what.
 	CondDegraded = "Degraded"
+	// CondSLOMet compares status.observed with spec.slo; absent when the spec sets no SLO.
+	CondSLOMet = "SLOMet"
 )
 
 // Condition reasons. Degraded reasons double as Warning event reasons.
@@ -25,6 +27,11 @@ const (
 	ReasonCrashLooping    = "PodsCrashLooping"
 	ReasonImagePull       = "ImagePullFailed"
 	ReasonRolloutStalled  = "RolloutStalled" // the Deployment exceeded its progress deadline
+	ReasonNoStats         = "NoStats"        // SLOMet Unknown: no worker has reported tokens yet
+	ReasonWithinSLO       = "WithinSLO"
+	ReasonLatencyHigh     = "LatencyAboveSLO"
+	ReasonDepthHigh       = "DepthAboveSLO"
+	ReasonAgreementLow    = "AgreementBelowSLO"
 )
 
 // Event reasons (past tense) for things that happened, besides the Degraded reasons above.

@@ -78,11 +78,15 @@ func TestObservedStats(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t)
 	srv := startNATS(t)
-	if err := k8s.Create(ctx, newLoopModel(ns, "stats", srv.url())); err != nil {
+	lm := newLoopModel(ns, "stats", srv.url())
+	maxDepth := 3.5
+	lm.Spec.SLO.MaxMeanDepth = &maxDepth
+	if err := k8s.Create(ctx, lm); err != nil {
 		t.Fatal(err)
 	}
 	r := bus.Ref{Namespace: ns, Name: "stats"}
 	await(t, waitLong, "queue in place", conditionIs(ns, "stats", CondDegraded, metav1.ConditionFalse, ReasonAsExpected))
+	await(t, waitLong, "SLO unknown without stats", conditionIs(ns, "stats", CondSLOMet, metav1.ConditionUnknown, ReasonNoStats))
 
 	nc, _ := srv.js()
 	publish := func(s bus.StatsSnapshot) {
@@ -106,4 +110,35 @@ func TestObservedStats(t *testing.T) {
 		}
 		return nil
 	})
+	await(t, waitLong, "SLO met", conditionIs(ns, "stats", CondSLOMet, metav1.ConditionTrue, ReasonWithinSLO))
+}
+
+func TestSLOCondition(t *testing.T) {
+	ms := func(n int) *metav1.Duration { return &metav1.Duration{Duration: time.Duration(n) * time.Millisecond} }
+	f := func(x float64) *float64 { return &x }
+	observed := &v1alpha1.ObservedStats{MeanDepth: 2.5, TokenLatencyP95: ms(40), Agreement: 0.96}
+	tests := []struct {
+		name   string
+		slo    v1alpha1.SLOSpec
+		obs    *v1alpha1.ObservedStats
+		status metav1.ConditionStatus
+		reason string // "" when no condition
+	}{
+		{"no SLO", v1alpha1.SLOSpec{}, observed, "", ""},
+		{"no stats", v1alpha1.SLOSpec{MaxMeanDepth: f(3)}, nil, metav1.ConditionUnknown, ReasonNoStats},
+		{"met", v1alpha1.SLOSpec{TokenLatencyP95: ms(50), MaxMeanDepth: f(3), MinAgreement: f(0.95)}, observed, metav1.ConditionTrue, ReasonWithinSLO},
+		{"slow", v1alpha1.SLOSpec{TokenLatencyP95: ms(30), MaxMeanDepth: f(3)}, observed, metav1.ConditionFalse, ReasonLatencyHigh},
+		{"deep", v1alpha1.SLOSpec{MaxMeanDepth: f(2)}, observed, metav1.ConditionFalse, ReasonDepthHigh},
+		{"disagreeing", v1alpha1.SLOSpec{MinAgreement: f(0.99)}, observed, metav1.ConditionFalse, ReasonAgreementLow},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			lm := defaulted()
+			lm.Spec.SLO, lm.Status.Observed = tt.slo, tt.obs
+			c, ok := sloCondition(lm)
+			if ok != (tt.reason != "") || c.Status != tt.status || c.Reason != tt.reason {
+				t.Errorf("sloCondition = %v %s/%s (%s), want %s/%s", ok, c.Status, c.Reason, c.Message, tt.status, tt.reason)
+			}
+		})
+	}
 }

@@ -128,6 +128,11 @@ func (r *LoopModelReconciler) setStatus(lm *v1alpha1.LoopModel, p *plan, ro roll
 			st.Observed = obs
 		}
 	}
+	if c, ok := sloCondition(lm); ok {
+		r.setCondition(lm, c)
+	} else {
+		meta.RemoveStatusCondition(&st.Conditions, CondSLOMet)
+	}
 	if natsErr == nil {
 		st.ExitThreshold = p.tau
 		st.ObservedGeneration = lm.Generation
@@ -166,4 +171,29 @@ func (r *LoopModelReconciler) setCondition(lm *v1alpha1.LoopModel, c metav1.Cond
 	case c.Type == CondProgressing && c.Status == metav1.ConditionFalse && old != nil && old.Status == metav1.ConditionTrue:
 		r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventRolledOut, "Rollout", "%s", c.Message)
 	}
+}
+
+// sloCondition compares the observed statistics with the spec's SLO; ok is false when the
+// spec sets no objective. The first objective missed names the reason.
+func sloCondition(lm *v1alpha1.LoopModel) (metav1.Condition, bool) {
+	slo, obs := lm.Spec.SLO, lm.Status.Observed
+	if slo.TokenLatencyP95 == nil && slo.MaxMeanDepth == nil && slo.MinAgreement == nil {
+		return metav1.Condition{}, false
+	}
+	if obs == nil {
+		return cond(lm, CondSLOMet, metav1.ConditionUnknown, ReasonNoStats, "no worker has reported generated tokens yet"), true
+	}
+	if t := slo.TokenLatencyP95; t != nil && obs.TokenLatencyP95 != nil && obs.TokenLatencyP95.Duration > t.Duration {
+		return cond(lm, CondSLOMet, metav1.ConditionFalse, ReasonLatencyHigh,
+			fmt.Sprintf("P95 inter-token latency %v exceeds %v", obs.TokenLatencyP95.Duration, t.Duration)), true
+	}
+	if d := slo.MaxMeanDepth; d != nil && obs.MeanDepth > *d {
+		return cond(lm, CondSLOMet, metav1.ConditionFalse, ReasonDepthHigh,
+			fmt.Sprintf("mean depth %g exceeds %g", obs.MeanDepth, *d)), true
+	}
+	if a := slo.MinAgreement; a != nil && obs.Agreement < *a {
+		return cond(lm, CondSLOMet, metav1.ConditionFalse, ReasonAgreementLow,
+			fmt.Sprintf("probe agreement %g is below %g", obs.Agreement, *a)), true
+	}
+	return cond(lm, CondSLOMet, metav1.ConditionTrue, ReasonWithinSLO, "observed latency, depth and agreement meet the SLO"), true
 }
