@@ -1,0 +1,34 @@
+package engine_test
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/loopserve/loopserve/runtime/engine"
+)
+
+// BenchmarkDepthCompaction decodes 8 sequences at once on the trained tiny model in Exact mode
+// and in Fast mode at τ=0.5: the Fast run's time per token should shrink with its loop steps
+// per token (reported), since exited tokens leave the batch.
+func BenchmarkDepthCompaction(b *testing.B) {
+	m, g := loadGolden(b, "ouro-tiny-arith")
+	for _, mode := range []engine.Mode{engine.Exact, engine.Fast} {
+		b.Run(mode.String(), func(b *testing.B) {
+			var steps, toks uint64
+			for b.Loop() {
+				e := newEngine(b, m, engine.Options{Mode: mode, MaxBatch: 8, Threshold: 0.5})
+				var reqs []engine.Request
+				for i := 0; i < 8; i++ {
+					p := g.ids(b, i%len(g.json.Prompts))
+					reqs = append(reqs, engine.Request{ID: fmt.Sprint(i), Prompt: p[max(0, len(p)-8):], MaxTokens: 32, IgnoreEOS: true})
+				}
+				runBatched(b, e, reqs)
+				st := e.Stats()
+				steps += st.LoopSteps
+				toks += st.DecodeTokens
+			}
+			b.ReportMetric(float64(steps)/float64(toks), "steps/token")
+			b.ReportMetric(float64(toks)/b.Elapsed().Seconds(), "tok/s")
+		})
+	}
+}
