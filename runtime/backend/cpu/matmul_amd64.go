@@ -1,5 +1,7 @@
 package cpu
 
+//go:generate go run fast_gen.go
+
 import (
 	"unsafe"
 
