@@ -17,7 +17,8 @@ import (
 )
 
 // TestNATSRestartMidLoad restarts the NATS server (same store, same port) while accepted
-// requests are queued and generating; every one of them must still complete, correctly.
+// requests are queued and generating; every one of them must still complete, correctly. Requests
+// sent while it is down may be refused, but never accepted and lost.
 func TestNATSRestartMidLoad(t *testing.T) {
 	c := newCluster(t, clusterOptions{queue: bus.QueueOptions{AckWait: 2 * time.Second, MaxAckPending: 4}})
 	gen := newGenerator(t)
@@ -53,9 +54,28 @@ func TestNATSRestartMidLoad(t *testing.T) {
 	})
 	c.srv.Shutdown()
 	c.srv.WaitForShutdown()
+	// Requests sent during the outage are either refused (not accepted: 503) or served in full.
+	const during = 4
+	late := make([]result, during)
+	lateErrs := make([]error, during)
+	for i := range during {
+		wg.Go(func() { late[i], lateErrs[i] = post(ctx, c.gw.URL, "/v1/completions", body(i)) })
+	}
 	time.Sleep(300 * time.Millisecond) // clients notice the outage
 	c.startServer()
 	wg.Wait()
+	for i := range during {
+		switch {
+		case lateErrs[i] != nil:
+			t.Errorf("request %d sent during the outage: %v", i, lateErrs[i])
+		case late[i].Status == http.StatusServiceUnavailable:
+			t.Logf("request %d sent during the outage was refused: %s", i, late[i].Error)
+		default:
+			if d := cmp.Diff(late[i], want[i], cmpIgnoreChunks); d != "" {
+				t.Errorf("request %d sent during the outage (-got +want):\n%s", i, d)
+			}
+		}
+	}
 	for i := range n {
 		if errs[i] != nil {
 			t.Errorf("request %d: %v", i, errs[i])
