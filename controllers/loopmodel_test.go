@@ -367,3 +367,60 @@ func TestMissingPVCIsReported(t *testing.T) {
 	}
 	await(t, waitLong, "no longer Degraded", conditionIs(ns, "pvcmodel", CondDegraded, metav1.ConditionFalse, ReasonAsExpected))
 }
+
+// TestUnservableSpecReported: a LoopModel the CRD accepts but whose Deployment the API server
+// refuses (requests above limits) is reported as InvalidSpec in status, and fixing the spec
+// lets it proceed; the operator keeps running throughout.
+func TestUnservableSpecReported(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t)
+	srv := startNATS(t)
+	lm := newLoopModel(ns, "greedy", srv.url())
+	lm.Spec.Runtime.Resources = corev1.ResourceRequirements{
+		Requests: corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("2Gi")},
+		Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("1Gi")},
+	}
+	if err := k8s.Create(ctx, lm); err != nil {
+		t.Fatalf("creating LoopModel: %v", err)
+	}
+	await(t, waitLong, "InvalidSpec", conditionIs(ns, "greedy", CondDegraded, metav1.ConditionTrue, ReasonInvalidSpec))
+	for _, c := range getLoopModel(t, ns, "greedy").Status.Conditions {
+		if c.Type == CondDegraded && !strings.Contains(c.Message, "must be less than or equal to memory limit") {
+			t.Errorf("Degraded message %q does not carry the API server's reason", c.Message)
+		}
+	}
+	await(t, waitLong, "InvalidSpec event", hasEvent(ns, "greedy", ReasonInvalidSpec))
+	updateLoopModel(t, ns, "greedy", func(lm *v1alpha1.LoopModel) {
+		lm.Spec.Runtime.Resources.Limits[corev1.ResourceMemory] = resource.MustParse("4Gi")
+	})
+	await(t, waitLong, "Deployment after the fix", exists(&appsv1.Deployment{}, ns, "greedy-worker"))
+	await(t, waitLong, "no longer Degraded", conditionIs(ns, "greedy", CondDegraded, metav1.ConditionFalse, ReasonAsExpected))
+}
+
+// TestModelSourcesAccepted: the image-volume and URL sources produce Deployments the API
+// server accepts (the fetch init container and the image volume are valid pod specs).
+func TestModelSourcesAccepted(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t)
+	srv := startNATS(t)
+	sources := map[string]v1alpha1.ModelSource{
+		"from-image": {Image: &v1alpha1.ImageSource{Reference: "registry.example/models/ouro-tiny:1"}},
+		"from-url":   {URL: &v1alpha1.URLSource{URL: "https://models.example/ouro-tiny.tar.gz"}},
+	}
+	for name, src := range sources {
+		lm := newLoopModel(ns, name, srv.url())
+		lm.Spec.Model.Source = src
+		if err := k8s.Create(ctx, lm); err != nil {
+			t.Fatalf("creating %s: %v", name, err)
+		}
+	}
+	var dep appsv1.Deployment
+	await(t, waitLong, "image-volume Deployment", exists(&dep, ns, "from-image-worker"))
+	if v := dep.Spec.Template.Spec.Volumes[0].Image; v == nil || v.Reference != "registry.example/models/ouro-tiny:1" {
+		t.Errorf("model volume = %+v, want the image volume", dep.Spec.Template.Spec.Volumes[0])
+	}
+	await(t, waitLong, "URL Deployment", exists(&dep, ns, "from-url-worker"))
+	if ic := dep.Spec.Template.Spec.InitContainers; len(ic) != 1 || ic[0].Image != "curlimages/curl:8.11.1" {
+		t.Errorf("init containers = %+v, want the default fetch image", ic)
+	}
+}
