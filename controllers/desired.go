@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"path"
 	"strconv"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -47,6 +48,9 @@ const (
 	// workerBatch is the requests one worker takes at once; the consumer's MaxAckPending is
 	// this times maxReplicas, so scaling within bounds needs no consumer update.
 	workerBatch = 8
+	// terminationGrace lets a stopping worker finish requests in flight (--drain, 10s less)
+	// before it hands the rest back to the queue.
+	terminationGrace = 60 * time.Second
 )
 
 // defaults are the operator-wide settings a LoopModel may leave empty.
@@ -173,6 +177,7 @@ func workerArgs(lm *v1alpha1.LoopModel, d defaults) []string {
 		"--kv-policy", string(cmp.Or(lm.Spec.Loop.KVPolicy, v1alpha1.KVFull)),
 		"--probe-fraction", strconv.FormatFloat(ptr.Deref(lm.Spec.Loop.ProbeFraction, 0), 'g', -1, 64),
 		"--capacity", strconv.Itoa(workerBatch),
+		"--drain", (terminationGrace - 10*time.Second).String(),
 	}
 }
 
@@ -311,7 +316,7 @@ func desiredDeployment(lm *v1alpha1.LoopModel, d defaults) (*appsv1.Deployment, 
 					},
 					AutomountServiceAccountToken:  ptr.To(false),
 					EnableServiceLinks:            ptr.To(false),
-					TerminationGracePeriodSeconds: ptr.To[int64](60),
+					TerminationGracePeriodSeconds: ptr.To(int64(terminationGrace / time.Second)),
 					NodeSelector:                  rt.NodeSelector,
 					Tolerations:                   rt.Tolerations,
 					InitContainers:                inits,
