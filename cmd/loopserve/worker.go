@@ -92,7 +92,11 @@ publishes token chunks (with per-token loop depth) to each request's reply subje
 It shares the durable consumer "workers" with the LoopModel's other workers, takes at most
 --capacity requests at a time, keeps them with InProgress heartbeats and acks each one only once
 the gateway holds its whole output. It publishes depth statistics on loopserve.stats.<ns>.<name>
-and applies thresholds received on loopserve.ctl.<ns>.<name> at once.`,
+and applies thresholds received on loopserve.ctl.<ns>.<name> at once.
+
+Run the NATS servers with "jetstream { sync_interval: always }": with the default two-minute
+fsync, Jepsen's analysis of NATS 2.12.1 lost acknowledged messages on crashes, and a request the
+gateway accepted must not vanish.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			r, err := bus.ParseRef(ref)
