@@ -15,6 +15,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv1 "k8s.io/api/autoscaling/v1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/util/retry"
@@ -286,11 +287,15 @@ func TestNATSNeverReachable(t *testing.T) {
 	if err := k8s.Delete(ctx, getLoopModel(t, ns, "nowhere")); err != nil {
 		t.Fatalf("deleting: %v", err)
 	}
-	// Deletion waits for NATS...
-	time.Sleep(300 * time.Millisecond) // a negative check: give the operator a few retries
-	if err := gone(&v1alpha1.LoopModel{}, ns, "nowhere")(); err == nil {
-		t.Fatal("LoopModel deleted without NATS cleanup")
-	}
+	// Deletion waits for NATS, and says so...
+	await(t, waitLong, "deletion held", func() error {
+		lm := getLoopModel(t, ns, "nowhere")
+		c := meta.FindStatusCondition(lm.Status.Conditions, CondDegraded)
+		if lm.DeletionTimestamp.IsZero() || c == nil || !strings.Contains(c.Message, "deletion waits for NATS cleanup") {
+			return fmt.Errorf("deletion %v, Degraded %+v", lm.DeletionTimestamp, c)
+		}
+		return nil
+	})
 	// ...unless told to skip it.
 	updateLoopModel(t, ns, "nowhere", func(lm *v1alpha1.LoopModel) {
 		metav1.SetMetaDataAnnotation(&lm.ObjectMeta, AnnotationSkipNATSCleanup, "true")
