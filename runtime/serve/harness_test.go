@@ -53,6 +53,7 @@ type cluster struct {
 	reg      *prometheus.Registry
 	metrics  *Metrics
 	wg       sync.WaitGroup
+	workers  map[string]*Worker
 }
 
 type clusterOptions struct {
@@ -178,6 +179,10 @@ func (c *cluster) startWorker(name string, gen Generator, o WorkerOptions) (stop
 	if err != nil {
 		c.t.Fatal(err)
 	}
+	if c.workers == nil {
+		c.workers = make(map[string]*Worker)
+	}
+	c.workers[name] = w
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	c.wg.Go(func() {

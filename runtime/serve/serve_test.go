@@ -610,3 +610,38 @@ func TestWorkerDrainOnStop(t *testing.T) {
 		})
 	}
 }
+
+// TestClientGoneStopsGeneration cancels a streaming client mid-generation: the gateway tells the
+// worker, which stops generating, drops the request from the queue and keeps no state for it.
+func TestClientGoneStopsGeneration(t *testing.T) {
+	c := newCluster(t, clusterOptions{})
+	c.startWorker("w1", slowGenerator{newGenerator(t), 20 * time.Millisecond}, WorkerOptions{})
+	w := c.workers["w1"]
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = post(ctx, c.gw.URL, "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": arithPrompt,
+			"max_tokens": 500, "stream": true, "exit_threshold": 1}) // 500 tokens take 10s here
+	}()
+	awaitCond(t, func() bool { return tokensGenerated(t, c) > 0 })
+	cancel()
+	<-done
+	start := time.Now()
+	awaitCond(t, func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return len(w.cancels) == 0 && len(w.histories) == 0
+	})
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("the worker generated for %s after the client left", took)
+	}
+	js, _ := jetstream.New(c.connect("check"))
+	awaitCond(t, func() bool {
+		s, err := js.Stream(context.Background(), c.ref.Stream())
+		return err == nil && s.CachedInfo().State.Msgs == 0
+	})
+	if n := tokensGenerated(t, c); n >= 500 {
+		t.Errorf("generated %v tokens: the request ran to its end", n)
+	}
+}

@@ -314,6 +314,7 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 	defer func() {
 		w.mu.Lock()
 		delete(w.cancels, job.ID)
+		delete(w.histories, job.ID)
 		w.mu.Unlock()
 	}()
 
@@ -530,11 +531,6 @@ func (w *Worker) send(reply string, c Chunk) {
 // finish sends the final chunk as a request and resends whatever the gateway reports missing.
 // It returns false only when the worker is stopping (the message must then stay un-acked).
 func (w *Worker) finish(ctx context.Context, reply string, final Chunk) bool {
-	defer func() {
-		w.mu.Lock()
-		delete(w.histories, final.ID)
-		w.mu.Unlock()
-	}()
 	b, _ := json.Marshal(final)
 	deadline := time.Now().Add(30 * time.Second)
 	var silentSince time.Time
@@ -589,7 +585,13 @@ const noResponderGrace = 3 * time.Second
 // chunkHistory holds one request's published chunks in index order.
 type chunkHistory struct{ chunks []Chunk }
 
-func (h *chunkHistory) add(c Chunk) { h.chunks = append(h.chunks, c) }
+func (h *chunkHistory) add(c Chunk) {
+	if c.Index < len(h.chunks) { // the same request running twice here (a redelivery)
+		h.chunks[c.Index] = c
+		return
+	}
+	h.chunks = append(h.chunks, c)
+}
 
 func (h *chunkHistory) from(i int) []Chunk {
 	if i < 0 || i >= len(h.chunks) {
