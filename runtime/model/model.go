@@ -216,6 +216,9 @@ func (m *Model) bind(where map[string]*File, progress func(Progress)) error {
 		var sink byte
 		for i := 0; i < len(t.Data); i += 4096 {
 			sink ^= t.Data[i]
+			if progress != nil && i > 0 && i%(32<<20) == 0 {
+				progress(Progress{File: f.Path, Done: done + int64(i), Total: total})
+			}
 		}
 		pageSink.Add(uint32(sink)) // a global store, so the reads are not optimised away
 		done += int64(len(t.Data))
