@@ -188,6 +188,16 @@ func TestMalformedRequestsNeverReachWorker(t *testing.T) {
 	if resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("/v1/models without token: %d", resp.StatusCode)
 	}
+	req, _ := http.NewRequest(http.MethodGet, c.gw.URL+"/v1/models", nil)
+	req.Header.Set("Authorization", "Bearer s3cret")
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("/v1/models with the token: %d", resp.StatusCode)
+	}
 }
 
 // TestWorkerRejectsPromptOverContext checks the one validation only a worker can do: the prompt's
@@ -288,11 +298,23 @@ func TestModelsFollowRegistry(t *testing.T) {
 	if d := cmp.Diff(list(), []string{"default/ouro-tiny-arith", "team-b/big"}); d != "" {
 		t.Errorf("models after put (-got +want):\n%s", d)
 	}
+	other.Ready = false
+	if err := bus.PutModel(ctx, kv, other); err != nil {
+		t.Fatal(err)
+	}
+	awaitCond(t, func() bool { e, _ := c.gateway.lookup("team-b/big"); return !e.Ready })
+	got, err := post(ctx, c.gw.URL, "/v1/completions", map[string]any{"model": "team-b/big", "prompt": "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Status != http.StatusServiceUnavailable || got.RetryAfter == "" {
+		t.Errorf("model not ready: status %d Retry-After %q, want 503 with Retry-After", got.Status, got.RetryAfter)
+	}
 	if err := bus.DeleteModel(ctx, kv, other.Ref()); err != nil {
 		t.Fatal(err)
 	}
 	c.awaitModel("team-b/big", false)
-	got, err := post(ctx, c.gw.URL, "/v1/completions", map[string]any{"model": "team-b/big", "prompt": "x"})
+	got, err = post(ctx, c.gw.URL, "/v1/completions", map[string]any{"model": "team-b/big", "prompt": "x"})
 	if err != nil {
 		t.Fatal(err)
 	}
