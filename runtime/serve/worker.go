@@ -281,8 +281,8 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 	}
 }
 
-// handle runs one request to its end. Its context is the worker's: when that ends the request
-// is abandoned without an ack (JetStream redelivers it).
+// handle runs one request to its end. When ctx ends first (the worker stopping, after any
+// drain) the request is left un-acked, or handed back with Nak when the worker drains.
 func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.Duration) {
 	reply := msg.Headers().Get(HeaderReply)
 	job, err := decodeJob(msg.Data())
@@ -304,7 +304,9 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 	w.mu.Lock()
 	_, gone := w.gone[job.ID]
 	delete(w.gone, job.ID)
-	w.cancels[job.ID] = stop
+	if !gone {
+		w.cancels[job.ID] = stop
+	}
 	w.mu.Unlock()
 	if gone {
 		log.Debug("dropping a request its client abandoned")
