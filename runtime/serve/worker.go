@@ -376,8 +376,8 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 	}
 }
 
-// generate runs the engine for a job, publishing token chunks, and returns the final chunk
-// (not yet sent). Chunks already published are kept in the returned chunk's history for resends.
+// generate runs the engine for a job, publishing token chunks (kept in the worker's history for
+// resends), and returns the final chunk, not yet sent.
 func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 	bad := func(code, param, format string, a ...any) Chunk {
 		return Chunk{ID: job.ID, Done: true, Error: &ChunkError{Status: http.StatusBadRequest, Type: "invalid_request_error",
@@ -453,7 +453,7 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 				if ctx.Err() != nil {
 					return Chunk{ID: job.ID, Done: true}
 				}
-				return Chunk{ID: job.ID, Done: true, Error: &ChunkError{Status: http.StatusInternalServerError, Type: "server_error", Message: ev.Err.Error()}}
+				return Chunk{ID: job.ID, Done: true, Error: engineError(ev.Err)}
 			}
 			finish = ev.Finish
 			break
@@ -514,7 +514,17 @@ func isStop(id int, stops []int) bool {
 }
 
 func submitError(err error) *ChunkError {
+	if errors.Is(err, engine.ErrInvalidRequest) {
+		return &ChunkError{Status: http.StatusBadRequest, Type: "invalid_request_error", Message: err.Error()}
+	}
 	return &ChunkError{Status: http.StatusServiceUnavailable, Type: "server_error", Message: fmt.Sprintf("submitting to the engine: %v", err)}
+}
+
+func engineError(err error) *ChunkError {
+	if errors.Is(err, engine.ErrInvalidRequest) {
+		return &ChunkError{Status: http.StatusBadRequest, Type: "invalid_request_error", Message: err.Error()}
+	}
+	return &ChunkError{Status: http.StatusInternalServerError, Type: "server_error", Message: err.Error()}
 }
 
 func (w *Worker) send(reply string, c Chunk) {
