@@ -25,10 +25,18 @@ type NATSPool struct {
 	DialTimeout time.Duration
 	// ReconnectWait is the pause between reconnection attempts (1s when zero).
 	ReconnectWait time.Duration
+	// IdleClose closes a connection no LoopModel asked for this long, e.g. after its URL
+	// changed (30m when zero; keep it above the reconciler's resync period).
+	IdleClose time.Duration
 
 	mu     sync.Mutex
-	conns  map[string]*nats.Conn
+	conns  map[string]*pooledConn
 	closed bool
+}
+
+type pooledConn struct {
+	nc       *nats.Conn
+	lastUsed time.Time
 }
 
 // Conn returns a connected connection to url, authenticating with creds (the content of a NATS
@@ -42,15 +50,23 @@ func (p *NATSPool) Conn(ctx context.Context, url string, creds []byte) (*nats.Co
 	if p.closed {
 		return nil, fmt.Errorf("%w: pool closed", ErrNATSUnreachable)
 	}
-	if nc, ok := p.conns[key]; ok {
-		switch nc.Status() {
+	now := time.Now()
+	for k, pc := range p.conns {
+		if k != key && now.Sub(pc.lastUsed) > cmp.Or(p.IdleClose, 30*time.Minute) {
+			pc.nc.Close()
+			delete(p.conns, k)
+		}
+	}
+	if pc, ok := p.conns[key]; ok {
+		pc.lastUsed = now
+		switch pc.nc.Status() {
 		case nats.CONNECTED:
-			return nc, nil
+			return pc.nc, nil
 		case nats.CLOSED:
 			delete(p.conns, key)
 		default:
 			// Reconnecting in the background: report the outage now rather than wait for it.
-			return nil, fmt.Errorf("%w: %s is %s", ErrNATSUnreachable, url, nc.Status())
+			return nil, fmt.Errorf("%w: %s is %s", ErrNATSUnreachable, url, pc.nc.Status())
 		}
 	}
 	opts := []nats.Option{
@@ -80,9 +96,9 @@ func (p *NATSPool) Conn(ctx context.Context, url string, creds []byte) (*nats.Co
 		return nil, fmt.Errorf("%w: connecting to %s: %w", ErrNATSUnreachable, url, err)
 	}
 	if p.conns == nil {
-		p.conns = make(map[string]*nats.Conn)
+		p.conns = make(map[string]*pooledConn)
 	}
-	p.conns[key] = nc
+	p.conns[key] = &pooledConn{nc: nc, lastUsed: now}
 	return nc, nil
 }
 
@@ -90,8 +106,8 @@ func (p *NATSPool) Conn(ctx context.Context, url string, creds []byte) (*nats.Co
 func (p *NATSPool) Close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for k, nc := range p.conns {
-		nc.Close()
+	for k, pc := range p.conns {
+		pc.nc.Close()
 		delete(p.conns, k)
 	}
 	p.closed = true
