@@ -345,3 +345,9 @@ func registryEntry(lm *v1alpha1.LoopModel, tau float64, ready bool) bus.ModelEnt
 func queueOptions(lm *v1alpha1.LoopModel) bus.QueueOptions {
 	return bus.QueueOptions{MaxAckPending: workerBatch * int(max(lm.Spec.Scaling.MaxReplicas, 1))}
 }
+
+// DesiredDeployment is the worker Deployment the operator applies for lm, given the operator's
+// default NATS URL and worker image (without owner reference). For tools and contract tests.
+func DesiredDeployment(lm *v1alpha1.LoopModel, natsURL, workerImage string) (*appsv1.Deployment, error) {
+	return desiredDeployment(lm, defaults{NATSURL: natsURL, Image: workerImage})
+}
