@@ -216,7 +216,10 @@ func (b *batcher) iterate(seqs []*sequence) {
 		b.active = b.active[:keep]
 		e.observeStep(time.Since(start))
 	}
-	logits := r.lmHead(b.exitH[:nWant*H], nWant)
+	var logits []float32 // [nWant, vocab]; none in a prefill chunk that is not the last
+	if nWant > 0 {
+		logits = r.lmHead(b.exitH[:nWant*H], nWant)
+	}
 	e.count(func(cn *Counters) {
 		cn.Iterations++
 		cn.BatchRows += uint64(nRows)

@@ -71,11 +71,17 @@ func (b *Backend) parallelGrain(total, work, grain int, fn func(lo, hi int)) {
 // MatMul implements engine.Backend.
 func (b *Backend) MatMul(out, x []float32, n int, w *model.Matrix) {
 	rows, cols := w.Rows, w.Cols
+	if n <= 0 {
+		return
+	}
 	b.parallelGrain(rows, rows*cols*n, 4, func(lo, hi int) { matRows(out, x, n, w, lo, hi, rows, cols) })
 }
 
 // MultiMatMul implements engine.MultiMatMuler: the rows of all weights form one index space.
 func (b *Backend) MultiMatMul(outs [][]float32, x []float32, n int, ws []*model.Matrix) {
+	if n <= 0 {
+		return
+	}
 	total, work := 0, 0
 	for _, w := range ws {
 		total += w.Rows

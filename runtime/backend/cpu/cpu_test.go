@@ -77,6 +77,9 @@ func TestKernelsMatchReference(t *testing.T) {
 			closeTo(t, "MultiMatMul[1]", outs[1], want2, 1e-5)
 		}
 	}
+	// An empty batch is a no-op (a prefill chunk that needs no logits).
+	be.MatMul(nil, nil, 0, randMatrix(r, 1024, 64, true))
+	be.MultiMatMul([][]float32{nil}, nil, 0, []*model.Matrix{randMatrix(r, 8, 64, true)})
 	for _, n := range []int{1, 5, 300} {
 		d := 64
 		x, wt := randVec(r, n*d), randVec(r, d)
