@@ -91,8 +91,28 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) { g.mux.Serv
 // Ready is closed once the registry's entries present at start are loaded.
 func (g *Gateway) Ready() <-chan struct{} { return g.ready }
 
-// Run follows the registry until ctx ends.
+// Run follows the registry until ctx ends. After a reconnection (a NATS restart loses the
+// watcher's consumer) it watches again from scratch, so entries changed meanwhile are seen.
 func (g *Gateway) Run(ctx context.Context) error {
+	status := g.nc.StatusChanged(nats.CONNECTED)
+	defer g.nc.RemoveStatusListener(status)
+	for {
+		err := g.follow(ctx, status)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if !errors.Is(err, errReconnected) {
+			g.log.Warn("following the model registry", "err", err)
+			sleepCtx(ctx, 500*time.Millisecond)
+		}
+	}
+}
+
+var errReconnected = errors.New("reconnected to NATS")
+
+// follow watches the registry until ctx ends (nil), the connection is re-established
+// (errReconnected) or the watch fails. The map is replaced once the current values are in.
+func (g *Gateway) follow(ctx context.Context, status <-chan nats.Status) error {
 	kv, err := bus.Registry(ctx, g.js)
 	if err != nil {
 		return err
@@ -101,31 +121,43 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("watching %s: %w", bus.RegistryBucket, err)
 	}
-	defer watcher.Stop()
+	defer func() { _ = watcher.Stop() }()
+	fresh := make(map[string]bus.ModelEntry)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-status:
+			return errReconnected
 		case e, ok := <-watcher.Updates():
 			if !ok {
-				return nil
+				return fmt.Errorf("watching %s: updates ended", bus.RegistryBucket)
 			}
 			if e == nil { // the current values are all in
-				g.once.Do(func() { close(g.ready) })
+				if fresh != nil {
+					g.mu.Lock()
+					g.models, fresh = fresh, nil
+					g.mu.Unlock()
+					g.once.Do(func() { close(g.ready) })
+				}
 				continue
 			}
-			g.apply(e)
+			if fresh != nil {
+				g.apply(fresh, e)
+				continue
+			}
+			g.mu.Lock()
+			g.apply(g.models, e)
+			g.mu.Unlock()
 		}
 	}
 }
 
-func (g *Gateway) apply(e jetstream.KeyValueEntry) {
+func (g *Gateway) apply(models map[string]bus.ModelEntry, e jetstream.KeyValueEntry) {
 	ns, name, _ := strings.Cut(e.Key(), ".")
 	id := bus.Ref{Namespace: ns, Name: name}.String()
-	g.mu.Lock()
-	defer g.mu.Unlock()
 	if e.Operation() != jetstream.KeyValuePut {
-		delete(g.models, id)
+		delete(models, id)
 		return
 	}
 	m, err := bus.DecodeModel(e.Value())
@@ -133,7 +165,7 @@ func (g *Gateway) apply(e jetstream.KeyValueEntry) {
 		g.log.Warn("ignoring registry entry", "key", e.Key(), "err", err)
 		return
 	}
-	g.models[m.ID()] = m
+	models[m.ID()] = m
 }
 
 // lookup finds a model by "<ns>/<name>", or by bare name when only one namespace has it.

@@ -76,6 +76,15 @@ func TestNATSRestartMidLoad(t *testing.T) {
 			}
 		}
 	}
+	// The gateway still follows the registry.
+	kv, err := bus.Registry(ctx, js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.PutModel(ctx, kv, bus.ModelEntry{Namespace: "default", Name: "after-restart", ContextLength: 64, MaxSteps: 4, Ready: true}); err != nil {
+		t.Fatal(err)
+	}
+	c.awaitModel("default/after-restart", true)
 	for i := range n {
 		if errs[i] != nil {
 			t.Errorf("request %d: %v", i, errs[i])
