@@ -29,6 +29,9 @@ func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopMod
 	if err != nil {
 		return fmt.Errorf("opening JetStream on %s: %w", p.resolved.NATSURL, err)
 	}
+	if err := checkStreamOwner(ctx, js, ref(lm)); err != nil {
+		return err
+	}
 	if _, err := bus.EnsureQueue(ctx, js, ref(lm), queueOptions(lm)); err != nil {
 		return err
 	}
@@ -135,3 +138,22 @@ func sameEntry(a, b bus.ModelEntry) bool {
 
 // sameThreshold treats thresholds within 1e-9 as equal: they round-trip through JSON.
 func sameThreshold(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
+
+// ErrStreamTaken reports a stream name already used by another LoopModel's subject: stream
+// names fold dashes into underscores, so "a-b/c" and "a/b-c" map to the same stream, and
+// updating it would steal the other model's queue.
+var ErrStreamTaken = errors.New("stream name taken by another LoopModel")
+
+func checkStreamOwner(ctx context.Context, js jetstream.JetStream, r bus.Ref) error {
+	s, err := js.Stream(ctx, r.Stream())
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading stream %s: %w", r.Stream(), err)
+	}
+	if subj := s.CachedInfo().Config.Subjects; len(subj) != 1 || subj[0] != r.RequestSubject() {
+		return fmt.Errorf("%w: %s serves %v, not %s", ErrStreamTaken, r.Stream(), subj, r.RequestSubject())
+	}
+	return nil
+}

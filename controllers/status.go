@@ -168,7 +168,9 @@ func (r *LoopModelReconciler) setCondition(lm *v1alpha1.LoopModel, c metav1.Cond
 	switch {
 	case c.Type == CondDegraded && c.Status == metav1.ConditionTrue:
 		r.Events.Eventf(lm, nil, corev1.EventTypeWarning, c.Reason, "Reconcile", "%s", c.Message)
-	case c.Type == CondProgressing && c.Status == metav1.ConditionFalse && old != nil && old.Status == metav1.ConditionTrue:
+	case c.Type == CondProgressing && c.Status == metav1.ConditionFalse && (old == nil || old.Status == metav1.ConditionTrue):
+		// old is nil for a first rollout, and also when the cache has not yet seen the
+		// status write that set Progressing: both are a finished rollout.
 		r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventRolledOut, "Rollout", "%s", c.Message)
 	}
 }
