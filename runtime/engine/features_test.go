@@ -335,7 +335,7 @@ func TestInvalidRequests(t *testing.T) {
 
 func TestCancelAndStop(t *testing.T) {
 	m := loadModel(t, "ouro-tiny-random")
-	e := newEngine(t, m, engine.Options{MaxBatch: 2})
+	e := newEngine(t, m, engine.Options{MaxBatch: 2, MaxContext: 1 << 16}) // long enough never to finish by itself
 	runCtx, stopRun := context.WithCancel(context.Background())
 	ran := make(chan error, 1)
 	go func() { ran <- e.Run(runCtx) }()
