@@ -10,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/loopserve/loopserve/api/v1alpha1"
 	"github.com/loopserve/loopserve/bus"
 )
 
@@ -98,5 +99,14 @@ func TestStreamNameCollision(t *testing.T) {
 	}
 	if subj := st.CachedInfo().Config.Subjects; len(subj) != 1 || subj[0] != refA.RequestSubject() {
 		t.Errorf("first LoopModel's stream now serves %v", subj)
+	}
+
+	// Deleting the refused LoopModel leaves the first one's stream alone.
+	if err := k8s.Delete(ctx, getLoopModel(t, nsB, "x-m")); err != nil {
+		t.Fatal(err)
+	}
+	await(t, waitLong, "refused LoopModel deleted", gone(&v1alpha1.LoopModel{}, nsB, "x-m"))
+	if _, err := js.Stream(ctx, refA.Stream()); err != nil {
+		t.Errorf("first LoopModel's stream after deleting the second: %v", err)
 	}
 }

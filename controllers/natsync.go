@@ -105,8 +105,15 @@ func (r *LoopModelReconciler) cleanupNATS(ctx context.Context, lm *v1alpha1.Loop
 	if err := bus.DeleteModel(ctx, kv, ref(lm)); err != nil {
 		return err
 	}
-	if err := bus.DeleteQueue(ctx, js, ref(lm)); err != nil {
+	switch err := checkStreamOwner(ctx, js, ref(lm)); {
+	case errors.Is(err, ErrStreamTaken):
+		// Another LoopModel's queue under a colliding name: not ours to delete.
+	case err != nil:
 		return err
+	default:
+		if err := bus.DeleteQueue(ctx, js, ref(lm)); err != nil {
+			return err
+		}
 	}
 	r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventQueueDeleted, "Cleanup",
 		"deleted stream %s and registry entry %s", ref(lm).Stream(), ref(lm).Key())
