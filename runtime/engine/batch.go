@@ -82,7 +82,9 @@ func (b *batcher) plan(s *sequence) {
 	depth = min(depth, e.deadlineDepth(s))
 	base := rowState{seq: s, maxDepth: depth, forced: forced, tau: float32(tau), chosen: -1, rest: 1, runAll: e.opts.Mode == Exact}
 	add := func(r rowState) {
-		r.cums = r.cums[:0]
+		if r.wantLogits {
+			r.cums = make([]float32, 0, R) // handed to the Token as is
+		}
 		b.rows = append(b.rows, r)
 	}
 	n := len(s.tokens) - 1 // positions already in the cache
@@ -241,7 +243,9 @@ func (b *batcher) gate(row *rowState, t int, h []float32) {
 		row.rest *= 1 - lam
 	}
 	row.cum += p
-	row.cums = append(row.cums, row.cum)
+	if row.wantLogits {
+		row.cums = append(row.cums, row.cum)
+	}
 	if row.chosen >= 0 {
 		return
 	}
@@ -368,7 +372,7 @@ func (b *batcher) finish(logits []float32) {
 
 // token builds the Token a row yields.
 func (b *batcher) token(row *rowState, id, steps int) Token {
-	t := Token{ID: id, Depth: row.chosen + 1, Cum: append([]float32(nil), row.cums...), Probe: row.probe, Steps: steps}
+	t := Token{ID: id, Depth: row.chosen + 1, Cum: row.cums, Probe: row.probe, Steps: steps}
 	if row.probe {
 		full := row.stepArg[len(row.stepArg)-1]
 		t.Agree = make([]bool, len(row.stepArg))
