@@ -3,10 +3,12 @@ package controllers
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -108,5 +110,44 @@ func TestStreamNameCollision(t *testing.T) {
 	await(t, waitLong, "refused LoopModel deleted", gone(&v1alpha1.LoopModel{}, nsB, "x-m"))
 	if _, err := js.Stream(ctx, refA.Stream()); err != nil {
 		t.Errorf("first LoopModel's stream after deleting the second: %v", err)
+	}
+}
+
+// TestNATSURLChangeMovesQueue: pointing a LoopModel at another NATS server creates its queue
+// and registry entry there and deletes them from the old server.
+func TestNATSURLChangeMovesQueue(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t)
+	oldSrv, newSrv := startNATS(t), startNATS(t)
+	if err := k8s.Create(ctx, newLoopModel(ns, "mover", oldSrv.url())); err != nil {
+		t.Fatal(err)
+	}
+	r := bus.Ref{Namespace: ns, Name: "mover"}
+	await(t, waitLong, "status names the old server", func() error {
+		if u := getLoopModel(t, ns, "mover").Status.NATSURL; u != oldSrv.url() {
+			return fmt.Errorf("status.natsURL = %q", u)
+		}
+		return nil
+	})
+	updateLoopModel(t, ns, "mover", func(lm *v1alpha1.LoopModel) { lm.Spec.NATS.URL = newSrv.url() })
+	await(t, waitLong, "status names the new server", func() error {
+		if u := getLoopModel(t, ns, "mover").Status.NATSURL; u != newSrv.url() {
+			return fmt.Errorf("status.natsURL = %q", u)
+		}
+		return nil
+	})
+	_, newJS := newSrv.js()
+	if _, err := newJS.Stream(ctx, r.Stream()); err != nil {
+		t.Errorf("stream on the new server: %v", err)
+	}
+	if _, err := newSrv.registryEntryOf(ctx, r); err != nil {
+		t.Errorf("registry entry on the new server: %v", err)
+	}
+	_, oldJS := oldSrv.js()
+	if _, err := oldJS.Stream(ctx, r.Stream()); !errors.Is(err, jetstream.ErrStreamNotFound) {
+		t.Errorf("stream on the old server: err = %v, want ErrStreamNotFound", err)
+	}
+	if _, err := oldSrv.registryEntryOf(ctx, r); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Errorf("registry entry on the old server: err = %v, want ErrKeyNotFound", err)
 	}
 }

@@ -1,6 +1,7 @@
 package controllers
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -21,6 +22,9 @@ import (
 func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopModel, p *plan, ready bool) error {
 	ctx, cancel := context.WithTimeout(ctx, r.natsTimeout())
 	defer cancel()
+	if old := lm.Status.NATSURL; old != "" && old != p.resolved.NATSURL {
+		r.retire(ctx, lm, old, p.creds)
+	}
 	nc, err := r.NATS.Conn(ctx, p.resolved.NATSURL, p.creds)
 	if err != nil {
 		return err
@@ -75,12 +79,25 @@ func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopMod
 	return nil
 }
 
-// cleanupNATS deletes the stream and registry entry of a LoopModel being deleted.
+// retire deletes the queue and registry entry a LoopModel left on the NATS server it used
+// before its URL changed. It is best effort: a server that is gone must not block the move.
+func (r *LoopModelReconciler) retire(ctx context.Context, lm *v1alpha1.LoopModel, url string, creds []byte) {
+	if err := r.deleteNATSState(ctx, lm, url, creds); err != nil {
+		r.Events.Eventf(lm, nil, corev1.EventTypeWarning, ReasonNATSError, "Cleanup",
+			"left the queue and registry entry on %s behind: %v", url, err)
+		return
+	}
+	r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventQueueDeleted, "Cleanup",
+		"deleted stream %s and registry entry %s on %s after the NATS URL changed", ref(lm).Stream(), ref(lm).Key(), url)
+}
+
+// cleanupNATS deletes the stream and registry entry of a LoopModel being deleted, on the
+// server that holds them.
 func (r *LoopModelReconciler) cleanupNATS(ctx context.Context, lm *v1alpha1.LoopModel) error {
 	if lm.Annotations[AnnotationSkipNATSCleanup] == "true" {
 		return nil
 	}
-	url := defaults{NATSURL: r.NATSURL}.resolved(lm).NATSURL
+	url := cmp.Or(lm.Status.NATSURL, defaults{NATSURL: r.NATSURL}.resolved(lm).NATSURL)
 	if url == "" {
 		return nil // never had a queue
 	}
@@ -88,6 +105,15 @@ func (r *LoopModelReconciler) cleanupNATS(ctx context.Context, lm *v1alpha1.Loop
 	if err != nil {
 		return err
 	}
+	if err := r.deleteNATSState(ctx, lm, url, creds); err != nil {
+		return err
+	}
+	r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventQueueDeleted, "Cleanup",
+		"deleted stream %s and registry entry %s", ref(lm).Stream(), ref(lm).Key())
+	return nil
+}
+
+func (r *LoopModelReconciler) deleteNATSState(ctx context.Context, lm *v1alpha1.LoopModel, url string, creds []byte) error {
 	ctx, cancel := context.WithTimeout(ctx, r.natsTimeout())
 	defer cancel()
 	nc, err := r.NATS.Conn(ctx, url, creds)
@@ -115,8 +141,6 @@ func (r *LoopModelReconciler) cleanupNATS(ctx context.Context, lm *v1alpha1.Loop
 			return err
 		}
 	}
-	r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventQueueDeleted, "Cleanup",
-		"deleted stream %s and registry entry %s", ref(lm).Stream(), ref(lm).Key())
 	return nil
 }
 

@@ -134,6 +134,7 @@ func (r *LoopModelReconciler) setStatus(lm *v1alpha1.LoopModel, p *plan, ro roll
 		meta.RemoveStatusCondition(&st.Conditions, CondSLOMet)
 	}
 	if natsErr == nil {
+		st.NATSURL = p.resolved.NATSURL
 		st.ExitThreshold = p.tau
 		st.ObservedGeneration = lm.Generation
 	}

@@ -410,6 +410,11 @@ type LoopModelStatus struct {
 	// +optional
 	Selector string `json:"selector,omitempty"`
 
+	// natsURL is the NATS server that holds the work queue and registry entry; when the
+	// effective URL changes, the operator moves them and deletes the old ones.
+	// +optional
+	NATSURL string `json:"natsURL,omitempty"`
+
 	// exitThreshold is the threshold in force, published to the workers.
 	// +optional
 	ExitThreshold float64 `json:"exitThreshold,omitempty"`
