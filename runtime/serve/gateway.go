@@ -333,6 +333,8 @@ func (g *Gateway) complete(rw http.ResponseWriter, r *http.Request, chat bool) {
 				Message: fmt.Sprintf("the queue of %q is full; retry later", entry.ID())}).write(w)
 			return
 		}
+		// A publish that timed out may still have been stored: make sure no worker runs it.
+		_ = g.nc.Publish(entry.Ref().CancelSubject(), []byte(id))
 		g.unavailable(w, fmt.Errorf("queueing the request: %w", err))
 		return
 	}

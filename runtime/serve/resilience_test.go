@@ -23,7 +23,7 @@ func TestNATSRestartMidLoad(t *testing.T) {
 	c := newCluster(t, clusterOptions{queue: bus.QueueOptions{AckWait: 2 * time.Second, MaxAckPending: 4}})
 	gen := newGenerator(t)
 	ctx := context.Background()
-	const n = 12
+	const n = 8
 	body := func(i int) map[string]any {
 		return map[string]any{"model": "ouro-tiny-arith", "prompt": loadtest.ArithPrompt(i), "max_tokens": 16, "stream": i%2 == 0}
 	}
