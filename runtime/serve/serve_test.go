@@ -667,3 +667,24 @@ func TestClientGoneStopsGeneration(t *testing.T) {
 		t.Errorf("generated %v tokens: the request ran to its end", n)
 	}
 }
+
+// TestHeartbeatsKeepLongRequests runs a request for well over AckWait with a second worker
+// idle: InProgress heartbeats keep it with its worker, so it is generated exactly once.
+func TestHeartbeatsKeepLongRequests(t *testing.T) {
+	c := newCluster(t, clusterOptions{queue: bus.QueueOptions{AckWait: time.Second}})
+	gen := newGenerator(t)
+	c.startWorker("a", slowGenerator{gen, 60 * time.Millisecond}, WorkerOptions{})
+	c.startWorker("b", slowGenerator{gen, 60 * time.Millisecond}, WorkerOptions{})
+	start := time.Now()
+	got, err := post(context.Background(), c.gw.URL, "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": arithPrompt,
+		"max_tokens": 40, "exit_threshold": 1})
+	if err != nil || got.Status != 200 {
+		t.Fatalf("%v %+v", err, got)
+	}
+	if took := time.Since(start); took < 2*time.Second {
+		t.Skipf("generation took %s, not over AckWait", took)
+	}
+	if n := tokensGenerated(t, c); int(n) != got.Usage.CompletionTokens {
+		t.Errorf("workers generated %v tokens for a %d-token answer: the request was redelivered", n, got.Usage.CompletionTokens)
+	}
+}
