@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"fmt"
 	"time"
 )
 
@@ -88,6 +89,25 @@ func (b *batcher) plan(s *sequence) {
 		b.rows = append(b.rows, r)
 	}
 	n := len(s.tokens) - 1 // positions already in the cache
+	// need is the positions this iteration writes up to; a sequence the KV budget cannot
+	// hold ends here ("length" once generating; ErrKVFull for a prompt).
+	need := n + 1
+	switch {
+	case !s.prefilled:
+		need = len(s.tokens)
+	case s.req.Speculative.Draft > 0 && s.specBudget() > 0 && len(s.drafts) == s.specBudget():
+		need = n + len(s.drafts) + 1
+	case s.req.Speculative.Draft > 0 && s.specBudget() > 0:
+		need = n + len(s.drafts) + 1
+	}
+	if !s.kv.reserve(need) {
+		if s.prefilled {
+			s.finish("length", nil)
+		} else {
+			s.finish("", fmt.Errorf("prompt of %d tokens: %w", len(s.tokens), ErrKVFull))
+		}
+		return
+	}
 	switch {
 	case !s.prefilled:
 		// Under KVFull a long prompt is prefilled in chunks so running sequences keep
@@ -97,7 +117,6 @@ func (b *batcher) plan(s *sequence) {
 		if e.opts.KVPolicy == KVFull {
 			end = min(end, s.prefillPos+e.opts.PrefillChunk)
 		}
-		s.kv.reserve(len(s.tokens))
 		for i := s.prefillPos; i < end; i++ {
 			r := base
 			r.kind, r.id, r.pos, r.runAll = rowPrefill, s.tokens[i], i, true
@@ -108,7 +127,6 @@ func (b *batcher) plan(s *sequence) {
 			add(r)
 		}
 	case s.req.Speculative.Draft > 0 && s.specBudget() > 0 && len(s.drafts) == s.specBudget():
-		s.kv.reserve(n + len(s.drafts) + 1)
 		for i := 0; i <= len(s.drafts); i++ {
 			r := base
 			r.kind, r.pos, r.runAll, r.maxDepth, r.forced, r.wantLogits = rowVerify, n+i, true, R, true, true
@@ -120,7 +138,6 @@ func (b *batcher) plan(s *sequence) {
 		}
 	case s.req.Speculative.Draft > 0 && s.specBudget() > 0:
 		i := len(s.drafts)
-		s.kv.reserve(n + i + 1)
 		r := base
 		r.kind, r.pos, r.runAll, r.forced, r.wantLogits = rowDraft, n+i, false, true, true
 		r.maxDepth = max(1, min(s.req.Speculative.DraftDepth, R))
@@ -130,7 +147,6 @@ func (b *batcher) plan(s *sequence) {
 		}
 		add(r)
 	default:
-		s.kv.reserve(n + 1)
 		r := base
 		r.kind, r.id, r.pos, r.wantLogits = rowDecode, s.tokens[n], n, true
 		if s.req.Speculative.Draft > 0 {

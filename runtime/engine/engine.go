@@ -66,6 +66,10 @@ type Options struct {
 	ProbeFraction float64  // fraction of decode tokens that run all R steps and report Token.Agree, in [0, 1]
 	MaxContext    int      // positions per sequence; 0 takes max_position_embeddings (2048 if unset)
 	PrefillChunk  int      // prompt tokens prefilled per iteration under KVFull; 0 means 256
+	// MaxKVBytes bounds the memory of all KV caches together: a generating request that
+	// would pass it finishes with "length", a prompt that cannot fit fails with ErrKVFull.
+	// 0 means 16 GiB; negative means no bound.
+	MaxKVBytes int64
 	// Decode turns token ids into text; needed for Request.StopStrings.
 	Decode func([]int) string
 }
@@ -97,6 +101,7 @@ type Engine struct {
 	steps    int
 	ctxLen   int
 	eos      int
+	kvBudget *kvBudget     // nil when unbounded
 	tau      atomic.Uint64 // float64 bits
 	stepNano atomic.Int64  // EWMA of one loop step's wall time, for deadlines
 
@@ -137,6 +142,12 @@ func New(m *model.Model, opts Options) (*Engine, error) {
 	}
 	e := &Engine{m: m, opts: opts, steps: c.TotalUTSteps, ctxLen: opts.MaxContext, eos: c.EOS(),
 		wake: make(chan struct{}, 1), stopped: make(chan struct{})}
+	switch {
+	case opts.MaxKVBytes == 0:
+		e.kvBudget = &kvBudget{limit: 16 << 30}
+	case opts.MaxKVBytes > 0:
+		e.kvBudget = &kvBudget{limit: opts.MaxKVBytes}
+	}
 	if e.ctxLen == 0 {
 		e.ctxLen = c.MaxPositionEmbeddings
 	}
@@ -336,7 +347,8 @@ func (e *Engine) Run(ctx context.Context) error {
 
 // Generate runs one request synchronously on the calling goroutine (its own scratch, so it may
 // run beside Run), calling fn for each token; fn returning false stops generation. It returns
-// the finish reason ("stop", "length", or "cancelled" when fn stopped it).
+// the finish reason ("stop", "length", or "cancelled" when fn stopped it), or an error: one
+// wrapping ErrInvalidRequest, ErrKVFull, or ctx's.
 func (e *Engine) Generate(ctx context.Context, r Request, fn func(Token) bool) (string, error) {
 	if err := e.validate(&r); err != nil {
 		return "", err
@@ -353,7 +365,7 @@ func (e *Engine) Generate(ctx context.Context, r Request, fn func(Token) bool) (
 		}
 		b.iterate(one)
 	}
-	return s.finishReason, nil
+	return s.finishReason, s.err
 }
 
 // observeStep folds one loop step's wall time into the estimate used for deadlines.

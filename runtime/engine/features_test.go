@@ -419,3 +419,22 @@ func sum(xs []int) int {
 	}
 	return s
 }
+
+// TestKVBudget: a prompt the KV budget cannot hold fails with ErrKVFull; a generation that
+// outgrows it ends with "length".
+func TestKVBudget(t *testing.T) {
+	m := loadModel(t, "ouro-tiny-random")
+	c := m.Config
+	perPos := int64(c.TotalUTSteps*c.NumHiddenLayers) * 2 * int64(c.KVDim()) * 4
+	e := newEngine(t, m, engine.Options{MaxKVBytes: 40 * perPos})
+	_, err := e.Generate(context.Background(), engine.Request{Prompt: make([]int, 50), MaxTokens: 2}, func(engine.Token) bool { return true })
+	if !errors.Is(err, engine.ErrKVFull) {
+		t.Errorf("50-token prompt in a 40-position budget: %v, want ErrKVFull", err)
+	}
+	var n int
+	finish, err := e.Generate(context.Background(), engine.Request{Prompt: make([]int, 30), MaxTokens: 100, IgnoreEOS: true},
+		func(engine.Token) bool { n++; return true })
+	if err != nil || finish != "length" || n != 11 {
+		t.Errorf("30-token prompt: %d tokens, finish %q, err %v; want 11 tokens (positions 30..39 and one more), length", n, finish, err)
+	}
+}

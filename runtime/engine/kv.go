@@ -1,6 +1,9 @@
 package engine
 
-import "fmt"
+import (
+	"fmt"
+	"sync/atomic"
+)
 
 // KVPolicy chooses how decode tokens share key/value caches across loop steps (DESIGN §5).
 type KVPolicy int
@@ -36,14 +39,40 @@ func ParseKVPolicy(s string) (KVPolicy, error) {
 	return 0, fmt.Errorf("kv policy %q (want full or last): %w", s, ErrInvalidOptions)
 }
 
+// kvBudget bounds the bytes all caches of an engine may hold, so no request can run the
+// process out of memory. Safe for concurrent use; a nil *kvBudget is unlimited.
+type kvBudget struct {
+	limit int64
+	used  atomic.Int64
+}
+
+// take reserves n bytes, reporting false (and reserving nothing) past the limit.
+func (b *kvBudget) take(n int64) bool {
+	if b == nil {
+		return true
+	}
+	if b.used.Add(n) > b.limit {
+		b.used.Add(-n)
+		return false
+	}
+	return true
+}
+
+func (b *kvBudget) give(n int64) {
+	if b != nil {
+		b.used.Add(-n)
+	}
+}
+
 // kvCache is one sequence's keys and values. Positions are written by rows of an iteration;
-// n counts the committed positions (everything before it is valid context).
+// the sequence tracks how many are valid context.
 type kvCache struct {
 	policy       KVPolicy
 	layers       int
 	kvDim        int
 	k, v         [][]float32 // per slot: [cap, kvDim]
 	capPositions int
+	budget       *kvBudget
 }
 
 func newKVCache(policy KVPolicy, steps, layers, kvDim int) *kvCache {
@@ -61,12 +90,20 @@ func (c *kvCache) slot(step, layer int) int {
 	return layer
 }
 
-// reserve makes room for positions [0, n); existing content is kept.
-func (c *kvCache) reserve(n int) {
+// reserve makes room for positions [0, n), keeping the content; it reports false when the
+// engine's KV budget cannot hold them.
+func (c *kvCache) reserve(n int) bool {
 	if n <= c.capPositions {
-		return
+		return true
 	}
+	perPos := int64(len(c.k)) * 2 * int64(c.kvDim) * 4
 	newCap := max(n, 2*c.capPositions, 16)
+	if !c.budget.take(int64(newCap-c.capPositions) * perPos) {
+		newCap = n // doubling does not fit: try exactly what is needed
+		if !c.budget.take(int64(newCap-c.capPositions) * perPos) {
+			return false
+		}
+	}
 	for s := range c.k {
 		k := make([]float32, newCap*c.kvDim)
 		copy(k, c.k[s])
@@ -76,6 +113,13 @@ func (c *kvCache) reserve(n int) {
 		c.v[s] = v
 	}
 	c.capPositions = newCap
+	return true
+}
+
+// release frees the cache and returns its bytes to the budget.
+func (c *kvCache) release() {
+	c.budget.give(c.bytes())
+	c.k, c.v, c.capPositions = nil, nil, 0
 }
 
 // copyStep copies position pos of step `from` into the slots of steps (from, to) for every

@@ -84,13 +84,23 @@ func TestKVMemoryRatio(t *testing.T) {
 		}
 		s := e.newSequence(context.Background(), Request{Prompt: []int{1, 2, 3, 4, 5}, MaxTokens: 20, IgnoreEOS: true})
 		b := newBatcher(e)
-		for !s.done {
+		// Stop one token short: a finished sequence has released its cache.
+		for s.generated < 19 {
 			b.iterate([]*sequence{s})
 		}
-		if s.generated != 20 {
-			t.Fatalf("%v: generated %d", p, s.generated)
+		if s.done {
+			t.Fatalf("%v: done after %d tokens", p, s.generated)
+		}
+		if got := e.kvBudget.used.Load(); got != s.kv.bytes() {
+			t.Errorf("%v: budget counts %d bytes, cache holds %d", p, got, s.kv.bytes())
 		}
 		used[p] = s.kv.usedBytes(len(s.tokens) - 1)
+		defer func() {
+			b.iterate([]*sequence{s})
+			if !s.done || e.kvBudget.used.Load() != 0 {
+				t.Errorf("%v: done %v, %d bytes still counted after the last token", p, s.done, e.kvBudget.used.Load())
+			}
+		}()
 		for i := range s.kv.k {
 			alloc[p] += int64(4 * (len(s.kv.k[i]) + len(s.kv.v[i])))
 		}
@@ -104,7 +114,7 @@ func TestKVMemoryRatio(t *testing.T) {
 	if used[KVFull] != int64(R)*used[KVLast] || used[KVLast] == 0 {
 		t.Errorf("KV bytes full %d, last %d: want ratio %d:1", used[KVFull], used[KVLast], R)
 	}
-	t.Logf("KV bytes for 24 positions: full %d, last %d", used[KVFull], used[KVLast])
+	t.Logf("KV bytes after 18 decode steps: full %d, last %d", used[KVFull], used[KVLast])
 }
 
 // TestStepAllocatesNothing: once buffers have grown, a loop step over a batch allocates nothing.

@@ -30,6 +30,7 @@ type sequence struct {
 	draftSteps   int   // loop steps spent drafting since the last verification
 	done         bool
 	finishReason string
+	err          error
 }
 
 func (e *Engine) newSequence(ctx context.Context, r Request) *sequence {
@@ -37,6 +38,7 @@ func (e *Engine) newSequence(ctx context.Context, r Request) *sequence {
 	s := &sequence{e: e, ctx: ctx, req: r, out: newMailbox(), smp: newSampler(r), seed: requestSeed(r),
 		kv: newKVCache(e.opts.KVPolicy, c.TotalUTSteps, c.NumHiddenLayers, c.KVDim()), stops: map[int]bool{}}
 	s.tokens = append(make([]int, 0, len(r.Prompt)+min(r.MaxTokens, 4096)), r.Prompt...)
+	s.kv.budget = e.kvBudget
 	for _, id := range r.StopTokens {
 		s.stops[id] = true
 	}
@@ -55,7 +57,8 @@ func (s *sequence) finish(reason string, err error) {
 		return
 	}
 	s.done = true
-	s.finishReason = reason
+	s.finishReason, s.err = reason, err
+	s.kv.release()
 	if s.direct == nil {
 		s.out.push(Event{Done: true, Finish: reason, Err: err})
 	}
