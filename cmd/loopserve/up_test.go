@@ -1,9 +1,20 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
 	"testing"
+	"time"
+
+	"github.com/loopserve/loopserve/bus"
 )
 
 func TestLoopModelName(t *testing.T) {
@@ -38,5 +49,83 @@ func TestResolveModelEmbedded(t *testing.T) {
 	}
 	if got, _, _ := resolveModel("/some/dir"); got != "/some/dir" {
 		t.Errorf("resolveModel(flag) = %q", got)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and one reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestUpServesAndStops runs `up` on the shipped model: it prints a working URL and curl line,
+// answers a completion, and returns cleanly when its context ends (Ctrl-C).
+func TestUpServesAndStops(t *testing.T) {
+	modelDir := filepath.Join("..", "..", "testdata", "models", "ouro-tiny-arith")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var out syncBuffer
+	ef := serveEngineFlags{threshold: 0.7, mode: "fast", kvPolicy: "full", capacity: 4}
+	done := make(chan error, 1)
+	go func() {
+		done <- runUp(ctx, &out, slog.New(slog.DiscardHandler), upConfig{dir: modelDir, ref: bus.Ref{Namespace: "default", Name: "ouro-tiny-arith"},
+			listen: "127.0.0.1:0", engine: ef})
+	}()
+	url := regexp.MustCompile(`curl -s (http://[0-9.:]+)/v1/completions`)
+	deadline := time.Now().Add(60 * time.Second)
+	var base string
+	for base == "" {
+		if m := url.FindStringSubmatch(out.String()); m != nil {
+			base = m[1]
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("up exited early: %v\n%s", err, out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no curl line printed:\n%s", out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	resp, err := http.Post(base+"/v1/completions", "application/json",
+		strings.NewReader(`{"model": "default/ouro-tiny-arith", "prompt": "a = 2 ; n = a + 7 ; b = 0 ; ? n =", "max_tokens": 4}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body struct {
+		Choices []struct {
+			Text       string `json:"text"`
+			LoopDepths []int  `json:"loop_depths"`
+		} `json:"choices"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || len(body.Choices) != 1 || len(body.Choices[0].LoopDepths) == 0 {
+		t.Fatalf("completion: status %d, %+v, %v", resp.StatusCode, body, err)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("up stopped with %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("up did not stop within 20s")
+	}
+	if !strings.Contains(out.String(), "stopping") {
+		t.Errorf("output lacks the stop notice:\n%s", out.String())
 	}
 }
