@@ -101,9 +101,12 @@ func (b *batcher) plan(s *sequence) {
 		need = n + len(s.drafts) + 1
 	}
 	if !s.kv.reserve(need) {
-		if s.prefilled {
+		switch {
+		case s.prefilled:
 			s.finish("length", nil)
-		} else {
+		case s.direct == nil && e.kvBudget.used.Load() > s.kv.bytes():
+			// Other requests hold the memory: wait for them at the next boundary.
+		default:
 			s.finish("", fmt.Errorf("prompt of %d tokens: %w", len(s.tokens), ErrKVFull))
 		}
 		return

@@ -438,3 +438,21 @@ func TestKVBudget(t *testing.T) {
 		t.Errorf("30-token prompt: %d tokens, finish %q, err %v; want 11 tokens (positions 30..39 and one more), length", n, finish, err)
 	}
 }
+
+// TestKVBudgetQueues: through Run, a prompt that fits the budget only once another request
+// finishes waits for it instead of failing.
+func TestKVBudgetQueues(t *testing.T) {
+	m := loadModel(t, "ouro-tiny-random")
+	c := m.Config
+	perPos := int64(c.TotalUTSteps*c.NumHiddenLayers) * 2 * int64(c.KVDim()) * 4
+	e := newEngine(t, m, engine.Options{MaxKVBytes: 40 * perPos})
+	res := runBatched(t, e, []engine.Request{
+		{ID: "a", Prompt: make([]int, 25), MaxTokens: 5, IgnoreEOS: true},
+		{ID: "b", Prompt: make([]int, 25), MaxTokens: 5, IgnoreEOS: true},
+	})
+	for i, r := range res {
+		if len(r.ids) != 5 || r.finish != "length" {
+			t.Errorf("request %d: %d tokens, finish %q", i, len(r.ids), r.finish)
+		}
+	}
+}
