@@ -9,6 +9,7 @@ import (
 	"math"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	corev1 "k8s.io/api/core/v1"
 
@@ -53,28 +54,38 @@ func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopMod
 	if err != nil {
 		return err
 	}
+	// Publish before writing the entry: the entry records what was published, so a failed
+	// publish is retried on the next reconcile.
+	if !found || !sameThreshold(prev.ExitThreshold, p.tau) {
+		if err := publishThreshold(ctx, nc, ref(lm), p.tau); err != nil {
+			return err
+		}
+		if found {
+			r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventThresholdPublished, "Publish",
+				"exit threshold %g published on %s (was %g)", p.tau, ref(lm).ControlSubject(), prev.ExitThreshold)
+		}
+	}
 	if !found || !sameEntry(prev, want) {
 		want.Updated = time.Now().UTC()
 		if err := bus.PutModel(ctx, kv, want); err != nil {
 			return err
 		}
 	}
-	if found && sameThreshold(prev.ExitThreshold, p.tau) {
-		return nil
-	}
-	b, err := json.Marshal(bus.Control{ExitThreshold: p.tau})
+	return nil
+}
+
+// publishThreshold sends the threshold in force to the LoopModel's workers (plain NATS: a
+// worker that misses it reads the ConfigMap at its next start).
+func publishThreshold(ctx context.Context, nc *nats.Conn, br bus.Ref, tau float64) error {
+	b, err := json.Marshal(bus.Control{ExitThreshold: tau})
 	if err != nil {
 		return fmt.Errorf("encoding control message: %w", err)
 	}
-	if err := nc.Publish(ref(lm).ControlSubject(), b); err != nil {
-		return fmt.Errorf("publishing threshold on %s: %w", ref(lm).ControlSubject(), err)
+	if err := nc.Publish(br.ControlSubject(), b); err != nil {
+		return fmt.Errorf("publishing threshold on %s: %w", br.ControlSubject(), err)
 	}
 	if err := nc.FlushWithContext(ctx); err != nil {
-		return fmt.Errorf("publishing threshold on %s: %w", ref(lm).ControlSubject(), err)
-	}
-	if found {
-		r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventThresholdPublished, "Publish",
-			"exit threshold %g published on %s (was %g)", p.tau, ref(lm).ControlSubject(), prev.ExitThreshold)
+		return fmt.Errorf("publishing threshold on %s: %w", br.ControlSubject(), err)
 	}
 	return nil
 }
