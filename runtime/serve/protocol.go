@@ -46,7 +46,7 @@ type Job struct {
 
 	ExitThreshold float64   `json:"exitThreshold,omitempty"`
 	MaxDepth      int       `json:"maxDepth,omitempty"`
-	Deadline      time.Time `json:"deadline,omitzero"` // anytime generation: finish by then
+	Deadline      time.Time `json:"deadline,omitzero"` // anytime generation: finish by then (gateway clock: keep hosts in NTP sync)
 }
 
 // SeedFor returns the sampling seed of a job: its own, or one derived from its id, never 0.
