@@ -203,9 +203,16 @@ func modelVolumeSource(src v1alpha1.ModelSource) corev1.VolumeSource {
 	}
 }
 
-// fetchScript downloads and unpacks the model archive; the URL comes in through the
-// environment so it is never parsed by the shell.
-const fetchScript = `set -eu; curl -fsSL --retry 5 --retry-delay 2 "$MODEL_URL" | tar -xzf - -C ` + modelMount
+// fetchScript downloads the model archive into the model volume, checks its SHA-256 when one
+// is given, and unpacks it. URL, digest and folder come in through the environment so the
+// shell never parses them.
+const fetchScript = `set -eu
+cd "$MODEL_DIR"
+curl -fsSL --retry 5 --retry-delay 2 -o .model.tar.gz "$MODEL_URL"
+if [ -n "${MODEL_SHA256:-}" ]; then echo "$MODEL_SHA256  .model.tar.gz" | sha256sum -c -; fi
+tar -xzf .model.tar.gz
+rm -f .model.tar.gz
+`
 
 func desiredDeployment(lm *v1alpha1.LoopModel, d defaults) (*appsv1.Deployment, error) {
 	hash, err := specHash(lm, d)
@@ -274,10 +281,13 @@ func desiredDeployment(lm *v1alpha1.LoopModel, d defaults) (*appsv1.Deployment, 
 	var inits []corev1.Container
 	if u := lm.Spec.Model.Source.URL; u != nil {
 		inits = append(inits, corev1.Container{
-			Name:                     "fetch-model",
-			Image:                    u.FetchImage,
-			Command:                  []string{"sh", "-c", fetchScript},
-			Env:                      []corev1.EnvVar{{Name: "MODEL_URL", Value: u.URL}, {Name: "HOME", Value: "/tmp"}},
+			Name:    "fetch-model",
+			Image:   u.FetchImage,
+			Command: []string{"sh", "-c", fetchScript},
+			Env: []corev1.EnvVar{
+				{Name: "MODEL_URL", Value: u.URL}, {Name: "MODEL_SHA256", Value: u.SHA256},
+				{Name: "MODEL_DIR", Value: modelMount}, {Name: "HOME", Value: "/tmp"},
+			},
 			VolumeMounts:             []corev1.VolumeMount{{Name: modelVolume, MountPath: modelMount}, {Name: tmpVolume, MountPath: "/tmp"}},
 			SecurityContext:          restrictedContainerSecurity(),
 			TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,

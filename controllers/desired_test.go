@@ -1,6 +1,17 @@
 package controllers
 
 import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"crypto/sha256"
+	"encoding/hex"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -272,5 +283,67 @@ func TestDesiredConfigMap(t *testing.T) {
 	}
 	if cm.Name != "ouro-config" || cm.Labels[labelManagedBy] != managedBy {
 		t.Errorf("ConfigMap %s labels %v", cm.Name, cm.Labels)
+	}
+}
+
+// TestFetchScript runs the URL source's init script with this machine's sh, curl, tar and
+// sha256sum against a real HTTP server: the archive is unpacked when its digest matches and
+// refused when it does not.
+func TestFetchScript(t *testing.T) {
+	for _, tool := range []string{"sh", "curl", "tar", "sha256sum"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed: the script runs in the fetch image, not here", tool)
+		}
+	}
+	var archive bytes.Buffer
+	gz := gzip.NewWriter(&archive)
+	tw := tar.NewWriter(gz)
+	body := []byte(`{"model_type": "ouro"}`)
+	if err := tw.WriteHeader(&tar.Header{Name: "ouro/config.json", Mode: 0o644, Size: int64(len(body))}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tw.Write(body); err != nil {
+		t.Fatal(err)
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := gz.Close(); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write(archive.Bytes()) }))
+	defer srv.Close()
+	sum := sha256.Sum256(archive.Bytes())
+
+	tests := []struct {
+		name   string
+		digest string
+		ok     bool
+	}{
+		{"no digest", "", true},
+		{"right digest", hex.EncodeToString(sum[:]), true},
+		{"wrong digest", strings.Repeat("0", 64), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			cmd := exec.Command("sh", "-c", fetchScript)
+			cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + dir, "MODEL_DIR=" + dir,
+				"MODEL_URL=" + srv.URL + "/ouro.tar.gz", "MODEL_SHA256=" + tt.digest}
+			out, err := cmd.CombinedOutput()
+			if (err == nil) != tt.ok {
+				t.Fatalf("script err = %v, want ok=%v\n%s", err, tt.ok, out)
+			}
+			got, readErr := os.ReadFile(filepath.Join(dir, "ouro", "config.json"))
+			if tt.ok && (readErr != nil || !bytes.Equal(got, body)) {
+				t.Errorf("unpacked config.json = %q, %v; want %q", got, readErr, body)
+			}
+			if !tt.ok && readErr == nil {
+				t.Error("archive unpacked despite a wrong digest")
+			}
+			if _, err := os.Stat(filepath.Join(dir, ".model.tar.gz")); tt.ok && err == nil {
+				t.Error("downloaded archive left behind")
+			}
+		})
 	}
 }

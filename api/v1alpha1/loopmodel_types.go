@@ -172,7 +172,13 @@ type URLSource struct {
 	// +required
 	URL string `json:"url"`
 
-	// fetchImage runs the download (it needs sh, curl and tar).
+	// sha256 is the archive's SHA-256 (hex); when set, the download is checked before it is
+	// unpacked and a mismatch fails the pod.
+	// +kubebuilder:validation:Pattern=`^[0-9a-f]{64}$`
+	// +optional
+	SHA256 string `json:"sha256,omitempty"`
+
+	// fetchImage runs the download (it needs sh, curl, tar and sha256sum).
 	// +kubebuilder:default="curlimages/curl:8.11.1"
 	// +kubebuilder:validation:MinLength=1
 	// +optional
