@@ -310,7 +310,8 @@ const (
 
 // TuningSpec controls the tuning loop.
 type TuningSpec struct {
-	// mode is auto, advisory or off.
+	// mode is auto, advisory or off. Until the operator runs the tuning loop, every mode keeps
+	// spec.loop.exitThreshold and spec.scaling.replicas (status.observed is reported anyway).
 	// +kubebuilder:default=auto
 	// +optional
 	Mode TuningMode `json:"mode,omitempty"`
