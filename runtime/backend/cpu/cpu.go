@@ -356,9 +356,17 @@ func (b *Backend) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, 
 func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, scores []float32) {
 	q := j.Q[h*headDim : (h+1)*headDim]
 	off := (h / group) * headDim
+	vec := attnAVX2 && headDim%16 == 0 && headDim > 0
 	mx := float32(math.Inf(-1))
 	for p := 0; p < j.N; p++ {
-		s := dotF32(q, j.K[p*kvDim+off:p*kvDim+off+headDim]) * scale
+		k := j.K[p*kvDim+off : p*kvDim+off+headDim]
+		var s float32
+		if vec {
+			s = dotF32AVX2(&q[0], &k[0], headDim)
+		} else {
+			s = dotF32(q, k)
+		}
+		s *= scale
 		scores[p] = s
 		mx = max(mx, s)
 	}
@@ -370,9 +378,14 @@ func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, sc
 	}
 	out := j.Out[h*headDim : (h+1)*headDim]
 	clear(out)
+	inv := 1 / sum
 	for p, e := range scores {
-		wgt := e / sum
+		wgt := e * inv
 		v := j.V[p*kvDim+off : p*kvDim+off+headDim]
+		if vec {
+			axpyF32AVX2(&out[0], wgt, &v[0], headDim)
+			continue
+		}
 		for d := range out {
 			out[d] += wgt * v[d]
 		}

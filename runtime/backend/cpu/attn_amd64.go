@@ -1,0 +1,12 @@
+package cpu
+
+import "golang.org/x/sys/cpu"
+
+// attnAVX2 selects the vector attention loops for head widths that are multiples of 16.
+var attnAVX2 = cpu.X86.HasAVX2 && cpu.X86.HasFMA
+
+//go:noescape
+func dotF32AVX2(a, b *float32, n int) float32
+
+//go:noescape
+func axpyF32AVX2(y *float32, a float32, x *float32, n int)
