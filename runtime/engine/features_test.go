@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -454,5 +455,49 @@ func TestKVBudgetQueues(t *testing.T) {
 		if len(r.ids) != 5 || r.finish != "length" {
 			t.Errorf("request %d: %d tokens, finish %q", i, len(r.ids), r.finish)
 		}
+	}
+}
+
+// TestSubmitCancelStress submits requests from many goroutines, cancelling some mid-way, with
+// consumers that stop reading: every channel closes, and every admitted request finishes.
+func TestSubmitCancelStress(t *testing.T) {
+	m := loadModel(t, "ouro-tiny-random")
+	e := newEngine(t, m, engine.Options{Mode: engine.Fast, MaxBatch: 4, Threshold: 0.6, ProbeFraction: 0.2})
+	runCtx, stop := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- e.Run(runCtx) }()
+	var wg sync.WaitGroup
+	for i := 0; i < 24; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			ch, err := e.Submit(ctx, engine.Request{ID: fmt.Sprint(i), Prompt: []int{1, 10 + i, 20}, MaxTokens: 5 + i%7, IgnoreEOS: true,
+				Sampling: engine.Sampling{Temperature: 0.9}})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			n := 0
+			for ev := range ch {
+				n++
+				if ev.Done {
+					if ev.Err == nil && ev.Finish != "length" {
+						t.Errorf("request %d: finish %q", i, ev.Finish)
+					}
+					continue
+				}
+				if i%3 == 0 && n == 2 {
+					cancel() // leave early; the channel still closes
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	waitFor(t, func() bool { st := e.Stats(); return st.Requests == 24 && st.Finished == 24 })
+	stop()
+	if err := <-ran; err != nil {
+		t.Fatal(err)
 	}
 }
