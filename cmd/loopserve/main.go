@@ -5,7 +5,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -13,10 +12,6 @@ import (
 
 	"github.com/spf13/cobra"
 )
-
-// errNotImplemented marks a subcommand whose issue has not landed yet: it exits non-zero
-// rather than printing anything that could be mistaken for a result.
-var errNotImplemented = errors.New("not yet implemented")
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -50,11 +45,4 @@ OpenAI-compatible gateway, or all on one machine with "loopserve up".`,
 		newBenchCmd(),
 	)
 	return root
-}
-
-// notImplemented returns a RunE for a subcommand whose issue has not landed.
-func notImplemented(name string) func(*cobra.Command, []string) error {
-	return func(*cobra.Command, []string) error {
-		return fmt.Errorf("%s: %w", name, errNotImplemented)
-	}
 }
