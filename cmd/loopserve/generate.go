@@ -78,15 +78,30 @@ computes every step and selects (the reference semantics); --mode fast stops at 
 				req.Exit.ForceDepth = exitStep + 1
 			}
 			var toks []engine.Token
+			var ids2 []int
+			out := cmd.OutOrStdout()
+			stream := isTerminal(out)
+			printed := ""
 			start := time.Now()
 			finish, err := e.Generate(cmd.Context(), req, func(t engine.Token) bool {
 				toks = append(toks, t)
+				if stream {
+					// Show the text as it grows, holding back an incomplete UTF-8 sequence.
+					ids2 = append(ids2, t.ID)
+					if text := tok.Decode(ids2); strings.HasPrefix(text, printed) && !strings.HasSuffix(text, "\uFFFD") {
+						fmt.Fprint(out, text[len(printed):])
+						printed = text
+					}
+				}
 				return true
 			})
+			if stream {
+				fmt.Fprint(out, "\n\n")
+			}
 			if err != nil {
 				return err
 			}
-			return printGeneration(cmd.OutOrStdout(), tok, m.Config.TotalUTSteps, len(ids), toks, finish, time.Since(start), e.Stats())
+			return printGeneration(out, tok, m.Config.TotalUTSteps, len(ids), toks, finish, time.Since(start), e.Stats(), !stream)
 		},
 	}
 	f := cmd.Flags()
@@ -111,7 +126,7 @@ computes every step and selects (the reference semantics); --mode fast stops at 
 }
 
 // printGeneration writes the continuation, then one line per token with its depth.
-func printGeneration(w io.Writer, tok *tokenizer.Tokenizer, R, promptLen int, toks []engine.Token, finish string, d time.Duration, st engine.Counters) error {
+func printGeneration(w io.Writer, tok *tokenizer.Tokenizer, R, promptLen int, toks []engine.Token, finish string, d time.Duration, st engine.Counters, withText bool) error {
 	ids := make([]int, len(toks))
 	depthSum := 0
 	for i, t := range toks {
@@ -119,7 +134,9 @@ func printGeneration(w io.Writer, tok *tokenizer.Tokenizer, R, promptLen int, to
 		depthSum += t.Depth
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s\n\n", tok.Decode(ids))
+	if withText {
+		fmt.Fprintf(&b, "%s\n\n", tok.Decode(ids))
+	}
 	fmt.Fprintf(&b, "%5s %7s %6s  %s\n", "#", "id", "depth", "token")
 	for i, t := range toks {
 		fmt.Fprintf(&b, "%5d %7d %4d/%d  %q\n", i, t.ID, t.Depth, R, tok.Decode([]int{t.ID}))
@@ -134,15 +151,20 @@ func printGeneration(w io.Writer, tok *tokenizer.Tokenizer, R, promptLen int, to
 	return err
 }
 
-// loadModel loads a checkpoint, showing progress on a terminal (one rewritten line) and
-// logging plain lines (each quarter) when stderr is not a terminal.
-func loadModel(dir string, stderr io.Writer) (*model.Model, error) {
-	tty := false
-	if f, ok := stderr.(*os.File); ok {
-		if fi, err := f.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
-			tty = true
-		}
+// isTerminal reports whether w is a character device (a terminal).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
 	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+// loadModel loads a checkpoint; one over 64 MB shows progress on a terminal (one rewritten
+// line) and logs plain lines (each quarter) when stderr is not a terminal.
+func loadModel(dir string, stderr io.Writer) (*model.Model, error) {
+	tty := isTerminal(stderr)
 	start := time.Now()
 	lastPct := -1
 	var total int64
@@ -150,20 +172,21 @@ func loadModel(dir string, stderr io.Writer) (*model.Model, error) {
 		total = p.Total
 		pct := int(100 * p.Done / max(p.Total, 1))
 		switch {
+		case p.Total <= 64<<20: // small checkpoints load at once: nothing to show
 		case tty && pct != lastPct:
 			fmt.Fprintf(stderr, "\rloading %s: %3d%% of %.1f MB", dir, pct, float64(p.Total)/1e6)
-		case !tty && pct/25 != lastPct/25 && p.Total > 64<<20:
+		case !tty && pct/25 != lastPct/25:
 			fmt.Fprintf(stderr, "loading %s: %d%% of %.1f MB\n", dir, pct, float64(p.Total)/1e6)
 		}
 		lastPct = pct
 	})
-	if tty && lastPct >= 0 {
+	if tty && total > 64<<20 {
 		fmt.Fprintln(stderr)
 	}
 	if err != nil {
 		return nil, err
 	}
-	if total > 64<<20 || tty {
+	if total > 64<<20 {
 		fmt.Fprintf(stderr, "loaded %s (%.1f MB of weights) in %s\n", dir, float64(total)/1e6, time.Since(start).Round(time.Millisecond))
 	}
 	return m, nil
