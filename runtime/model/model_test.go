@@ -360,3 +360,32 @@ func f32ToF16(f float32) uint16 {
 }
 
 func mathBits(f float32) uint32 { return math.Float32bits(f) }
+
+func TestIndexErrors(t *testing.T) {
+	src := sharedDir + "/models/ouro-tiny-random"
+	for _, tc := range []struct {
+		name, index string
+		want        error
+		msg         string
+	}{
+		{"bad json", `{"weight_map":`, ErrIndex, "model.safetensors.index.json"},
+		{"empty map", `{"weight_map":{}}`, ErrIndex, "empty weight_map"},
+		{"path escape", `{"weight_map":{"model.norm.weight":"../x.safetensors"}}`, ErrIndex, `"../x.safetensors"`},
+		{"missing shard", `{"weight_map":{"model.norm.weight":"model-00009.safetensors"}}`, os.ErrNotExist, "model-00009.safetensors"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := copyModel(t, src, nil, func([]Tensor) []Tensor { return nil })
+			if err := os.WriteFile(filepath.Join(dir, "model.safetensors.index.json"), []byte(tc.index), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			m, err := Load(dir)
+			if err == nil {
+				m.Close()
+				t.Fatal("no error")
+			}
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.msg) {
+				t.Errorf("error %q, want %v containing %q", err, tc.want, tc.msg)
+			}
+		})
+	}
+}
