@@ -13,7 +13,7 @@ type Request struct {
 	StopTokens  []int       // ids that end generation (the eos id is always one unless IgnoreEOS)
 	StopStrings []string    // generation ends once the generated text contains one (needs Options.Decode); the token completing it is still emitted
 	IgnoreEOS   bool        // do not stop at the model's eos id (benchmarks, golden checks)
-	Deadline    time.Time   // anytime generation: lower depth to finish by then; zero = none
+	Deadline    time.Time   // anytime generation: lower depth to finish by then (saves time in Fast mode); zero = none
 	Speculative Speculative // self-speculative decoding; zero = off
 }
 
