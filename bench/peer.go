@@ -46,6 +46,7 @@ type PeerResult struct {
 	DecodeTokSB1  float64 `json:"decode_tok_s_b1"`
 	Batch         int     `json:"batch"`
 	DecodeTokSBN  float64 `json:"decode_tok_s_bn"`
+	OMPWaitPolicy string  `json:"omp_wait_policy"` // set by Bench, see ompWaitPolicy
 }
 
 // PeerCheck is the peer's comparison with a model's goldens.
@@ -97,7 +98,19 @@ func (p Peer) Bench(ctx context.Context, modelDir string, spec PeerSpec) (PeerRe
 	if err := p.run(ctx, args, in, &res); err != nil {
 		return PeerResult{}, err
 	}
+	res.OMPWaitPolicy = ompWaitPolicy()
 	return res, nil
+}
+
+// ompWaitPolicy is the OpenMP wait policy the peer runs with: the caller's OMP_WAIT_POLICY,
+// else PASSIVE. OpenMP's default spins at barriers, which on a machine shared with other work
+// (more runnable threads than cores) slows torch by an order of magnitude while the engine's
+// goroutines just yield; passive waiting costs torch a few percent on an idle machine.
+func ompWaitPolicy() string {
+	if v := os.Getenv("OMP_WAIT_POLICY"); v != "" {
+		return v
+	}
+	return "PASSIVE"
 }
 
 // Check compares the peer's float32 forward with the goldens of the model in modelDir.
@@ -119,6 +132,7 @@ func (p Peer) Check(ctx context.Context, modelDir, goldenTensors, goldenJSON str
 
 func (p Peer) run(ctx context.Context, args []string, stdin []byte, out any) error {
 	cmd := exec.CommandContext(ctx, p.python(), args...)
+	cmd.Env = append(os.Environ(), "OMP_WAIT_POLICY="+ompWaitPolicy())
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if stdin != nil {

@@ -141,6 +141,9 @@ func Runtime(ctx context.Context, m *model.Model, be engine.Backend, o RuntimeOp
 	return res, nil
 }
 
+// errNoOverlap reports a batched run in which the sequences never all decoded at once.
+var errNoOverlap = errors.New("no interval where every sequence was decoding")
+
 // request is a full-depth greedy request that ignores eos, so it yields exactly n tokens.
 func request(e *engine.Engine, id string, prompt []int, n int) engine.Request {
 	return engine.Request{ID: id, Prompt: prompt, MaxTokens: n, IgnoreEOS: true,
@@ -166,7 +169,17 @@ func DecodeRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens i
 		return 0, fmt.Errorf("decode: %d prompts, %d tokens: want at least 1 and 2", len(prompts), tokens)
 	}
 	if len(prompts) > 1 {
-		return batchRate(ctx, e, prompts, tokens)
+		// The engine admits requests at token boundaries; on a busy machine this goroutine can
+		// be descheduled between Submits long enough for the first sequences to finish before
+		// the last starts. Such a run has no all-decoding interval: run again.
+		var err error
+		for range 3 {
+			var rate float64
+			if rate, err = batchRate(ctx, e, prompts, tokens); !errors.Is(err, errNoOverlap) {
+				return rate, err
+			}
+		}
+		return 0, err
 	}
 	var first time.Time
 	n := 0
@@ -247,7 +260,7 @@ func batchRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens in
 		}
 	}
 	if counted == 0 || !to.After(from) {
-		return 0, fmt.Errorf("decode at batch %d: no interval where every sequence was decoding", batch)
+		return 0, fmt.Errorf("decode at batch %d: %w", batch, errNoOverlap)
 	}
 	return float64(counted) / to.Sub(from).Seconds(), nil
 }

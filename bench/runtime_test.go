@@ -14,12 +14,12 @@ func TestRuntimeTinyModel(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	res, err := Runtime(t.Context(), m, cpu.New(0), RuntimeOptions{PrefillLen: 16, PromptLen: 4, DecodeTokens: 6, Batch: 3})
+	res, err := Runtime(t.Context(), m, cpu.New(0), RuntimeOptions{PrefillLen: 16, PromptLen: 4, DecodeTokens: 12, Batch: 3})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.PrefillTokens != 16 || res.DecodeTokens != 5 || res.Batch != 3 {
-		t.Errorf("counts = %+v, want 16 prefill tokens, 5 timed decode tokens, batch 3", res)
+	if res.PrefillTokens != 16 || res.DecodeTokens != 11 || res.Batch != 3 {
+		t.Errorf("counts = %+v, want 16 prefill tokens, 11 timed decode tokens, batch 3", res)
 	}
 	if res.PrefillTokS <= 0 || res.DecodeTokSB1 <= 0 || res.DecodeTokSBN <= 0 {
 		t.Errorf("rates = %+v, want positive", res)

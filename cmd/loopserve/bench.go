@@ -52,6 +52,7 @@ type runtimeReport struct {
 
 	PeerDtype        string   `json:"peer_dtype,omitempty"`
 	PeerTorch        string   `json:"peer_torch,omitempty"`
+	PeerOMPWait      string   `json:"peer_omp_wait_policy,omitempty"`
 	PeerPrefillTokS  *float64 `json:"peer_prefill_tok_s"`
 	PeerDecodeTokSB1 *float64 `json:"peer_decode_tok_s_b1"`
 	PeerDecodeTokSB8 *float64 `json:"peer_decode_tok_s_b8"`
@@ -142,7 +143,7 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 				if err != nil {
 					return err
 				}
-				rep.PeerDtype, rep.PeerTorch = pr.Dtype, pr.Torch
+				rep.PeerDtype, rep.PeerTorch, rep.PeerOMPWait = pr.Dtype, pr.Torch, pr.OMPWaitPolicy
 				rep.PeerPrefillTokS, rep.PeerDecodeTokSB1, rep.PeerDecodeTokSB8 = &pr.PrefillTokS, &pr.DecodeTokSB1, &pr.DecodeTokSBN
 				rep.RatioPrefill = ratio(rep.PrefillTokS, pr.PrefillTokS)
 				rep.RatioDecodeB1 = ratio(rep.DecodeTokSB1, pr.DecodeTokSB1)
@@ -207,7 +208,7 @@ func printRuntimeReport(w io.Writer, r runtimeReport) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	peerHead := "peer"
 	if r.PeerTorch != "" {
-		peerHead = fmt.Sprintf("peer (torch %s %s)", r.PeerTorch, r.PeerDtype)
+		peerHead = fmt.Sprintf("peer (torch %s %s, OMP %s)", r.PeerTorch, r.PeerDtype, r.PeerOMPWait)
 	}
 	fmt.Fprintf(tw, "\tloopserve\t%s\tratio\ttarget\n", peerHead)
 	row := func(name string, ours float64, peer, ratio *float64, target string) {
