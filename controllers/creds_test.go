@@ -3,12 +3,8 @@ package controllers
 import (
 	"context"
 	"fmt"
-	"net"
 	"testing"
-	"time"
 
-	"github.com/nats-io/jwt/v2"
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nkeys"
@@ -17,69 +13,8 @@ import (
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
 	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/internal/natstest"
 )
-
-// startSecuredNATS runs a NATS server in operator (JWT) mode with one JetStream-enabled
-// account, and returns its URL and the .creds file of a user of that account.
-func startSecuredNATS(t *testing.T) (url string, creds []byte) {
-	t.Helper()
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	okp, err := nkeys.CreateOperator()
-	must(err)
-	opub, err := okp.PublicKey()
-	must(err)
-	ojwt, err := jwt.NewOperatorClaims(opub).Encode(okp)
-	must(err)
-	oc, err := jwt.DecodeOperatorClaims(ojwt)
-	must(err)
-
-	account := func(js bool) (nkeys.KeyPair, string, string) {
-		kp, err := nkeys.CreateAccount()
-		must(err)
-		pub, err := kp.PublicKey()
-		must(err)
-		ac := jwt.NewAccountClaims(pub)
-		if js {
-			ac.Limits.JetStreamLimits = jwt.JetStreamLimits{MemoryStorage: -1, DiskStorage: -1, Streams: -1, Consumer: -1}
-		}
-		s, err := ac.Encode(okp)
-		must(err)
-		return kp, pub, s
-	}
-	akp, apub, ajwt := account(true)
-	_, spub, sjwt := account(false)
-	resolver := &server.MemAccResolver{}
-	must(resolver.Store(apub, ajwt))
-	must(resolver.Store(spub, sjwt))
-
-	s, err := server.NewServer(&server.Options{
-		Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
-		TrustedOperators: []*jwt.OperatorClaims{oc}, AccountResolver: resolver, SystemAccount: spub,
-	})
-	must(err)
-	go s.Start()
-	if !s.ReadyForConnections(10 * time.Second) {
-		t.Fatal("secured NATS server not ready")
-	}
-	t.Cleanup(s.Shutdown)
-
-	ukp, err := nkeys.CreateUser()
-	must(err)
-	upub, err := ukp.PublicKey()
-	must(err)
-	ujwt, err := jwt.NewUserClaims(upub).Encode(akp)
-	must(err)
-	seed, err := ukp.Seed()
-	must(err)
-	creds, err = jwt.FormatUserConfig(ujwt, seed)
-	must(err)
-	return fmt.Sprintf("nats://127.0.0.1:%d", s.Addr().(*net.TCPAddr).Port), creds
-}
 
 // TestNATSCredentialsSecret: with spec.nats.credentialsSecret the operator authenticates with
 // the Secret's .creds file and mounts it into the workers; without it, or with a broken
@@ -87,7 +22,7 @@ func startSecuredNATS(t *testing.T) (url string, creds []byte) {
 func TestNATSCredentialsSecret(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t)
-	url, creds := startSecuredNATS(t)
+	url, creds := natstest.Secured(t)
 
 	// No credentials: the server refuses the operator.
 	if err := k8s.Create(ctx, newLoopModel(ns, "anonymous", url)); err != nil {

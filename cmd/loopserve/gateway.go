@@ -12,7 +12,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
@@ -22,9 +21,10 @@ import (
 
 func newGatewayCmd() *cobra.Command {
 	var (
-		natsURL, listen, tokenFile string
-		maxBody                    int64
-		timeout                    time.Duration
+		listen, tokenFile string
+		nf                natsFlags
+		maxBody           int64
+		timeout           time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "gateway",
@@ -46,9 +46,9 @@ gateway accepted must not vanish.`,
 				return err
 			}
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-			nc, err := nats.Connect(natsURL, nats.Name("loopserve-gateway"), nats.MaxReconnects(-1))
+			nc, err := nf.connect("loopserve-gateway")
 			if err != nil {
-				return fmt.Errorf("connecting to NATS %s: %w", natsURL, err)
+				return err
 			}
 			defer nc.Close()
 			reg := prometheus.NewRegistry()
@@ -66,12 +66,12 @@ gateway accepted must not vanish.`,
 			if err != nil {
 				return fmt.Errorf("listening on %s: %w", listen, err)
 			}
-			log.Info("gateway listening", "addr", ln.Addr().String(), "nats", natsURL, "auth", len(tokens) > 0)
+			log.Info("gateway listening", "addr", ln.Addr().String(), "nats", nf.url, "auth", len(tokens) > 0)
 			return serveGateway(cmd.Context(), g, ln)
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&natsURL, "nats", nats.DefaultURL, "NATS server URL")
+	nf.register(cmd)
 	fl.StringVar(&listen, "listen", ":8080", "HTTP listen address")
 	fl.StringVar(&tokenFile, "token-file", "", "file of accepted bearer tokens, one per line (e.g. a mounted Secret); empty: no authentication")
 	fl.Int64Var(&maxBody, "max-body", 1<<20, "request body limit in bytes")

@@ -11,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -78,10 +77,11 @@ func runEngine(l *serve.Loaded) (stop func() error) {
 
 func newWorkerCmd() *cobra.Command {
 	var (
-		natsURL, modelDir, ref, thresholdFile, metricsListen, name string
-		createQueue                                                bool
-		drain                                                      time.Duration
-		ef                                                         serveEngineFlags
+		modelDir, ref, thresholdFile, metricsListen, name string
+		nf                                                natsFlags
+		createQueue                                       bool
+		drain                                             time.Duration
+		ef                                                serveEngineFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "worker",
@@ -116,13 +116,13 @@ gateway accepted must not vanish.`,
 				return err
 			}
 			stopEngine := runEngine(l)
-			err = runWorker(cmd.Context(), log, l, workerConfig{ref: r, natsURL: natsURL, createQueue: createQueue,
+			err = runWorker(cmd.Context(), log, l, workerConfig{ref: r, nats: nf, createQueue: createQueue,
 				thresholdFile: thresholdFile, metricsListen: metricsListen, name: name, capacity: ef.capacity, drain: drain})
 			return errors.Join(err, stopEngine())
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&natsURL, "nats", nats.DefaultURL, "NATS server URL")
+	nf.register(cmd)
 	fl.StringVar(&modelDir, "model", "", "model directory (Hugging Face layout: config.json, safetensors, tokenizer.json)")
 	fl.StringVar(&ref, "loopmodel", "", "the LoopModel served, <namespace>/<name>")
 	fl.StringVar(&thresholdFile, "threshold-file", "", `file with the operator's threshold ({"exitThreshold": x}), read at start; overrides --threshold`)
@@ -136,19 +136,20 @@ gateway accepted must not vanish.`,
 }
 
 type workerConfig struct {
-	ref                                   bus.Ref
-	natsURL, thresholdFile, metricsListen string
-	name                                  string
-	createQueue                           bool
-	capacity                              int
-	drain                                 time.Duration
+	ref                          bus.Ref
+	nats                         natsFlags
+	thresholdFile, metricsListen string
+	name                         string
+	createQueue                  bool
+	capacity                     int
+	drain                        time.Duration
 }
 
 func runWorker(ctx context.Context, log *slog.Logger, l *serve.Loaded, c workerConfig) error {
-	r, natsURL, capacity, name := c.ref, c.natsURL, c.capacity, c.name
-	nc, err := nats.Connect(natsURL, nats.Name("loopserve-worker "+r.String()), nats.MaxReconnects(-1))
+	r, capacity, name := c.ref, c.capacity, c.name
+	nc, err := c.nats.connect("loopserve-worker " + r.String())
 	if err != nil {
-		return fmt.Errorf("connecting to NATS %s: %w", natsURL, err)
+		return err
 	}
 	defer nc.Close()
 	if c.createQueue {
@@ -189,6 +190,6 @@ func runWorker(ctx context.Context, log *slog.Logger, l *serve.Loaded, c workerC
 		wg.Go(func() { _ = srv.Serve(ln) })
 		defer srv.Close()
 	}
-	log.Info("worker started", "loopmodel", r.String(), "nats", natsURL, "capacity", capacity, "threshold", l.Engine.Threshold())
+	log.Info("worker started", "loopmodel", r.String(), "nats", c.nats.url, "capacity", capacity, "threshold", l.Engine.Threshold())
 	return w.Run(ctx)
 }
