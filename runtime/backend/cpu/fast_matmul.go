@@ -40,8 +40,7 @@ func decodeRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols, la
 	var acc [6 * 4 * 16]float32 // [x rows][4 weight rows][lanes]
 	for r := lo; r < hi; r += 4 {
 		r0, end := tileStart(r, hi, rows)
-		clear(acc[:n*4*lanes])
-		tile(lanes, n, w.BF16[r0*cols:(r0+4)*cols], cols, x[:n*cols], cols, cols, acc[:], 4*lanes)
+		tile(lanes, n, w.BF16[r0*cols:(r0+4)*cols], cols, x[:n*cols], cols, cols, acc[:], 4*lanes, true)
 		for xi := range n {
 			o := out[xi*rows : (xi+1)*rows]
 			for wi := r - r0; wi < end; wi++ {
@@ -68,14 +67,13 @@ func blockedRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols, l
 	ld := tiles * 4 * lanes
 	for rb := lo; rb < hi; rb += rowBlock {
 		rbEnd := min(rb+rowBlock, hi)
-		clear(part)
 		for k0 := 0; k0 < cols; k0 += kBlock {
 			kc := min(kBlock, cols-k0)
 			for i := 0; i < n; i += maxM {
 				m := min(maxM, n-i)
 				for t, r := 0, rb; r < rbEnd; t, r = t+1, r+4 {
 					r0, _ := tileStart(r, rbEnd, rows)
-					tile(lanes, m, w.BF16[r0*cols+k0:], cols, x[i*cols+k0:], cols, kc, part[i*ld+t*4*lanes:], ld)
+					tile(lanes, m, w.BF16[r0*cols+k0:], cols, x[i*cols+k0:], cols, kc, part[i*ld+t*4*lanes:], ld, k0 == 0)
 				}
 			}
 		}
@@ -93,12 +91,16 @@ func blockedRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols, l
 }
 
 // laneSum adds 8 or 16 lanes in a fixed pairwise order (each lane with the one half the width
-// away, repeatedly), the same for every tile. It overwrites a.
+// away, repeatedly), the same for every tile.
 func laneSum(a []float32) float32 {
-	for width := len(a) / 2; width >= 1; width /= 2 {
-		for i := 0; i < width; i++ {
-			a[i] += a[i+width]
-		}
+	if len(a) == 16 {
+		a = a[:16]
+		b0, b1, b2, b3 := a[0]+a[8], a[1]+a[9], a[2]+a[10], a[3]+a[11]
+		b4, b5, b6, b7 := a[4]+a[12], a[5]+a[13], a[6]+a[14], a[7]+a[15]
+		c0, c1, c2, c3 := b0+b4, b1+b5, b2+b6, b3+b7
+		return (c0 + c2) + (c1 + c3)
 	}
-	return a[0]
+	a = a[:8]
+	c0, c1, c2, c3 := a[0]+a[4], a[1]+a[5], a[2]+a[6], a[3]+a[7]
+	return (c0 + c2) + (c1 + c3)
 }

@@ -11,4 +11,4 @@ var (
 
 func pickTiles(int) (lanes, maxM int) { return 0, 0 }
 
-func tile(int, int, []uint16, int, []float32, int, int, []float32, int) {}
+func tile(int, int, []uint16, int, []float32, int, int, []float32, int, bool) {}

@@ -20,35 +20,35 @@ var (
 // matmul512_amd64.s).
 //
 //go:noescape
-func tile4x1(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+func tile4x1(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
 
 //go:noescape
-func tile4x2(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+func tile4x2(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
 
 //go:noescape
-func tile4x3(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+func tile4x3(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
 
 //go:noescape
-func tile512x4x1(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+func tile512x4x1(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
 
 //go:noescape
-func tile512x4x2(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+func tile512x4x2(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
 
 //go:noescape
-func tile512x4x3(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+func tile512x4x3(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
 
 //go:noescape
-func tile512x4x4(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+func tile512x4x4(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
 
 //go:noescape
-func tile512x4x5(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+func tile512x4x5(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
 
 //go:noescape
-func tile512x4x6(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
+func tile512x4x6(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
 
 var (
-	tiles256 = [...]func(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int){tile4x1, tile4x2, tile4x3}
-	tiles512 = [...]func(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int){
+	tiles256 = [...]func(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool){tile4x1, tile4x2, tile4x3}
+	tiles512 = [...]func(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool){
 		tile512x4x1, tile512x4x2, tile512x4x3, tile512x4x4, tile512x4x5, tile512x4x6}
 )
 
@@ -66,12 +66,13 @@ func pickTiles(cols int) (lanes, maxM int) {
 
 // tile runs the family of the given lanes with m activation rows (1 ≤ m ≤ maxM) on 4 weight
 // rows starting at w[0] (stride ldw elements) and m activation rows starting at x[0] (stride
-// ldx), over k columns, accumulating into the lane vectors at acc[i*ldacc + j*lanes].
-func tile(lanes, m int, w []uint16, ldw int, x []float32, ldx, k int, acc []float32, ldacc int) {
+// ldx), over k columns, accumulating into the lane vectors at acc[i*ldacc + j*lanes], which
+// start at zero when zero is set.
+func tile(lanes, m int, w []uint16, ldw int, x []float32, ldx, k int, acc []float32, ldacc int, zero bool) {
 	wp, xp := unsafe.SliceData(w), unsafe.SliceData(x)
 	if lanes == 16 {
-		tiles512[m-1](wp, 2*ldw, xp, 4*ldx, k, &acc[0], 4*ldacc)
+		tiles512[m-1](wp, 2*ldw, xp, 4*ldx, k, &acc[0], 4*ldacc, zero)
 		return
 	}
-	tiles256[m-1](wp, 2*ldw, xp, 4*ldx, k, &acc[0], 4*ldacc)
+	tiles256[m-1](wp, 2*ldw, xp, 4*ldx, k, &acc[0], 4*ldacc, zero)
 }

@@ -9,10 +9,11 @@
 // m is and however k is blocked, so an output does not depend on which tile computed it.
 // bf16 → float32 is a zero-extend and a 16-bit shift (exact).
 //
-// func tile4xM(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int)
-// ldw, ldx and ldacc are strides in bytes.
+// func tile4xM(w *uint16, ldw int, x *float32, ldx int, k int, acc *float32, ldacc int, zero bool)
+// ldw, ldx and ldacc are strides in bytes; zero starts the accumulators at 0 instead of loading
+// them (the same sums: FMA onto +0 is exact).
 
-TEXT ·tile4x1(SB), NOSPLIT, $0-56
+TEXT ·tile4x1(SB), NOSPLIT, $0-57
 	MOVQ w+0(FP), SI
 	MOVQ ldw+8(FP), AX
 	MOVQ x+16(FP), DI
@@ -21,12 +22,22 @@ TEXT ·tile4x1(SB), NOSPLIT, $0-56
 	LEAQ (SI)(AX*1), R11
 	LEAQ (SI)(AX*2), R10
 	LEAQ (R10)(AX*1), R12
+	MOVBLZX zero+56(FP), AX
+	TESTQ AX, AX
+	JZ load1
+	VPXOR Y4, Y4, Y4
+	VPXOR Y5, Y5, Y5
+	VPXOR Y6, Y6, Y6
+	VPXOR Y7, Y7, Y7
+	JMP start1
+load1:
 	MOVQ acc+40(FP), AX
 	MOVQ ldacc+48(FP), DX
 	VMOVUPS 0(AX), Y4
 	VMOVUPS 32(AX), Y5
 	VMOVUPS 64(AX), Y6
 	VMOVUPS 96(AX), Y7
+start1:
 	SHRQ $3, CX
 	TESTQ CX, CX
 	JZ done1
@@ -60,7 +71,7 @@ done1:
 	VZEROUPPER
 	RET
 
-TEXT ·tile4x2(SB), NOSPLIT, $0-56
+TEXT ·tile4x2(SB), NOSPLIT, $0-57
 	MOVQ w+0(FP), SI
 	MOVQ ldw+8(FP), AX
 	MOVQ x+16(FP), DI
@@ -70,6 +81,19 @@ TEXT ·tile4x2(SB), NOSPLIT, $0-56
 	LEAQ (SI)(AX*2), R10
 	LEAQ (R10)(AX*1), R12
 	LEAQ (DI)(DX*1), R13
+	MOVBLZX zero+56(FP), AX
+	TESTQ AX, AX
+	JZ load2
+	VPXOR Y4, Y4, Y4
+	VPXOR Y5, Y5, Y5
+	VPXOR Y6, Y6, Y6
+	VPXOR Y7, Y7, Y7
+	VPXOR Y8, Y8, Y8
+	VPXOR Y9, Y9, Y9
+	VPXOR Y10, Y10, Y10
+	VPXOR Y11, Y11, Y11
+	JMP start2
+load2:
 	MOVQ acc+40(FP), AX
 	MOVQ ldacc+48(FP), DX
 	VMOVUPS 0(AX), Y4
@@ -81,6 +105,7 @@ TEXT ·tile4x2(SB), NOSPLIT, $0-56
 	VMOVUPS 32(AX), Y9
 	VMOVUPS 64(AX), Y10
 	VMOVUPS 96(AX), Y11
+start2:
 	SHRQ $3, CX
 	TESTQ CX, CX
 	JZ done2
@@ -124,7 +149,7 @@ done2:
 	VZEROUPPER
 	RET
 
-TEXT ·tile4x3(SB), NOSPLIT, $0-56
+TEXT ·tile4x3(SB), NOSPLIT, $0-57
 	MOVQ w+0(FP), SI
 	MOVQ ldw+8(FP), AX
 	MOVQ x+16(FP), DI
@@ -135,6 +160,23 @@ TEXT ·tile4x3(SB), NOSPLIT, $0-56
 	LEAQ (R10)(AX*1), R12
 	LEAQ (DI)(DX*1), R13
 	LEAQ (DI)(DX*2), R14
+	MOVBLZX zero+56(FP), AX
+	TESTQ AX, AX
+	JZ load3
+	VPXOR Y4, Y4, Y4
+	VPXOR Y5, Y5, Y5
+	VPXOR Y6, Y6, Y6
+	VPXOR Y7, Y7, Y7
+	VPXOR Y8, Y8, Y8
+	VPXOR Y9, Y9, Y9
+	VPXOR Y10, Y10, Y10
+	VPXOR Y11, Y11, Y11
+	VPXOR Y12, Y12, Y12
+	VPXOR Y13, Y13, Y13
+	VPXOR Y14, Y14, Y14
+	VPXOR Y15, Y15, Y15
+	JMP start3
+load3:
 	MOVQ acc+40(FP), AX
 	MOVQ ldacc+48(FP), DX
 	VMOVUPS 0(AX), Y4
@@ -151,6 +193,7 @@ TEXT ·tile4x3(SB), NOSPLIT, $0-56
 	VMOVUPS 32(AX), Y13
 	VMOVUPS 64(AX), Y14
 	VMOVUPS 96(AX), Y15
+start3:
 	SHRQ $3, CX
 	TESTQ CX, CX
 	JZ done3
