@@ -69,11 +69,11 @@ func (r Ref) String() string { return r.Namespace + "/" + r.Name }
 // Key is the registry key "<namespace>.<name>".
 func (r Ref) Key() string { return r.Namespace + "." + r.Name }
 
-// Stream is the work-queue stream name LOOPSERVE_<NS>_<NAME> (dashes become underscores,
-// which JetStream stream names allow while subjects keep the dashes).
+// Stream is the work-queue stream name LOOPSERVE_<NS>_<NAME>, upper-cased. Dashes stay (stream
+// names allow them) and "_" only separates: DNS labels hold no "_", so two LoopModels never share
+// a stream ("a-b/c" → LOOPSERVE_A-B_C, "a/b-c" → LOOPSERVE_A_B-C).
 func (r Ref) Stream() string {
-	up := strings.ToUpper(strings.ReplaceAll(r.Namespace+"_"+r.Name, "-", "_"))
-	return "LOOPSERVE_" + up
+	return "LOOPSERVE_" + strings.ToUpper(r.Namespace+"_"+r.Name)
 }
 
 // RequestSubject is where the gateway publishes requests: loopserve.req.<ns>.<name>.

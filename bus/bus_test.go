@@ -68,7 +68,7 @@ func TestParseRef(t *testing.T) {
 func TestNames(t *testing.T) {
 	r := Ref{Namespace: "team-a", Name: "ouro-1"}
 	got := []string{r.Stream(), r.RequestSubject(), r.StatsSubject(), r.ControlSubject(), r.CancelSubject(), r.Key(), r.String()}
-	want := []string{"LOOPSERVE_TEAM_A_OURO_1", "loopserve.req.team-a.ouro-1", "loopserve.stats.team-a.ouro-1",
+	want := []string{"LOOPSERVE_TEAM-A_OURO-1", "loopserve.req.team-a.ouro-1", "loopserve.stats.team-a.ouro-1",
 		"loopserve.ctl.team-a.ouro-1", "loopserve.cancel.team-a.ouro-1", "team-a.ouro-1", "team-a/ouro-1"}
 	if d := cmp.Diff(got, want); d != "" {
 		t.Errorf("names (-got +want):\n%s", d)

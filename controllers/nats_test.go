@@ -7,9 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
@@ -70,47 +70,42 @@ func TestNATSPool(t *testing.T) {
 	}
 }
 
-// TestStreamNameCollision: "x-y/m" and "x/y-m" fold to the same stream name; the second
-// LoopModel is refused (Degraded, NATSError) instead of taking over the first one's queue.
-func TestStreamNameCollision(t *testing.T) {
+// TestForeignStreamKept: a stream that already has the LoopModel's name but serves other
+// subjects (made by hand, or by another system) is never taken over or deleted: the LoopModel is
+// refused (Degraded, NATSError), and distinct LoopModels never share a stream name.
+func TestForeignStreamKept(t *testing.T) {
 	ctx := context.Background()
 	srv := startNATS(t)
-	base := newNamespace(t) // unique prefix for this run
-	nsA, nsB := base+"-x", base
-	if err := k8s.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: nsA}}); err != nil {
-		t.Fatal(err)
+	ns := newNamespace(t)
+	ref := bus.Ref{Namespace: ns, Name: "x-m"}
+	if a, b := (bus.Ref{Namespace: ns + "-x", Name: "m"}).Stream(), ref.Stream(); a == b {
+		t.Fatalf("LoopModels %s-x/m and %s/x-m share stream %s", ns, ns, a)
 	}
-	first := newLoopModel(nsA, "m", srv.url())    // stream LOOPSERVE_<BASE>_X_M
-	second := newLoopModel(nsB, "x-m", srv.url()) // stream LOOPSERVE_<BASE>_X_M too
-	refA, refB := bus.Ref{Namespace: nsA, Name: "m"}, bus.Ref{Namespace: nsB, Name: "x-m"}
-	if refA.Stream() != refB.Stream() {
-		t.Skip("stream names no longer collide: this guard is moot")
-	}
-	if err := k8s.Create(ctx, first); err != nil {
-		t.Fatal(err)
-	}
-	await(t, waitLong, "first queue", conditionIs(nsA, "m", CondDegraded, metav1.ConditionFalse, ReasonAsExpected))
-	if err := k8s.Create(ctx, second); err != nil {
-		t.Fatal(err)
-	}
-	await(t, waitLong, "second refused", conditionIs(nsB, "x-m", CondDegraded, metav1.ConditionTrue, ReasonNATSError))
 	_, js := srv.js()
-	st, err := js.Stream(ctx, refA.Stream())
-	if err != nil {
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: ref.Stream(), Subjects: []string{"foreign.subject"}}); err != nil {
 		t.Fatal(err)
 	}
-	if subj := st.CachedInfo().Config.Subjects; len(subj) != 1 || subj[0] != refA.RequestSubject() {
-		t.Errorf("first LoopModel's stream now serves %v", subj)
+	if err := k8s.Create(ctx, newLoopModel(ns, "x-m", srv.url())); err != nil {
+		t.Fatal(err)
 	}
+	await(t, waitLong, "LoopModel refused", conditionIs(ns, "x-m", CondDegraded, metav1.ConditionTrue, ReasonNATSError))
+	assertForeign := func(when string) {
+		t.Helper()
+		st, err := js.Stream(ctx, ref.Stream())
+		if err != nil {
+			t.Fatalf("foreign stream %s: %v", when, err)
+		}
+		if diff := cmp.Diff(st.CachedInfo().Config.Subjects, []string{"foreign.subject"}); diff != "" {
+			t.Errorf("foreign stream's subjects %s (-got +want):\n%s", when, diff)
+		}
+	}
+	assertForeign("while refused")
 
-	// Deleting the refused LoopModel leaves the first one's stream alone.
-	if err := k8s.Delete(ctx, getLoopModel(t, nsB, "x-m")); err != nil {
+	if err := k8s.Delete(ctx, getLoopModel(t, ns, "x-m")); err != nil {
 		t.Fatal(err)
 	}
-	await(t, waitLong, "refused LoopModel deleted", gone(&v1alpha1.LoopModel{}, nsB, "x-m"))
-	if _, err := js.Stream(ctx, refA.Stream()); err != nil {
-		t.Errorf("first LoopModel's stream after deleting the second: %v", err)
-	}
+	await(t, waitLong, "refused LoopModel deleted", gone(&v1alpha1.LoopModel{}, ns, "x-m"))
+	assertForeign("after deleting the LoopModel")
 }
 
 // TestNATSURLChangeMovesQueue: pointing a LoopModel at another NATS server creates its queue
