@@ -13,9 +13,57 @@ import (
 )
 
 // Backend is the parallel CPU backend. The zero value is not usable; call New. It holds no
-// per-call state and is safe for concurrent use.
+// per-call state and is safe for concurrent use. Its worker goroutines stop at Close, or
+// when the Backend becomes unreachable.
 type Backend struct {
 	threads int
+	pool    *pool
+}
+
+// pool is a fixed set of goroutines taking kernel chunks: handing a chunk to a parked worker
+// is cheaper than starting a goroutine per chunk, hundreds of times per token.
+type pool struct {
+	work chan poolTask
+	quit chan struct{}
+	once sync.Once
+	wg   sync.WaitGroup
+}
+
+type poolTask struct {
+	fn     func(lo, hi int)
+	lo, hi int
+	done   *sync.WaitGroup
+}
+
+func newPool(workers int) *pool {
+	p := &pool{work: make(chan poolTask, workers), quit: make(chan struct{})}
+	for range workers {
+		p.wg.Go(func() {
+			for {
+				select {
+				case t := <-p.work:
+					t.fn(t.lo, t.hi)
+					t.done.Done()
+				case <-p.quit:
+					return
+				}
+			}
+		})
+	}
+	return p
+}
+
+func (p *pool) stop() {
+	p.once.Do(func() { close(p.quit) })
+	p.wg.Wait()
+}
+
+// Close stops the worker goroutines and waits for them; the Backend must not be used after.
+func (b *Backend) Close() error {
+	if b.pool != nil {
+		b.pool.stop()
+	}
+	return nil
 }
 
 var (
@@ -28,7 +76,12 @@ func New(threads int) *Backend {
 	if threads <= 0 {
 		threads = runtime.GOMAXPROCS(0)
 	}
-	return &Backend{threads: threads}
+	b := &Backend{threads: threads}
+	if threads > 1 {
+		b.pool = newPool(threads - 1)
+		runtime.AddCleanup(b, func(p *pool) { p.stop() }, b.pool)
+	}
+	return b
 }
 
 // minWork is the multiply-adds below which a kernel runs on the calling goroutine: spawning
@@ -54,15 +107,12 @@ func (b *Backend) parallelGrain(total, work, grain int, fn func(lo, hi int)) {
 		fn(0, total)
 		return
 	}
-	var wg sync.WaitGroup
+	wg := new(sync.WaitGroup)
 	chunk := (total + workers - 1) / workers
 	chunk = (chunk + grain - 1) / grain * grain
 	for lo := chunk; lo < total; lo += chunk {
 		wg.Add(1)
-		go func(lo, hi int) {
-			defer wg.Done()
-			fn(lo, hi)
-		}(lo, min(lo+chunk, total))
+		b.pool.work <- poolTask{fn: fn, lo: lo, hi: min(lo+chunk, total), done: wg}
 	}
 	fn(0, min(chunk, total))
 	wg.Wait()

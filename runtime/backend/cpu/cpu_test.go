@@ -163,3 +163,30 @@ func BenchmarkMatMulBF16Batch8(b *testing.B) {
 		be.MatMul(out, x, 8, w)
 	}
 }
+
+// TestConcurrentUseAndClose runs kernels from several goroutines on one backend (the pool is
+// shared), then closes it.
+func TestConcurrentUseAndClose(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 6))
+	be := cpu.New(3)
+	w := randMatrix(r, 512, 256, true)
+	x := randVec(r, 2*256)
+	want := make([]float32, 2*512)
+	cpu.Reference{}.MatMul(want, x, 2, w)
+	done := make(chan []float32)
+	for range 4 {
+		go func() {
+			out := make([]float32, 2*512)
+			for range 20 {
+				be.MatMul(out, x, 2, w)
+			}
+			done <- out
+		}()
+	}
+	for range 4 {
+		closeTo(t, "MatMul", <-done, want, 1e-5)
+	}
+	if err := be.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
