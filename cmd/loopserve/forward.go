@@ -46,7 +46,9 @@ final_hidden (F32 [R,S,H]) with --hidden. The layout is the goldens' (../shared/
 				return err
 			}
 			defer m.Close()
-			tr, err := engine.Forward(cmd.Context(), m, cpu.New(threads), ids)
+			be := cpu.New(threads)
+			defer be.Close()
+			tr, err := engine.Forward(cmd.Context(), m, be, ids)
 			if err != nil {
 				return err
 			}

@@ -66,7 +66,9 @@ computes every step and selects (the reference semantics); --mode fast stops at 
 				}
 			}
 			ids := tok.Encode(text)
-			e, err := engine.New(m, engine.Options{Backend: cpu.New(threads), Mode: md, KVPolicy: kv, MaxBatch: 1, Decode: tok.Decode})
+			be := cpu.New(threads)
+			defer be.Close()
+			e, err := engine.New(m, engine.Options{Backend: be, Mode: md, KVPolicy: kv, MaxBatch: 1, Decode: tok.Decode})
 			if err != nil {
 				return err
 			}
