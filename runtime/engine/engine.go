@@ -101,7 +101,7 @@ type Engine struct {
 	steps    int
 	ctxLen   int
 	eos      int
-	kvBudget *kvBudget     // nil when unbounded
+	kvBudget *kvBudget
 	tau      atomic.Uint64 // float64 bits
 	stepNano atomic.Int64  // EWMA of one loop step's wall time, for deadlines
 
@@ -147,6 +147,8 @@ func New(m *model.Model, opts Options) (*Engine, error) {
 		e.kvBudget = &kvBudget{limit: 16 << 30}
 	case opts.MaxKVBytes > 0:
 		e.kvBudget = &kvBudget{limit: opts.MaxKVBytes}
+	default:
+		e.kvBudget = &kvBudget{limit: math.MaxInt64}
 	}
 	if e.ctxLen == 0 {
 		e.ctxLen = c.MaxPositionEmbeddings
@@ -167,6 +169,9 @@ func New(m *model.Model, opts Options) (*Engine, error) {
 
 // Config is the model's configuration.
 func (e *Engine) Config() model.Config { return e.m.Config }
+
+// KVBytes is the memory the KV caches of running requests hold now (a gauge).
+func (e *Engine) KVBytes() int64 { return e.kvBudget.used.Load() }
 
 // ContextLen is the positions a sequence may use: prompt plus generated tokens.
 func (e *Engine) ContextLen() int { return e.ctxLen }

@@ -496,6 +496,9 @@ func TestSubmitCancelStress(t *testing.T) {
 	}
 	wg.Wait()
 	waitFor(t, func() bool { st := e.Stats(); return st.Requests == 24 && st.Finished == 24 })
+	if b := e.KVBytes(); b != 0 {
+		t.Errorf("%d KV bytes still held after every request finished", b)
+	}
 	stop()
 	if err := <-ran; err != nil {
 		t.Fatal(err)

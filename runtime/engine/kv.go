@@ -40,7 +40,8 @@ func ParseKVPolicy(s string) (KVPolicy, error) {
 }
 
 // kvBudget bounds the bytes all caches of an engine may hold, so no request can run the
-// process out of memory. Safe for concurrent use; a nil *kvBudget is unlimited.
+// process out of memory; it also measures what the caches hold. Safe for concurrent use; a
+// nil *kvBudget (caches outside an engine) is unlimited.
 type kvBudget struct {
 	limit int64
 	used  atomic.Int64
