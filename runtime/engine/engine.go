@@ -366,6 +366,7 @@ func (e *Engine) Generate(ctx context.Context, r Request, fn func(Token) bool) (
 	one := []*sequence{s}
 	for !s.done {
 		if err := ctx.Err(); err != nil {
+			s.finish("", err) // releases the cache
 			return "", err
 		}
 		b.iterate(one)

@@ -504,3 +504,23 @@ func TestSubmitCancelStress(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestGenerateCancelReleasesKV: a Generate cut short by its context frees its cache.
+func TestGenerateCancelReleasesKV(t *testing.T) {
+	m := loadModel(t, "ouro-tiny-random")
+	e := newEngine(t, m, engine.Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	n := 0
+	_, err := e.Generate(ctx, engine.Request{Prompt: []int{1, 2, 3}, MaxTokens: 50, IgnoreEOS: true}, func(engine.Token) bool {
+		if n++; n == 3 {
+			cancel()
+		}
+		return true
+	})
+	if !errors.Is(err, context.Canceled) || n != 3 {
+		t.Errorf("%d tokens, error %v; want 3 and context.Canceled", n, err)
+	}
+	if b := e.KVBytes(); b != 0 {
+		t.Errorf("%d KV bytes held after Generate returned", b)
+	}
+}
