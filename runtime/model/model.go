@@ -197,7 +197,16 @@ func (m *Model) bind(where map[string]*File, progress func(Progress)) error {
 	for n := range want {
 		names = append(names, n)
 	}
-	sort.Strings(names)
+	// File order, so the page touching below reads each file front to back.
+	sort.Slice(names, func(i, j int) bool {
+		fi, fj := where[names[i]], where[names[j]]
+		if fi.Path != fj.Path {
+			return fi.Path < fj.Path
+		}
+		a, _ := fi.Info(names[i])
+		b, _ := fj.Info(names[j])
+		return a.Begin < b.Begin
+	})
 	get := map[string]Tensor{}
 	for _, n := range names {
 		f := where[n]
