@@ -108,6 +108,7 @@ type Engine struct {
 	mu      sync.Mutex
 	queue   []*sequence
 	state   int // 0 new, 1 running, 2 closed
+	nRun    int // sequences in Run's batch, for Occupancy
 	stats   Counters
 	wake    chan struct{}
 	stopped chan struct{}
@@ -169,6 +170,13 @@ func New(m *model.Model, opts Options) (*Engine, error) {
 
 // Config is the model's configuration.
 func (e *Engine) Config() model.Config { return e.m.Config }
+
+// Occupancy reports the requests in Run's batch and those queued for it (gauges).
+func (e *Engine) Occupancy() (running, queued int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.nRun, len(e.queue)
+}
 
 // KVBytes is the memory the KV caches of running requests hold now (a gauge).
 func (e *Engine) KVBytes() int64 { return e.kvBudget.used.Load() }
@@ -298,6 +306,7 @@ func (e *Engine) Run(ctx context.Context) error {
 		e.state = 2
 		queued := e.queue
 		e.queue = nil
+		e.nRun = 0
 		e.mu.Unlock()
 		for _, s := range append(running, queued...) {
 			s.finish("", ErrStopped)
@@ -328,6 +337,9 @@ func (e *Engine) Run(ctx context.Context) error {
 		}
 		clear(running[len(live):])
 		running = live
+		e.mu.Lock()
+		e.nRun = len(running)
+		e.mu.Unlock()
 		if len(running) == 0 {
 			select {
 			case <-ctx.Done():

@@ -499,6 +499,7 @@ func TestSubmitCancelStress(t *testing.T) {
 	if b := e.KVBytes(); b != 0 {
 		t.Errorf("%d KV bytes still held after every request finished", b)
 	}
+	waitFor(t, func() bool { r, q := e.Occupancy(); return r == 0 && q == 0 })
 	stop()
 	if err := <-ran; err != nil {
 		t.Fatal(err)
