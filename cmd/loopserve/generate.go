@@ -23,7 +23,7 @@ func newGenerateCmd() *cobra.Command {
 		threshold, temp, topP       float64
 		seed                        uint64
 		threads, draft, draftDepth  int
-		chat, ignoreEOS             bool
+		chat, ignoreEOS, kvBF16     bool
 		stops                       []string
 	)
 	cmd := &cobra.Command{
@@ -68,7 +68,7 @@ computes every step and selects (the reference semantics); --mode fast stops at 
 			ids := tok.Encode(text)
 			be := cpu.New(threads)
 			defer be.Close()
-			e, err := engine.New(m, engine.Options{Backend: be, Mode: md, KVPolicy: kv, MaxBatch: 1, Decode: tok.Decode})
+			e, err := engine.New(m, engine.Options{Backend: be, Mode: md, KVPolicy: kv, KVBF16: kvBF16, MaxBatch: 1, Decode: tok.Decode})
 			if err != nil {
 				return err
 			}
@@ -115,6 +115,7 @@ computes every step and selects (the reference semantics); --mode fast stops at 
 	f.IntVar(&exitStep, "exit-step", -1, "force every token to exit at this loop step (0-based); -1 for none")
 	f.StringVar(&kvPolicy, "kv-policy", "full", "KV cache policy: full (per step) or last (one per layer)")
 	f.StringVar(&mode, "mode", "exact", "exact (compute every step) or fast (stop at the exit)")
+	f.BoolVar(&kvBF16, "kv-bf16", false, "store keys and values as bfloat16 (half the KV memory)")
 	f.Float64Var(&temp, "temperature", 0, "sampling temperature; 0 is greedy")
 	f.IntVar(&topK, "top-k", 0, "sample among the k most likely tokens; 0 for all")
 	f.Float64Var(&topP, "top-p", 0, "nucleus sampling mass; 0 or 1 for all")

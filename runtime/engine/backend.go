@@ -21,13 +21,14 @@ type Backend interface {
 	Attention(jobs []AttnJob, heads, kvHeads, headDim int, scale float32)
 }
 
-// AttnJob is one query row attending over N cached positions.
+// AttnJob is one query row attending over N cached positions, whose keys and values are
+// float32 (K, V) or, with Options.KVBF16, bfloat16 bits (K16, V16).
 type AttnJob struct {
-	Q   []float32 // [heads·headDim]
-	K   []float32 // [N, kvHeads·headDim]
-	V   []float32 // [N, kvHeads·headDim]
-	N   int
-	Out []float32 // [heads·headDim]
+	Q        []float32 // [heads·headDim]
+	K, V     []float32 // [N, kvHeads·headDim], or nil
+	K16, V16 []uint16  // [N, kvHeads·headDim], or nil
+	N        int
+	Out      []float32 // [heads·headDim]
 }
 
 // MultiMatMuler is an optional Backend fast path: several weights with the same Cols applied

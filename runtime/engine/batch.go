@@ -304,9 +304,7 @@ func (b *batcher) saveExitKV(row *rowState, t int) {
 	row.saveK = grow(row.saveK, kv.layers*d)
 	row.saveV = grow(row.saveV, kv.layers*d)
 	for l := 0; l < kv.layers; l++ {
-		s := kv.slot(t, l)
-		copy(row.saveK[l*d:(l+1)*d], kv.k[s][row.pos*d:(row.pos+1)*d])
-		copy(row.saveV[l*d:(l+1)*d], kv.v[s][row.pos*d:(row.pos+1)*d])
+		kv.get(kv.slot(t, l), row.pos, row.saveK[l*d:(l+1)*d], row.saveV[l*d:(l+1)*d])
 	}
 }
 
@@ -333,8 +331,8 @@ func (b *batcher) finish(logits []float32) {
 				} else if row.chosen < R-1 {
 					d := s.kv.kvDim
 					for l := 0; l < s.kv.layers; l++ {
-						copy(s.kv.k[l][row.pos*d:(row.pos+1)*d], row.saveK[l*d:(l+1)*d])
-						copy(s.kv.v[l][row.pos*d:(row.pos+1)*d], row.saveV[l*d:(l+1)*d])
+						// bf16 values round-trip exactly through float32.
+						s.kv.put(l, row.pos, row.saveK[l*d:(l+1)*d], row.saveV[l*d:(l+1)*d])
 					}
 				}
 			}

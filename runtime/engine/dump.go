@@ -30,7 +30,7 @@ func Forward(ctx context.Context, m *model.Model, be Backend, ids []int) (*Trace
 		}
 	}
 	r := newRunner(m, be)
-	kv := newKVCache(KVFull, R, c.NumHiddenLayers, c.KVDim())
+	kv := newKVCache(KVFull, R, c.NumHiddenLayers, c.KVDim(), false)
 	kv.reserve(S) // no budget: always room
 	rows := make([]fwdRow, S)
 	for i := range rows {

@@ -70,6 +70,9 @@ type Options struct {
 	// would pass it finishes with "length", a prompt that cannot fit fails with ErrKVFull.
 	// 0 means 16 GiB; negative means no bound.
 	MaxKVBytes int64
+	// KVBF16 stores keys and values as bfloat16: half the KV memory and attention traffic, at
+	// a small accuracy cost (the goldens' exact semantics hold with float32 only).
+	KVBF16 bool
 	// Decode turns token ids into text; needed for Request.StopStrings.
 	Decode func([]int) string
 }

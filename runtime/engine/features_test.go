@@ -108,9 +108,13 @@ func TestProbesDoNotChangeOutput(t *testing.T) {
 	m := loadModel(t, "ouro-tiny-arith")
 	R := m.Config.TotalUTSteps
 	req := engine.Request{ID: "p", Prompt: arithPrompt(t), MaxTokens: 10, IgnoreEOS: true, Exit: engine.Exit{Threshold: 0.6}}
-	for _, kv := range []engine.KVPolicy{engine.KVFull, engine.KVLast} {
-		wantIDs, wantDepths := generate(t, newEngine(t, m, engine.Options{Mode: engine.Fast, KVPolicy: kv}), req)
-		e := newEngine(t, m, engine.Options{Mode: engine.Fast, KVPolicy: kv, ProbeFraction: 1})
+	for _, cfg := range []struct {
+		kv   engine.KVPolicy
+		half bool
+	}{{engine.KVFull, false}, {engine.KVLast, false}, {engine.KVLast, true}, {engine.KVFull, true}} {
+		kv := cfg.kv
+		wantIDs, wantDepths := generate(t, newEngine(t, m, engine.Options{Mode: engine.Fast, KVPolicy: kv, KVBF16: cfg.half}), req)
+		e := newEngine(t, m, engine.Options{Mode: engine.Fast, KVPolicy: kv, ProbeFraction: 1, KVBF16: cfg.half})
 		var ids, depths, probes int
 		var gotIDs, gotDepths []int
 		_, err := e.Generate(context.Background(), req, func(tok engine.Token) bool {
@@ -523,5 +527,44 @@ func TestGenerateCancelReleasesKV(t *testing.T) {
 	}
 	if b := e.KVBytes(); b != 0 {
 		t.Errorf("%d KV bytes held after Generate returned", b)
+	}
+}
+
+// TestKVBF16 stores keys and values as bfloat16: half the cache memory, and greedy output
+// close to the goldens (rounded keys and values may flip a near tie, not the bulk).
+func TestKVBF16(t *testing.T) {
+	m, g := loadGolden(t, "ouro-tiny-arith")
+	R := m.Config.TotalUTSteps
+	same, total := 0, 0
+	for k, p := range g.json.Prompts {
+		want := p.Generate["full"].IDs
+		e := newEngine(t, m, engine.Options{KVBF16: true})
+		ids, _ := generate(t, e, engine.Request{Prompt: g.ids(t, k), MaxTokens: len(want), IgnoreEOS: true, Exit: engine.Exit{ForceDepth: R}})
+		for i := range want {
+			if ids[i] == want[i] {
+				same++
+			}
+			total++
+		}
+	}
+	if same < total*9/10 {
+		t.Errorf("bf16 KV: %d of %d golden tokens, want at least 90%%", same, total)
+	}
+	t.Logf("bf16 KV: %d of %d golden full-depth tokens", same, total)
+	bytes := map[bool]int64{}
+	for _, half := range []bool{false, true} {
+		e := newEngine(t, m, engine.Options{KVBF16: half, Mode: engine.Fast, KVPolicy: engine.KVLast})
+		var held int64
+		_, err := e.Generate(context.Background(), engine.Request{Prompt: g.ids(t, 0), MaxTokens: 3, IgnoreEOS: true}, func(engine.Token) bool {
+			held = e.KVBytes()
+			return true
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		bytes[half] = held
+	}
+	if bytes[false] != 2*bytes[true] || bytes[true] == 0 {
+		t.Errorf("KV bytes f32 %d, bf16 %d: want 2:1", bytes[false], bytes[true])
 	}
 }

@@ -117,9 +117,8 @@ func (r *runner) step(t int, rows []fwdRow, h []float32) {
 		jobs := r.jobs[:n]
 		for i, row := range rows {
 			s := row.kv.slot(t, li)
-			copy(row.kv.k[s][row.pos*KV:(row.pos+1)*KV], k[i*KV:(i+1)*KV])
-			copy(row.kv.v[s][row.pos*KV:(row.pos+1)*KV], v[i*KV:(i+1)*KV])
-			jobs[i] = AttnJob{Q: q[i*Q : (i+1)*Q], K: row.kv.k[s][:(row.pos+1)*KV], V: row.kv.v[s][:(row.pos+1)*KV], N: row.pos + 1, Out: att[i*Q : (i+1)*Q]}
+			row.kv.put(s, row.pos, k[i*KV:(i+1)*KV], v[i*KV:(i+1)*KV])
+			jobs[i] = row.kv.attnJob(s, row.pos+1, q[i*Q:(i+1)*Q], att[i*Q:(i+1)*Q])
 		}
 		r.be.Attention(jobs, c.NumAttentionHeads, c.NumKeyValueHeads, r.hd, r.scale)
 		r.be.MatMul(o, att, n, &L.O)

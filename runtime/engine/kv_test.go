@@ -125,7 +125,7 @@ func TestStepAllocatesNothing(t *testing.T) {
 	}
 	defer m.Close()
 	r := newRunner(m, naive{})
-	kv := newKVCache(KVFull, m.Config.TotalUTSteps, m.Config.NumHiddenLayers, m.Config.KVDim())
+	kv := newKVCache(KVFull, m.Config.TotalUTSteps, m.Config.NumHiddenLayers, m.Config.KVDim(), false)
 	kv.reserve(8)
 	rows := []fwdRow{{kv, 0}, {kv, 1}, {kv, 2}}
 	h := make([]float32, 3*m.Config.HiddenSize)

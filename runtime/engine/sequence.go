@@ -36,7 +36,7 @@ type sequence struct {
 func (e *Engine) newSequence(ctx context.Context, r Request) *sequence {
 	c := e.m.Config
 	s := &sequence{e: e, ctx: ctx, req: r, out: newMailbox(), smp: newSampler(r), seed: requestSeed(r),
-		kv: newKVCache(e.opts.KVPolicy, c.TotalUTSteps, c.NumHiddenLayers, c.KVDim()), stops: map[int]bool{}}
+		kv: newKVCache(e.opts.KVPolicy, c.TotalUTSteps, c.NumHiddenLayers, c.KVDim(), e.opts.KVBF16), stops: map[int]bool{}}
 	s.tokens = append(make([]int, 0, len(r.Prompt)+min(r.MaxTokens, 4096)), r.Prompt...)
 	s.kv.budget = e.kvBudget
 	for _, id := range r.StopTokens {

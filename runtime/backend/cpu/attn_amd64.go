@@ -10,3 +10,9 @@ func dotF32AVX2(a, b *float32, n int) float32
 
 //go:noescape
 func axpyF32AVX2(y *float32, a float32, x *float32, n int)
+
+//go:noescape
+func dotBF16F32AVX2(k *uint16, q *float32, n int) float32
+
+//go:noescape
+func axpyBF16AVX2(y *float32, a float32, x *uint16, n int)

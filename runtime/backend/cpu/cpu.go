@@ -407,14 +407,20 @@ func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, sc
 	q := j.Q[h*headDim : (h+1)*headDim]
 	off := (h / group) * headDim
 	vec := attnAVX2 && headDim%16 == 0 && headDim > 0
+	half := j.K16 != nil
 	mx := float32(math.Inf(-1))
 	for p := 0; p < j.N; p++ {
-		k := j.K[p*kvDim+off : p*kvDim+off+headDim]
+		lo := p*kvDim + off
 		var s float32
-		if vec {
-			s = dotF32AVX2(&q[0], &k[0], headDim)
-		} else {
-			s = dotF32(q, k)
+		switch {
+		case half && vec:
+			s = dotBF16F32AVX2(&j.K16[lo], &q[0], headDim)
+		case half:
+			s = dotBF16(j.K16[lo:lo+headDim], q)
+		case vec:
+			s = dotF32AVX2(&q[0], &j.K[lo], headDim)
+		default:
+			s = dotF32(q, j.K[lo:lo+headDim])
 		}
 		s *= scale
 		scores[p] = s
@@ -431,13 +437,20 @@ func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, sc
 	inv := 1 / sum
 	for p, e := range scores {
 		wgt := e * inv
-		v := j.V[p*kvDim+off : p*kvDim+off+headDim]
-		if vec {
-			axpyF32AVX2(&out[0], wgt, &v[0], headDim)
-			continue
-		}
-		for d := range out {
-			out[d] += wgt * v[d]
+		lo := p*kvDim + off
+		switch {
+		case half && vec:
+			axpyBF16AVX2(&out[0], wgt, &j.V16[lo], headDim)
+		case half:
+			for d, u := range j.V16[lo : lo+headDim] {
+				out[d] += wgt * bf(u)
+			}
+		case vec:
+			axpyF32AVX2(&out[0], wgt, &j.V[lo], headDim)
+		default:
+			for d, v := range j.V[lo : lo+headDim] {
+				out[d] += wgt * v
+			}
 		}
 	}
 }

@@ -18,6 +18,14 @@ func randVec(r *rand.Rand, n int) []float32 {
 	return v
 }
 
+func toBF16(v []float32) []uint16 {
+	out := make([]uint16, len(v))
+	for i, x := range v {
+		out[i] = model.F32ToBF16(x)
+	}
+	return out
+}
+
 func randMatrix(r *rand.Rand, rows, cols int, bf16 bool) *model.Matrix {
 	v := randVec(r, rows*cols)
 	m := &model.Matrix{Name: "w", Rows: rows, Cols: cols}
@@ -124,6 +132,18 @@ func TestKernelsMatchReference(t *testing.T) {
 		ref.Attention(refJobs, heads, kvHeads, hd, scale)
 		for i := range jobs {
 			closeTo(t, "Attention", jobs[i].Out, refJobs[i].Out, 1e-5)
+		}
+		// bfloat16 keys and values.
+		for i := range jobs {
+			k16, v16 := toBF16(jobs[i].K), toBF16(jobs[i].V)
+			for _, jj := range []*engine.AttnJob{&jobs[i], &refJobs[i]} {
+				jj.K16, jj.V16, jj.K, jj.V = k16, v16, nil, nil
+			}
+		}
+		be.Attention(jobs, heads, kvHeads, hd, scale)
+		ref.Attention(refJobs, heads, kvHeads, hd, scale)
+		for i := range jobs {
+			closeTo(t, "Attention bf16", jobs[i].Out, refJobs[i].Out, 1e-5)
 		}
 	}
 }

@@ -73,6 +73,13 @@ func (Reference) SiLUMul(gate, up []float32) {
 func (Reference) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, scale float32) {
 	kvDim := kvHeads * headDim
 	for _, j := range jobs {
+		if j.K16 != nil {
+			// Widen bfloat16 keys and values; the arithmetic below is the oracle's.
+			j.K, j.V = make([]float32, len(j.K16)), make([]float32, len(j.V16))
+			for i := range j.K16 {
+				j.K[i], j.V[i] = model.BF16ToF32(j.K16[i]), model.BF16ToF32(j.V16[i])
+			}
+		}
 		for h := 0; h < heads; h++ {
 			kh := h / (heads / kvHeads)
 			sc := make([]float64, j.N)
