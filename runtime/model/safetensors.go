@@ -11,7 +11,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"syscall"
 	"unsafe"
 )
 
@@ -226,7 +225,7 @@ func OpenSafetensors(path string) (*File, error) {
 	var whole []byte
 	mapped := false
 	if size > 0 && size <= math.MaxInt {
-		if b, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ, syscall.MAP_SHARED); err == nil {
+		if b, err := mmap(f, int(size)); err == nil {
 			whole, mapped = b, true
 		}
 	}
@@ -239,7 +238,7 @@ func OpenSafetensors(path string) (*File, error) {
 	infos, meta, err := ParseHeader(whole[8:8+hlen], size-8-int64(hlen))
 	if err != nil {
 		if mapped {
-			_ = syscall.Munmap(whole)
+			_ = munmap(whole)
 		}
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -275,7 +274,7 @@ func (f *File) Tensor(name string) (Tensor, error) {
 // Close unmaps the file.
 func (f *File) Close() error {
 	if f.mapped != nil {
-		err := syscall.Munmap(f.mapped)
+		err := munmap(f.mapped)
 		f.mapped, f.data = nil, nil
 		if err != nil {
 			return fmt.Errorf("unmapping %s: %w", f.Path, err)
