@@ -9,18 +9,21 @@ import (
 )
 
 // FuzzRequest feeds arbitrary request fields to Generate: every outcome is tokens within the
-// vocabulary and limits, or an ErrInvalidRequest; never a panic.
+// vocabulary and limits, ErrInvalidRequest or ErrKVFull; never a panic.
 func FuzzRequest(f *testing.F) {
 	m := loadModel(f, "ouro-tiny-random")
 	V, R := m.Config.VocabSize, m.Config.TotalUTSteps
 	engines := map[bool]*engine.Engine{}
 	for _, fast := range []bool{false, true} {
-		mode, kv := engine.Exact, engine.KVFull
+		// The fast engine also stores bf16 keys and values under a budget of 40 positions.
+		opts := engine.Options{Backend: cpuBackend(), Mode: engine.Exact, KVPolicy: engine.KVFull, ProbeFraction: 0.5, MaxContext: 64,
+			PrefillChunk: 5, Decode: func(ids []int) string { return string(rune('a' + len(ids)%26)) }}
 		if fast {
-			mode, kv = engine.Fast, engine.KVLast
+			c := m.Config
+			opts.Mode, opts.KVPolicy, opts.KVBF16 = engine.Fast, engine.KVLast, true
+			opts.MaxKVBytes = 40 * int64(c.NumHiddenLayers) * 2 * int64(c.KVDim()) * 2
 		}
-		e, err := engine.New(m, engine.Options{Backend: cpuBackend(), Mode: mode, KVPolicy: kv, ProbeFraction: 0.5, MaxContext: 64,
-			Decode: func(ids []int) string { return string(rune('a' + len(ids)%26)) }})
+		e, err := engine.New(m, opts)
 		if err != nil {
 			f.Fatal(err)
 		}
@@ -50,8 +53,8 @@ func FuzzRequest(f *testing.F) {
 			}
 			return true
 		})
-		if err != nil && !errors.Is(err, engine.ErrInvalidRequest) {
-			t.Fatalf("error %v is not ErrInvalidRequest", err)
+		if err != nil && !errors.Is(err, engine.ErrInvalidRequest) && !errors.Is(err, engine.ErrKVFull) {
+			t.Fatalf("error %v is neither ErrInvalidRequest nor ErrKVFull", err)
 		}
 		if err == nil && (n == 0 || n > r.MaxTokens) {
 			t.Fatalf("%d tokens for max %d", n, r.MaxTokens)
