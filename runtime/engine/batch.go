@@ -15,9 +15,8 @@ const (
 	rowVerify                 // a speculative verification row at full depth
 )
 
-// rowState is one token's progress through the loop steps of an iteration.
+// rowState is one token's progress through the loop steps.
 type rowState struct {
-	seq        *sequence
 	kind       rowKind
 	id, pos    int
 	runAll     bool    // compute every step (prefill, Exact mode, probes, verification)
@@ -28,25 +27,45 @@ type rowState struct {
 	probe      bool
 
 	rest, cum float32
-	chosen    int // exit step (0-based), -1 until decided
-	ran       int // steps executed
+	chosen    int  // exit step (0-based), -1 until decided
+	ran       int  // steps executed
+	stopped   bool // no more steps to compute
 	cums      []float32
 	stepArg   []int     // probes: argmax after each step
 	saveK     []float32 // probes under KVLast: [layers, kvDim] keys of the exit step
 	saveV     []float32
-	hIdx      int // row in exitH when wantLogits
+	hIdx      int // row of the LM head batch when wantLogits
 }
 
-// batcher advances a set of sequences by one token boundary per iterate call. It owns its
-// runner and buffers (reused across iterations), so it is not safe for concurrent use.
+// unit is the rows a sequence has in flight: a prefill chunk, one decode or draft token, or a
+// verification pass. Its rows advance one loop step per iteration, all at step t.
+type unit struct {
+	inFlight bool
+	rows     []rowState
+	t        int       // the step the rows run next
+	h        []float32 // [rows, hidden]: state entering step t
+	exitH    []float32 // [rows, hidden]: normed state at each row's exit step
+}
+
+// rowRef names one active row of the batch.
+type rowRef struct {
+	s *sequence
+	i int
+}
+
+// batcher advances sequences one loop step per iterate call. Every sequence has its own unit at
+// its own step, and one pass over the layer weights serves them all, since every loop step
+// shares the same weights: a token that exits early frees its place at once, and the next
+// token of its sequence starts at step 0 beside tokens still at step 3. It owns its runner and
+// buffers (reused across iterations), so it is not safe for concurrent use.
 type batcher struct {
 	e      *Engine
 	r      *runner
-	rows   []rowState
-	active []int     // indices into rows still computing
-	fwd    []fwdRow  // [active]
-	h      []float32 // [active, hidden]
-	exitH  []float32 // [wantLogits rows, hidden]: normed hidden state at the exit step
+	refs   []rowRef
+	fwd    []fwdRow  // [refs]
+	h      []float32 // [refs, hidden]
+	headH  []float32 // [rows wanting logits, hidden]
+	done   []*sequence
 	ids    []int
 	probeH []float32 // [probes, hidden]
 	pidx   []int
@@ -63,7 +82,7 @@ func grow[T any](s []T, n int) []T {
 	return s[:n]
 }
 
-// plan appends the rows sequence s contributes to this iteration.
+// plan gives sequence s its next unit of rows.
 func (b *batcher) plan(s *sequence) {
 	e := b.e
 	R := e.steps
@@ -81,22 +100,22 @@ func (b *batcher) plan(s *sequence) {
 		depth = exit.ForceDepth
 	}
 	depth = min(depth, e.deadlineDepth(s))
-	base := rowState{seq: s, maxDepth: depth, forced: forced, tau: float32(tau), chosen: -1, rest: 1, runAll: e.opts.Mode == Exact}
+	base := rowState{maxDepth: depth, forced: forced, tau: float32(tau), chosen: -1, rest: 1, runAll: e.opts.Mode == Exact}
+	u := &s.unit
+	u.rows = u.rows[:0]
 	add := func(r rowState) {
 		if r.wantLogits {
 			r.cums = make([]float32, 0, R) // handed to the Token as is
 		}
-		b.rows = append(b.rows, r)
+		u.rows = append(u.rows, r)
 	}
 	n := len(s.tokens) - 1 // positions already in the cache
-	// need is the positions this iteration writes up to; a sequence the KV budget cannot
-	// hold ends here ("length" once generating; ErrKVFull for a prompt).
+	// need is the positions this unit writes up to; a sequence the KV budget cannot hold
+	// ends here ("length" once generating; ErrKVFull for a prompt).
 	need := n + 1
 	switch {
 	case !s.prefilled:
 		need = len(s.tokens)
-	case s.req.Speculative.Draft > 0 && s.specBudget() > 0 && len(s.drafts) == s.specBudget():
-		need = n + len(s.drafts) + 1
 	case s.req.Speculative.Draft > 0 && s.specBudget() > 0:
 		need = n + len(s.drafts) + 1
 	}
@@ -105,7 +124,7 @@ func (b *batcher) plan(s *sequence) {
 		case s.prefilled:
 			s.finish("length", nil)
 		case s.direct == nil && e.kvBudget.used.Load() > s.kv.bytes():
-			// Other requests hold the memory: wait for them at the next boundary.
+			// Other requests hold the memory: wait for them.
 		default:
 			s.finish("", fmt.Errorf("prompt of %d tokens: %w", len(s.tokens), ErrKVFull))
 		}
@@ -160,6 +179,15 @@ func (b *batcher) plan(s *sequence) {
 		}
 		add(r)
 	}
+	H := e.m.Config.HiddenSize
+	u.inFlight, u.t = true, 0
+	u.h = grow(u.h, len(u.rows)*H)
+	u.exitH = grow(u.exitH, len(u.rows)*H)
+	b.ids = b.ids[:0]
+	for _, r := range u.rows {
+		b.ids = append(b.ids, r.id)
+	}
+	b.r.embed(u.h, b.ids)
 }
 
 // specBudget is how many drafts the sequence may still propose: fewer near its token or
@@ -169,85 +197,118 @@ func (s *sequence) specBudget() int {
 	return max(0, min(s.req.Speculative.Draft, left-1))
 }
 
-// iterate advances every sequence in seqs by one token boundary.
+// iterate runs one loop step for every sequence in seqs (giving a unit to those without one)
+// and turns the units that complete into tokens.
 func (b *batcher) iterate(seqs []*sequence) {
 	e, r := b.e, b.r
 	c := e.m.Config
-	R, H, V := e.steps, c.HiddenSize, c.VocabSize
-	b.rows = b.rows[:0]
+	R, H := e.steps, c.HiddenSize
+	b.refs = b.refs[:0]
 	for _, s := range seqs {
-		b.plan(s)
-	}
-	nRows := len(b.rows)
-	b.active = grow(b.active, nRows)
-	b.ids = grow(b.ids, nRows)
-	nWant := 0
-	for i := range b.rows {
-		b.active[i] = i
-		b.ids[i] = b.rows[i].id
-		if b.rows[i].wantLogits {
-			b.rows[i].hIdx = nWant
-			nWant++
+		if !s.unit.inFlight && !s.done {
+			b.plan(s)
+		}
+		if !s.unit.inFlight {
+			continue // finished, or waiting for KV memory
+		}
+		for i := range s.unit.rows {
+			if !s.unit.rows[i].stopped {
+				b.refs = append(b.refs, rowRef{s, i})
+			}
 		}
 	}
-	b.h = grow(b.h, nRows*H)
-	b.exitH = grow(b.exitH, nWant*H)
-	r.embed(b.h, b.ids)
+	n := len(b.refs)
+	if n == 0 {
+		return
+	}
+	// Gather every active row's state into one batch.
+	b.h = grow(b.h, n*H)
+	b.fwd = grow(b.fwd, n)
+	for k, rf := range b.refs {
+		u := &rf.s.unit
+		copy(b.h[k*H:(k+1)*H], u.h[rf.i*H:(rf.i+1)*H])
+		b.fwd[k] = fwdRow{kv: rf.s.kv, pos: u.rows[rf.i].pos, t: u.t}
+	}
+	start := time.Now()
+	r.step(b.fwd, b.h)
+	b.probeSteps(b.h)
 	var prefillSteps, decodeSteps uint64
-	for t := 0; t < R && len(b.active) > 0; t++ {
-		start := time.Now()
-		nA := len(b.active)
-		b.fwd = grow(b.fwd, nA)
-		for i, ri := range b.active {
-			b.fwd[i] = fwdRow{kv: b.rows[ri].seq.kv, pos: b.rows[ri].pos}
+	for k, rf := range b.refs {
+		u := &rf.s.unit
+		row := &u.rows[rf.i]
+		t := u.t
+		hi := b.h[k*H : (k+1)*H]
+		row.ran = t + 1
+		if row.kind == rowPrefill {
+			prefillSteps++
+		} else {
+			decodeSteps++
 		}
-		h := b.h[:nA*H]
-		r.step(t, b.fwd, h)
-		b.probeSteps(t, h)
-		keep := 0
-		for i, ri := range b.active {
-			row := &b.rows[ri]
-			hi := h[i*H : (i+1)*H]
-			row.ran = t + 1
-			if row.kind == rowPrefill {
-				prefillSteps++
-			} else {
-				decodeSteps++
-			}
-			b.gate(row, t, hi)
-			if row.chosen == t && row.wantLogits {
-				copy(b.exitH[row.hIdx*H:(row.hIdx+1)*H], hi)
-			}
-			if row.chosen == t && row.probe && e.opts.Mode == Fast && e.opts.KVPolicy == KVLast {
-				b.saveExitKV(row, t)
-			}
-			if row.chosen >= 0 && !row.runAll {
-				// Leaves the batch: later steps read this step's keys and values (KVFull).
-				if row.kind != rowDraft {
-					row.seq.kv.copyStep(row.pos, t, R)
-				}
-				continue
-			}
-			if i != keep {
-				copy(h[keep*H:(keep+1)*H], hi)
-			}
-			b.active[keep] = ri
-			keep++
+		b.gate(row, t, hi)
+		if row.chosen == t && row.wantLogits {
+			copy(u.exitH[rf.i*H:(rf.i+1)*H], hi)
 		}
-		b.active = b.active[:keep]
-		e.observeStep(time.Since(start))
+		if row.chosen == t && row.probe && e.opts.Mode == Fast && e.opts.KVPolicy == KVLast {
+			b.saveExitKV(rf.s.kv, row, t)
+		}
+		switch {
+		case row.chosen >= 0 && !row.runAll:
+			// Leaves the batch: later steps read this step's keys and values (KVFull).
+			if row.kind != rowDraft {
+				rf.s.kv.copyStep(row.pos, t, R)
+			}
+			row.stopped = true
+		case t == R-1:
+			row.stopped = true
+		default:
+			copy(u.h[rf.i*H:(rf.i+1)*H], hi) // scatter back for the next step
+		}
 	}
-	var logits []float32 // [nWant, vocab]; none in a prefill chunk that is not the last
+	e.observeStep(time.Since(start))
+	// Units whose rows have all stopped yield their tokens; one LM head pass serves them all.
+	b.done = b.done[:0]
+	nWant := 0
+	for _, s := range seqs {
+		u := &s.unit
+		if !u.inFlight {
+			continue
+		}
+		u.t++
+		running := false
+		for i := range u.rows {
+			running = running || !u.rows[i].stopped
+		}
+		if running {
+			continue
+		}
+		b.done = append(b.done, s)
+		for i := range u.rows {
+			if u.rows[i].wantLogits {
+				u.rows[i].hIdx = nWant
+				nWant++
+			}
+		}
+	}
+	b.headH = grow(b.headH, nWant*H)
+	for _, s := range b.done {
+		u := &s.unit
+		for i := range u.rows {
+			if u.rows[i].wantLogits {
+				copy(b.headH[u.rows[i].hIdx*H:(u.rows[i].hIdx+1)*H], u.exitH[i*H:(i+1)*H])
+			}
+		}
+	}
+	var logits []float32 // [nWant, vocab]; none when only prefill chunks completed
 	if nWant > 0 {
-		logits = r.lmHead(b.exitH[:nWant*H], nWant)
+		logits = r.lmHead(b.headH[:nWant*H], nWant)
 	}
 	e.count(func(cn *Counters) {
 		cn.Iterations++
-		cn.BatchRows += uint64(nRows)
+		cn.BatchRows += uint64(n)
 		cn.PrefillLoopSteps += prefillSteps
 		cn.LoopSteps += decodeSteps
 	})
-	b.finish(logits[:nWant*V])
+	b.finish(b.done, logits)
 }
 
 // gate updates a row's exit distribution after step t and decides its exit.
@@ -273,33 +334,33 @@ func (b *batcher) gate(row *rowState, t int, h []float32) {
 	}
 }
 
-// probeSteps records, for probe rows, the argmax of every step's logits (one batched lm_head).
-func (b *batcher) probeSteps(t int, h []float32) {
+// probeSteps records, for probe rows, the argmax of this step's logits (one batched lm_head).
+func (b *batcher) probeSteps(h []float32) {
 	H := b.e.m.Config.HiddenSize
 	b.pidx = b.pidx[:0]
-	for i, ri := range b.active {
-		if b.rows[ri].probe {
-			b.pidx = append(b.pidx, i)
+	for k, rf := range b.refs {
+		if rf.s.unit.rows[rf.i].probe {
+			b.pidx = append(b.pidx, k)
 		}
 	}
 	if len(b.pidx) == 0 {
 		return
 	}
 	b.probeH = grow(b.probeH, len(b.pidx)*H)
-	for j, i := range b.pidx {
-		copy(b.probeH[j*H:(j+1)*H], h[i*H:(i+1)*H])
+	for j, k := range b.pidx {
+		copy(b.probeH[j*H:(j+1)*H], h[k*H:(k+1)*H])
 	}
 	logits := b.r.lmHead(b.probeH, len(b.pidx))
 	V := b.e.m.Config.VocabSize
-	for j, i := range b.pidx {
-		row := &b.rows[b.active[i]]
-		row.stepArg = append(row.stepArg[:min(len(row.stepArg), t)], argmax(logits[j*V:(j+1)*V]))
+	for j, k := range b.pidx {
+		rf := b.refs[k]
+		row := &rf.s.unit.rows[rf.i]
+		row.stepArg = append(row.stepArg[:min(len(row.stepArg), rf.s.unit.t)], argmax(logits[j*V:(j+1)*V]))
 	}
 }
 
 // saveExitKV keeps a KVLast probe's exit-step keys and values, which its extra steps overwrite.
-func (b *batcher) saveExitKV(row *rowState, t int) {
-	kv := row.seq.kv
+func (b *batcher) saveExitKV(kv *kvCache, row *rowState, t int) {
 	d := kv.kvDim
 	row.saveK = grow(row.saveK, kv.layers*d)
 	row.saveV = grow(row.saveV, kv.layers*d)
@@ -308,19 +369,14 @@ func (b *batcher) saveExitKV(row *rowState, t int) {
 	}
 }
 
-// finish turns each sequence's exit logits into tokens and moves its state on.
-func (b *batcher) finish(logits []float32) {
+// finish turns the completed units' exit logits into tokens and moves their sequences on.
+func (b *batcher) finish(done []*sequence, logits []float32) {
 	e := b.e
 	c := e.m.Config
 	R, V := e.steps, c.VocabSize
-	for i := 0; i < len(b.rows); {
-		s := b.rows[i].seq
-		j := i
-		for j < len(b.rows) && b.rows[j].seq == s {
-			j++
-		}
-		rows := b.rows[i:j]
-		i = j
+	for _, s := range done {
+		rows := s.unit.rows
+		s.unit.inFlight = false
 		for k := range rows {
 			row := &rows[k]
 			if row.probe && e.opts.Mode == Fast {

@@ -45,7 +45,10 @@ func Forward(ctx context.Context, m *model.Model, be Backend, ids []int) (*Trace
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		r.step(t, rows, h)
+		for i := range rows {
+			rows[i].t = t
+		}
+		r.step(rows, h)
 		copy(tr.Hidden[t*S*H:], h)
 		copy(tr.StepLogits[t*S*V:], r.lmHead(h, S))
 		for i := 0; i < S; i++ {

@@ -7,12 +7,15 @@
 // step is the first whose cumulative exit probability reaches the threshold (or the forced or
 // capped depth); its token is chosen from that step's logits.
 //
-// The batching loop (Run) advances every running request by one token per iteration. An
-// iteration gathers one row per decoding request (all prompt rows, chunked, for a new one) and
-// runs the loop steps; after each step the rows that exited leave the batch, so a step's matrix
-// multiplications only cover tokens still computing (depth compaction). Kernels compute every
-// row independently of the others, so a request's tokens do not depend on what it is batched
-// with: the same request (and seed, or id when the seed is 0) gives the same tokens.
+// The batching loop (Run) runs one loop step per iteration over every running request, each
+// at its own step: all loop steps share the layer weights, so one pass over them serves a
+// token at step 0 beside another at step 3. A request has one row in flight while decoding (a
+// chunk of prompt rows while prefilling); a row that exits leaves the batch at once (depth
+// compaction) and its request's next token enters at step 0 in the next iteration, so early
+// exits save compute and wall time at any batch size. Requests join and leave between their
+// tokens. Kernels compute every row independently of the others, so a request's tokens do not
+// depend on what it is batched with: the same request (and seed, or id when the seed is 0)
+// gives the same tokens.
 package engine
 
 import (
@@ -90,8 +93,8 @@ type Counters struct {
 	PrefillTokens    uint64
 	PrefillLoopSteps uint64
 	Probes           uint64
-	Iterations       uint64 // batch iterations (token boundaries)
-	BatchRows        uint64 // rows (tokens in flight) summed over iterations
+	Iterations       uint64 // batch iterations (one loop step for every row in flight)
+	BatchRows        uint64 // rows in flight summed over iterations
 	DraftTokens      uint64 // speculative drafts proposed
 	AcceptedDrafts   uint64 // speculative drafts accepted
 }
@@ -260,7 +263,7 @@ func (e *Engine) validate(r *Request) error {
 }
 
 // Submit queues r and returns its events: tokens, then one Done event, then the channel is
-// closed. Cancelling ctx removes the request at the next token boundary (its Done carries
+// closed. Cancelling ctx removes the request at the next iteration, within a loop step (its Done carries
 // ctx's error). A request refused up front returns an error wrapping ErrInvalidRequest.
 func (e *Engine) Submit(ctx context.Context, r Request) (<-chan Event, error) {
 	if err := e.validate(&r); err != nil {
@@ -291,9 +294,9 @@ func (e *Engine) signal() {
 	}
 }
 
-// Run is the batching loop: it admits queued requests at token boundaries (up to MaxBatch
-// running), advances every running request by one token per iteration, and returns when ctx
-// ends, finishing the requests still running with ErrStopped.
+// Run is the batching loop: it admits queued requests (up to MaxBatch running), advances every
+// running request by one loop step per iteration, and returns when ctx ends, finishing the
+// requests still running with ErrStopped. A cancelled request leaves within one loop step.
 func (e *Engine) Run(ctx context.Context) error {
 	e.mu.Lock()
 	if e.state != 0 {

@@ -6,10 +6,13 @@ import (
 	"github.com/loopserve/loopserve/runtime/model"
 )
 
-// fwdRow is one token being pushed through a loop step: its sequence's cache and position.
+// fwdRow is one token being pushed through a loop step: its sequence's cache, its position
+// and the loop step it runs (rows of one batch may be at different steps: the steps share
+// their weights).
 type fwdRow struct {
 	kv  *kvCache
 	pos int
+	t   int
 }
 
 // runner owns the scratch buffers for forward passes. Buffers grow to the largest batch seen
@@ -86,11 +89,11 @@ func (r *runner) embed(h []float32, ids []int) {
 	}
 }
 
-// step runs loop step t (every layer, then the final norm) on h[len(rows), hidden] in place,
-// writing each row's keys and values at its position in its cache's (t, layer) slot and
-// attending over positions [0, pos]. Rows of one sequence must be in position order and their
-// caches reserved up to the largest position.
-func (r *runner) step(t int, rows []fwdRow, h []float32) {
+// step runs one loop step (every layer, then the final norm) on h[len(rows), hidden] in place,
+// each row at its own step t: it writes the row's keys and values at its position in its
+// cache's (t, layer) slot and attends over positions [0, pos] of that slot. Rows of one
+// sequence must be at one step, in position order, with the cache reserved up to the largest.
+func (r *runner) step(rows []fwdRow, h []float32) {
 	n := len(rows)
 	r.ensure(n)
 	c := r.c
@@ -116,7 +119,7 @@ func (r *runner) step(t int, rows []fwdRow, h []float32) {
 		r.be.RoPE(k, n, c.NumKeyValueHeads, r.hd, pos, r.invFreq)
 		jobs := r.jobs[:n]
 		for i, row := range rows {
-			s := row.kv.slot(t, li)
+			s := row.kv.slot(row.t, li)
 			row.kv.put(s, row.pos, k[i*KV:(i+1)*KV], v[i*KV:(i+1)*KV])
 			jobs[i] = row.kv.attnJob(s, row.pos+1, q[i*Q:(i+1)*Q], att[i*Q:(i+1)*Q])
 		}

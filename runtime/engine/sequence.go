@@ -26,6 +26,7 @@ type sequence struct {
 	stops      map[int]bool
 	maxStop    int // longest stop string in bytes
 
+	unit         unit  // the rows in flight
 	drafts       []int // speculative drafts awaiting verification
 	draftSteps   int   // loop steps spent drafting since the last verification
 	done         bool
