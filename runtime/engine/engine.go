@@ -263,8 +263,9 @@ func (e *Engine) validate(r *Request) error {
 }
 
 // Submit queues r and returns its events: tokens, then one Done event, then the channel is
-// closed. Cancelling ctx removes the request at the next iteration, within a loop step (its Done carries
-// ctx's error). A request refused up front returns an error wrapping ErrInvalidRequest.
+// closed. Cancelling ctx removes the request at the next iteration, within a loop step (its
+// Done carries ctx's error). A request refused up front returns an error wrapping
+// ErrInvalidRequest.
 func (e *Engine) Submit(ctx context.Context, r Request) (<-chan Event, error) {
 	if err := e.validate(&r); err != nil {
 		return nil, err
