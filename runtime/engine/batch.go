@@ -198,8 +198,9 @@ func (s *sequence) specBudget() int {
 }
 
 // iterate runs one loop step for every sequence in seqs (giving a unit to those without one)
-// and turns the units that complete into tokens.
-func (b *batcher) iterate(seqs []*sequence) {
+// and turns the units that complete into tokens. It returns the rows it computed: none when
+// every sequence is finished or waiting for KV memory.
+func (b *batcher) iterate(seqs []*sequence) int {
 	e, r := b.e, b.r
 	c := e.m.Config
 	R, H := e.steps, c.HiddenSize
@@ -219,7 +220,7 @@ func (b *batcher) iterate(seqs []*sequence) {
 	}
 	n := len(b.refs)
 	if n == 0 {
-		return
+		return 0
 	}
 	// Gather every active row's state into one batch.
 	b.h = grow(b.h, n*H)
@@ -309,6 +310,7 @@ func (b *batcher) iterate(seqs []*sequence) {
 		cn.LoopSteps += decodeSteps
 	})
 	b.finish(b.done, logits)
+	return n
 }
 
 // gate updates a row's exit distribution after step t and decides its exit.

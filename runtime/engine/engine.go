@@ -355,7 +355,15 @@ func (e *Engine) Run(ctx context.Context) error {
 			}
 			continue
 		}
-		b.iterate(running)
+		if b.iterate(running) == 0 {
+			// Everyone left is waiting for KV memory that a Generate call holds.
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-e.wake:
+			case <-time.After(time.Millisecond):
+			}
+		}
 		live = running[:0]
 		for _, s := range running {
 			if s.done {
