@@ -73,7 +73,8 @@ func newBenchRuntimeCmd() *cobra.Command {
 		Short: "Decode and prefill tokens/s of the CPU engine, its memory-bandwidth fraction, and a PyTorch peer",
 		Long: `Loads the model with the CPU engine and measures prefill tokens/s (one --prefill-token prompt)
 and full-depth greedy decode tokens/s at batch 1 and at --batch sequences, after measuring this
-machine's memory bandwidth (all cores streaming a large buffer, best of --bandwidth-passes).
+machine's memory bandwidth (all cores streaming a large buffer, best of --bandwidth-passes
+before the engine runs and as many after).
 bandwidth_fraction_b1 = weight bytes read per decoded token (every layer once per loop step, the
 LM head once) × decode tokens/s at batch 1 / bandwidth.
 
@@ -131,6 +132,15 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 			rep.PrefillTokS, rep.DecodeTokSB1, rep.DecodeTokSB8 = res.PrefillTokS, res.DecodeTokSB1, res.DecodeTokSBN
 			rep.LoopStepsPerToken = res.LoopStepsPerTok
 			rep.WeightBytesPerTok = res.WeightBytesPerTk
+
+			// Bandwidth again, after the engine: on a machine shared with other work the best
+			// of both measurements is closer to the limit than either.
+			fmt.Fprintln(progress, "measuring memory bandwidth again…")
+			if bw2, err := bench.MeasureBandwidth(ctx, int64(bwMiB)<<20, bwPasses); err != nil {
+				return err
+			} else if bw2.GBPerSec() > rep.BandwidthGBs {
+				rep.BandwidthGBs = bw2.GBPerSec()
+			}
 			if rep.BandwidthGBs > 0 {
 				rep.BandwidthFractionB = float64(res.WeightBytesPerTk) * res.DecodeTokSB1 / (rep.BandwidthGBs * 1e9)
 			}
@@ -170,7 +180,7 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 	f.IntVar(&opts.Repeats, "repeats", 1, "best of this many runs of each measurement")
 	f.Uint64Var(&opts.Seed, "seed", 1, "prompt seed")
 	f.IntVar(&bwMiB, "bandwidth-mib", 2048, "bandwidth buffer size in MiB (far above the last-level cache)")
-	f.IntVar(&bwPasses, "bandwidth-passes", 5, "bandwidth passes (best one counts)")
+	f.IntVar(&bwPasses, "bandwidth-passes", 5, "bandwidth passes before and again after the engine (best one counts)")
 	f.IntVar(&threads, "threads", 0, "engine and peer threads (0: GOMAXPROCS / every core)")
 	return cmd
 }
