@@ -62,6 +62,9 @@ func TestPeerBench(t *testing.T) {
 	if res.LoopSteps != 4 || res.PrefillTokens != 16 || res.DecodeTokens != 3 || res.Batch != 2 {
 		t.Errorf("peer bench counts = %+v, want 4 loop steps, 16 prefill tokens, 3 decode tokens, batch 2", res)
 	}
+	if res.OMPWaitPolicy == "" {
+		t.Error("peer bench did not record its OpenMP wait policy")
+	}
 	if res.PrefillTokS <= 0 || res.DecodeTokSB1 <= 0 || res.DecodeTokSBN <= 0 {
 		t.Errorf("peer bench rates = %+v, want positive", res)
 	}

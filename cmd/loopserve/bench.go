@@ -218,7 +218,7 @@ func printRuntimeReport(w io.Writer, r runtimeReport) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	peerHead := "peer"
 	if r.PeerTorch != "" {
-		peerHead = fmt.Sprintf("peer (torch %s %s, OMP %s)", r.PeerTorch, r.PeerDtype, r.PeerOMPWait)
+		peerHead = fmt.Sprintf("peer (torch %s %s, best of OMP_WAIT_POLICY %s)", r.PeerTorch, r.PeerDtype, r.PeerOMPWait)
 	}
 	fmt.Fprintf(tw, "\tloopserve\t%s\tratio\ttarget\n", peerHead)
 	row := func(name string, ours float64, peer, ratio *float64, target string) {
