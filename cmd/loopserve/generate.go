@@ -4,12 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/loopserve/loopserve/internal/progress"
 	"github.com/loopserve/loopserve/runtime/backend/cpu"
 	"github.com/loopserve/loopserve/runtime/engine"
 	"github.com/loopserve/loopserve/runtime/model"
@@ -82,7 +82,7 @@ computes every step and selects (the reference semantics); --mode fast stops at 
 			var toks []engine.Token
 			var ids2 []int
 			out := cmd.OutOrStdout()
-			stream := isTerminal(out)
+			stream := progress.IsTerminal(out)
 			printed := ""
 			start := time.Now()
 			finish, err := e.Generate(cmd.Context(), req, func(t engine.Token) bool {
@@ -154,43 +154,14 @@ func printGeneration(w io.Writer, tok *tokenizer.Tokenizer, R, promptLen int, to
 	return err
 }
 
-// isTerminal reports whether w is a character device (a terminal).
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	fi, err := f.Stat()
-	return err == nil && fi.Mode()&os.ModeCharDevice != 0
-}
-
 // loadModel loads a checkpoint; one over 64 MB shows progress on a terminal (one rewritten
 // line) and logs plain lines (each quarter) when stderr is not a terminal.
 func loadModel(dir string, stderr io.Writer) (*model.Model, error) {
-	tty := isTerminal(stderr)
-	start := time.Now()
-	lastPct := -1
-	var total int64
-	m, err := model.LoadProgress(dir, func(p model.Progress) {
-		total = p.Total
-		pct := int(100 * p.Done / max(p.Total, 1))
-		switch {
-		case p.Total <= 64<<20: // small checkpoints load at once: nothing to show
-		case tty && pct != lastPct:
-			fmt.Fprintf(stderr, "\rloading %s: %3d%% of %.1f MB", dir, pct, float64(p.Total)/1e6)
-		case !tty && pct/25 != lastPct/25:
-			fmt.Fprintf(stderr, "loading %s: %d%% of %.1f MB\n", dir, pct, float64(p.Total)/1e6)
-		}
-		lastPct = pct
-	})
-	if tty && total > 64<<20 {
-		fmt.Fprintln(stderr)
-	}
+	r := progress.New(stderr, "loading "+dir, 64<<20)
+	m, err := model.LoadProgress(dir, func(p model.Progress) { r.Update(p.Done, p.Total) })
 	if err != nil {
 		return nil, err
 	}
-	if total > 64<<20 {
-		fmt.Fprintf(stderr, "loaded %s (%.1f MB of weights) in %s\n", dir, float64(total)/1e6, time.Since(start).Round(time.Millisecond))
-	}
+	r.Done()
 	return m, nil
 }

@@ -13,6 +13,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/internal/progress"
+	"github.com/loopserve/loopserve/runtime/model"
 	"github.com/loopserve/loopserve/runtime/serve"
 	"github.com/loopserve/loopserve/runtime/serve/defaultmodel"
 )
@@ -104,10 +106,12 @@ func startUp(ctx context.Context, log *slog.Logger, c upConfig) (*serve.Loaded, 
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	l, err := serve.Load(c.dir, opts)
+	pr := progress.New(os.Stderr, "loading "+c.dir, 64<<20)
+	l, err := serve.LoadProgress(c.dir, opts, func(p model.Progress) { pr.Update(p.Done, p.Total) })
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	pr.Done()
 	stopEngine := runEngine(l)
 	wo := l.Worker
 	wo.Capacity = c.engine.capacity

@@ -18,7 +18,9 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/internal/progress"
 	"github.com/loopserve/loopserve/runtime/engine"
+	"github.com/loopserve/loopserve/runtime/model"
 	"github.com/loopserve/loopserve/runtime/serve"
 )
 
@@ -111,10 +113,12 @@ gateway accepted must not vanish.`,
 				return err
 			}
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-			l, err := serve.Load(modelDir, opts)
+			pr := progress.New(os.Stderr, "loading "+modelDir, 64<<20)
+			l, err := serve.LoadProgress(modelDir, opts, func(p model.Progress) { pr.Update(p.Done, p.Total) })
 			if err != nil {
 				return err
 			}
+			pr.Done()
 			stopEngine := runEngine(l)
 			err = runWorker(cmd.Context(), log, l, workerConfig{ref: r, nats: nf, createQueue: createQueue,
 				thresholdFile: thresholdFile, metricsListen: metricsListen, name: name, capacity: ef.capacity, drain: drain})

@@ -28,8 +28,8 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"time"
 
+	"github.com/loopserve/loopserve/internal/progress"
 	"github.com/loopserve/loopserve/runtime/model"
 )
 
@@ -70,30 +70,13 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		fmt.Fprintf(stderr, "%s exists (use --force to rewrite)\n", dst)
 		return nil
 	}
-	var progress func(done, total int64)
-	if isTerminal(stderr) {
-		start := time.Now()
-		progress = func(done, total int64) {
-			fmt.Fprintf(stderr, "\rwriting %s: %.2f / %.2f GB (%.0f s)", dst, float64(done)/1e9, float64(total)/1e9, time.Since(start).Seconds())
-			if done == total {
-				fmt.Fprintln(stderr)
-			}
-		}
-	}
-	if err := generate(ctx, *layout, *out, *seed, progress); err != nil {
+	r := progress.New(stderr, "writing "+dst, 0)
+	if err := generate(ctx, *layout, *out, *seed, r.Update); err != nil {
 		return err
 	}
+	r.Done()
 	fmt.Fprintln(stderr, "wrote", *out)
 	return nil
-}
-
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	st, err := f.Stat()
-	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }
 
 // generate writes out/config.json (a copy of layout/config.json) and out/model.safetensors.

@@ -25,12 +25,15 @@ type Loaded struct {
 // Load opens the Hugging Face model directory dir (config.json, safetensors, tokenizer.json)
 // and builds its engine. opts.Backend defaults to the CPU backend, opts.Decode to the
 // tokenizer's, and opts.Mode should be engine.Fast to save compute on early exits.
-func Load(dir string, opts engine.Options) (*Loaded, error) {
+func Load(dir string, opts engine.Options) (*Loaded, error) { return LoadProgress(dir, opts, nil) }
+
+// LoadProgress is Load reporting the weights' loading progress to progress (nil: none).
+func LoadProgress(dir string, opts engine.Options, progress func(model.Progress)) (*Loaded, error) {
 	tok, err := tokenizer.LoadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("loading tokenizer from %s: %w", dir, err)
 	}
-	m, err := model.Load(dir)
+	m, err := model.LoadProgress(dir, progress)
 	if err != nil {
 		return nil, fmt.Errorf("loading model %s: %w", dir, err)
 	}
