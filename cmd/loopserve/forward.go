@@ -31,7 +31,7 @@ final_hidden (F32 [R,S,H]) with --hidden. The layout is the goldens' (../shared/
 			var ids []int
 			if idList != "" {
 				var err error
-				if ids, err = parseIDs(idList); err != nil {
+				if ids, err = parseIDs("ids", idList); err != nil {
 					return err
 				}
 			} else {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"math"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -101,5 +102,32 @@ func TestGenerateGolden(t *testing.T) {
 		"--exit-step", "0", "--prompt", "a = 2 ; ? a =")
 	if !strings.Contains(out, "mean depth 1.00 of 4") || !strings.Contains(out, "2 decode loop steps") {
 		t.Errorf("fast generation at step 0:\n%s", out)
+	}
+}
+
+// TestForwardErrors: bad --ids input names the flag the user gave, and no dump is written.
+func TestForwardErrors(t *testing.T) {
+	model := "../../testdata/models/ouro-tiny-arith"
+	dump := filepath.Join(t.TempDir(), "out.safetensors")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--ids", "1,x"}, `parsing --ids: "x" is not a token id`},
+		{[]string{"--ids", "[1,"}, "parsing --ids"},
+		{[]string{"--ids", "1,99999"}, "outside vocabulary"},
+		{[]string{"--ids", "1", "--prompt", "a"}, "exactly one of --prompt and --ids"},
+	} {
+		root := newRoot()
+		var out, errOut bytes.Buffer
+		root.SetOut(&out)
+		root.SetErr(&errOut)
+		root.SetArgs(append([]string{"forward", "--model", model, "--dump", dump}, tc.args...))
+		if err := root.Execute(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("forward %v: error %v, want one containing %q", tc.args, err, tc.want)
+		}
+		if _, err := os.Stat(dump); err == nil {
+			t.Errorf("forward %v: wrote %s despite the error", tc.args, dump)
+		}
 	}
 }

@@ -44,7 +44,7 @@ become their ids; no BOS is added. --text - reads the text from standard input.`
 			}
 			out := cmd.OutOrStdout()
 			if decodeSet {
-				ids, err := parseIDs(decode)
+				ids, err := parseIDs("decode", decode)
 				if err != nil {
 					return err
 				}
@@ -78,13 +78,13 @@ become their ids; no BOS is added. --text - reads the text from standard input.`
 	return cmd
 }
 
-// parseIDs reads "[1, 2, 3]", "1,2,3" or "1 2 3".
-func parseIDs(s string) ([]int, error) {
+// parseIDs reads "[1, 2, 3]", "1,2,3" or "1 2 3" given to the flag named flag.
+func parseIDs(flag, s string) ([]int, error) {
 	s = strings.TrimSpace(s)
 	if strings.HasPrefix(s, "[") {
 		var ids []int
 		if err := json.Unmarshal([]byte(s), &ids); err != nil {
-			return nil, fmt.Errorf("parsing --decode %q as a JSON array of ids: %w", s, err)
+			return nil, fmt.Errorf("parsing --%s %q as a JSON array of ids: %w", flag, s, err)
 		}
 		return ids, nil
 	}
@@ -93,7 +93,7 @@ func parseIDs(s string) ([]int, error) {
 	for _, f := range fields {
 		id, err := strconv.Atoi(f)
 		if err != nil {
-			return nil, fmt.Errorf("parsing --decode: %q is not a token id", f)
+			return nil, fmt.Errorf("parsing --%s: %q is not a token id", flag, f)
 		}
 		ids = append(ids, id)
 	}
