@@ -74,6 +74,10 @@ type chatMessageIn struct {
 	Content json.RawMessage `json:"content"`
 }
 
+// seedZero stands for a client's "seed": 0 in a Job, whose zero Seed means none was given. The
+// client seed with the same bits (-7046029254386353131) samples the same tokens.
+const seedZero = 0x9e3779b97f4a7c15
+
 // defaultCompletionTokens is OpenAI's max_tokens default for /v1/completions.
 const defaultCompletionTokens = 16
 
@@ -141,6 +145,10 @@ func (r *openAIRequest) toJob(id string, e bus.ModelEntry, chat bool, now time.T
 	}
 	if s := r.Seed; s != nil {
 		j.Seed = uint64(*s)
+		if j.Seed == 0 {
+			// Job.Seed 0 means "derive from the request id"; seed 0 is a seed like any other.
+			j.Seed = seedZero
+		}
 	}
 	stop, err := stringOrList(r.Stop, "stop")
 	if err != nil {
