@@ -80,6 +80,15 @@ func NewGateway(nc *nats.Conn, o GatewayOptions) (*Gateway, error) {
 		g.mux.Handle("GET /metrics", promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{}))
 	}
 	g.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		// The catch-all hides ServeMux's own 405, so answer it here for the routes above.
+		allow := map[string]string{"/v1/completions": http.MethodPost, "/v1/chat/completions": http.MethodPost,
+			"/v1/models": http.MethodGet, "/healthz": http.MethodGet, "/metrics": http.MethodGet}[r.URL.Path]
+		if allow != "" && (r.URL.Path != "/metrics" || o.Gatherer != nil) {
+			w.Header().Set("Allow", allow)
+			(&apiError{Status: http.StatusMethodNotAllowed, Type: "invalid_request_error",
+				Message: fmt.Sprintf("%s %s: method not allowed (use %s)", r.Method, r.URL.Path, allow)}).write(w)
+			return
+		}
 		(&apiError{Status: http.StatusNotFound, Type: "invalid_request_error", Message: fmt.Sprintf("no route %s %s", r.Method, r.URL.Path)}).write(w)
 	})
 	return g, nil
