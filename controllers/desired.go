@@ -139,8 +139,8 @@ func desiredService(lm *v1alpha1.LoopModel) *corev1.Service {
 }
 
 // specHash digests every setting that needs a worker restart, including those the pod template
-// does not show (maxSteps only reaches the registry today). The exit threshold is left out on
-// purpose: it is applied live over NATS, so changing it must not roll the pods.
+// may not show. The exit threshold is left out on purpose: it is applied live over NATS, so
+// changing it must not roll the pods.
 func specHash(lm *v1alpha1.LoopModel, d defaults) (string, error) {
 	in := struct {
 		Model         v1alpha1.ModelSpec
@@ -166,8 +166,10 @@ func modelDir(lm *v1alpha1.LoopModel) string {
 }
 
 // workerArgs are the worker's command line (the image's entrypoint is the loopserve binary).
+// maxSteps and contextLength reach the worker too: the registry entry promises them to the
+// gateway, and the worker is what enforces them.
 func workerArgs(lm *v1alpha1.LoopModel, d defaults) []string {
-	return []string{
+	args := []string{
 		"worker",
 		"--nats", d.resolved(lm).NATSURL,
 		"--model", modelDir(lm),
@@ -179,6 +181,13 @@ func workerArgs(lm *v1alpha1.LoopModel, d defaults) []string {
 		"--capacity", strconv.Itoa(workerBatch),
 		"--drain", (terminationGrace - 10*time.Second).String(),
 	}
+	if n := lm.Spec.Loop.MaxSteps; n > 0 {
+		args = append(args, "--max-steps", strconv.Itoa(int(n)))
+	}
+	if n := lm.Spec.Model.ContextLength; n > 0 {
+		args = append(args, "--context-length", strconv.Itoa(int(n)))
+	}
+	return args
 }
 
 func restrictedContainerSecurity() *corev1.SecurityContext {

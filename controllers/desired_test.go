@@ -185,7 +185,8 @@ func TestDesiredDeploymentRuntime(t *testing.T) {
 	}
 	wantArgs := []string{"worker", "--nats", "nats://nats:4222", "--model", "/models/ouro", "--loopmodel", "ml/ouro",
 		"--threshold-file", "/etc/loopserve/threshold.json", "--metrics-listen", ":9090",
-		"--kv-policy", "full", "--probe-fraction", "0.02", "--capacity", "8", "--drain", "50s"}
+		"--kv-policy", "full", "--probe-fraction", "0.02", "--capacity", "8", "--drain", "50s",
+		"--max-steps", "4", "--context-length", "2048"}
 	if diff := cmp.Diff(c.Args, wantArgs); diff != "" {
 		t.Errorf("args (-got +want):\n%s", diff)
 	}

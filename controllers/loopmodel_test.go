@@ -75,7 +75,8 @@ func TestLoopModelLifecycle(t *testing.T) {
 	c := dep.Spec.Template.Spec.Containers[0]
 	wantArgs := []string{"worker", "--nats", srv.url(), "--model", "/models/ouro-tiny-arith", "--loopmodel", ns + "/tiny",
 		"--threshold-file", "/etc/loopserve/threshold.json", "--metrics-listen", ":9090",
-		"--kv-policy", "full", "--probe-fraction", "0.02", "--capacity", "8", "--drain", "50s"}
+		"--kv-policy", "full", "--probe-fraction", "0.02", "--capacity", "8", "--drain", "50s",
+		"--max-steps", "4", "--context-length", "2048"}
 	if diff := cmp.Diff(c.Args, wantArgs); diff != "" {
 		t.Errorf("worker args (-got +want):\n%s", diff)
 	}

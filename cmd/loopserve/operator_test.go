@@ -17,7 +17,7 @@ func TestOperatorWorkerArgsParse(t *testing.T) {
 	lm := &v1alpha1.LoopModel{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "ml", Name: "ouro"},
 		Spec: v1alpha1.LoopModelSpec{
-			Model: v1alpha1.ModelSpec{Source: v1alpha1.ModelSource{HostPath: &v1alpha1.HostPathSource{Path: "/data"}}, Path: "ouro-1.4b"},
+			Model: v1alpha1.ModelSpec{Source: v1alpha1.ModelSource{HostPath: &v1alpha1.HostPathSource{Path: "/data"}}, Path: "ouro-1.4b", ContextLength: 8192},
 			Loop:  v1alpha1.LoopSpec{MaxSteps: 4, ExitThreshold: 0.9, ProbeFraction: ptr.To(0.05), KVPolicy: v1alpha1.KVLast},
 		},
 	}
@@ -34,7 +34,7 @@ func TestOperatorWorkerArgsParse(t *testing.T) {
 		t.Fatalf("loopserve worker refuses the operator's args %v: %v", args, err)
 	}
 	got := map[string]string{}
-	for _, name := range []string{"nats", "model", "loopmodel", "threshold-file", "metrics-listen", "kv-policy", "probe-fraction", "capacity", "drain"} {
+	for _, name := range []string{"nats", "model", "loopmodel", "threshold-file", "metrics-listen", "kv-policy", "probe-fraction", "capacity", "drain", "max-steps", "context-length"} {
 		f := cmd.Flags().Lookup(name)
 		if f == nil {
 			t.Fatalf("worker has no --%s flag", name)
@@ -45,6 +45,7 @@ func TestOperatorWorkerArgsParse(t *testing.T) {
 		"nats": "nats://nats:4222", "model": "/models/ouro-1.4b", "loopmodel": "ml/ouro",
 		"threshold-file": "/etc/loopserve/threshold.json", "metrics-listen": ":9090",
 		"kv-policy": "last", "probe-fraction": "0.05", "capacity": "8", "drain": "50s",
+		"max-steps": "4", "context-length": "8192",
 	}
 	if diff := cmp.Diff(got, want); diff != "" {
 		t.Errorf("parsed worker flags (-got +want):\n%s", diff)

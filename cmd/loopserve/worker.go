@@ -83,6 +83,7 @@ func newWorkerCmd() *cobra.Command {
 		nf                                                natsFlags
 		createQueue                                       bool
 		drain                                             time.Duration
+		maxSteps, contextLength                           int
 		ef                                                serveEngineFlags
 	)
 	cmd := &cobra.Command{
@@ -112,6 +113,10 @@ gateway accepted must not vanish.`,
 			if err != nil {
 				return err
 			}
+			if maxSteps < 0 || contextLength < 0 {
+				return fmt.Errorf("--max-steps and --context-length must not be negative")
+			}
+			opts.MaxContext = contextLength
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 			pr := progress.New(os.Stderr, "loading "+modelDir, 64<<20)
 			l, err := serve.LoadProgress(modelDir, opts, func(p model.Progress) { pr.Update(p.Done, p.Total) })
@@ -119,6 +124,9 @@ gateway accepted must not vanish.`,
 				return err
 			}
 			pr.Done()
+			if maxSteps > 0 && maxSteps < l.Worker.MaxSteps {
+				l.Worker.MaxSteps = maxSteps
+			}
 			stopEngine := runEngine(l)
 			err = runWorker(cmd.Context(), log, l, workerConfig{ref: r, nats: nf, createQueue: createQueue,
 				thresholdFile: thresholdFile, metricsListen: metricsListen, name: name, capacity: ef.capacity, drain: drain})
@@ -134,6 +142,8 @@ gateway accepted must not vanish.`,
 	fl.StringVar(&name, "name", "", "worker name in stats (default: $POD_NAME or the host name)")
 	fl.BoolVar(&createQueue, "create-queue", false, "create the LoopModel's stream and consumer if missing (the operator normally does)")
 	fl.DurationVar(&drain, "drain", 25*time.Second, "on SIGTERM, let requests in flight finish this long, then hand the rest back to the queue (keep below the pod's termination grace period)")
+	fl.IntVar(&maxSteps, "max-steps", 0, "loop steps a token may run at most, below the model's total_ut_steps (0: all of them); the LoopModel's spec.loop.maxSteps")
+	fl.IntVar(&contextLength, "context-length", 0, "prompt plus completion tokens per request (0: the model's max_position_embeddings); the LoopModel's spec.model.contextLength")
 	ef.register(cmd, 0)
 	_ = cmd.MarkFlagRequired("loopmodel")
 	return cmd

@@ -168,7 +168,9 @@ func (c *cluster) startWorker(name string, gen Generator, o WorkerOptions) (stop
 	if o.ContextLength == 0 {
 		o.ContextLength = 2048
 	}
-	o.MaxSteps = 4
+	if o.MaxSteps == 0 {
+		o.MaxSteps = 4
+	}
 	o.StopTokens = []int{2, 0}
 	o.VocabSize = 1024
 	o.StatsInterval = 200 * time.Millisecond

@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -48,7 +49,7 @@ type WorkerOptions struct {
 	Name          string // unique per worker process (pod name); defaults to the host name
 	Capacity      int    // requests generated at once; 0 = 8
 	ContextLength int    // prompt + generated tokens allowed
-	MaxSteps      int    // R, the model's loop steps
+	MaxSteps      int    // loop steps a token may run: the model's R, or fewer to cap it (spec.loop.maxSteps)
 	VocabSize     int    // token ids in prompts must be below it; 0 = unchecked
 	StopTokens    []int  // ids that end every request (eos)
 	// DefaultMaxTokens applies when a job leaves MaxTokens 0 (chat without max_tokens): the rest of
@@ -419,12 +420,13 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 	if job.MaxDepth > w.opt.MaxSteps {
 		return bad("", "max_depth", "max_depth %d exceeds the model's %d loop steps", job.MaxDepth, w.opt.MaxSteps)
 	}
+	// A request without max_depth runs at most MaxSteps, which may be below the model's R.
 	req := engine.Request{
 		ID:         job.ID,
 		Prompt:     prompt,
 		MaxTokens:  maxTokens,
 		Sampling:   engine.Sampling{Temperature: job.Temperature, TopK: job.TopK, TopP: job.TopP, Seed: job.SeedFor()},
-		Exit:       engine.Exit{Threshold: job.ExitThreshold, MaxDepth: job.MaxDepth},
+		Exit:       engine.Exit{Threshold: job.ExitThreshold, MaxDepth: cmp.Or(job.MaxDepth, w.opt.MaxSteps)},
 		StopTokens: w.opt.StopTokens,
 		Deadline:   job.Deadline,
 	}
