@@ -202,6 +202,19 @@ func params(m *model.Model) int64 {
 	return n
 }
 
+// rate formats tokens/s with three significant digits, without exponents.
+func rate(v float64) string {
+	switch {
+	case v >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case v >= 10:
+		return fmt.Sprintf("%.1f", v)
+	case v >= 1:
+		return fmt.Sprintf("%.2f", v)
+	}
+	return fmt.Sprintf("%.3g", v)
+}
+
 func ratio(ours, peer float64) *float64 {
 	if peer <= 0 {
 		return nil
@@ -224,12 +237,12 @@ func printRuntimeReport(w io.Writer, r runtimeReport) error {
 	row := func(name string, ours float64, peer, ratio *float64, target string) {
 		p, q := "-", "-"
 		if peer != nil {
-			p = fmt.Sprintf("%.3g", *peer)
+			p = rate(*peer)
 		}
 		if ratio != nil {
 			q = fmt.Sprintf("%.2f×", *ratio)
 		}
-		fmt.Fprintf(tw, "%s\t%.3g\t%s\t%s\t%s\n", name, ours, p, q, target)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", name, rate(ours), p, q, target)
 	}
 	row(fmt.Sprintf("prefill tok/s (%d-token prompt)", r.PrefillTokens), r.PrefillTokS, r.PeerPrefillTokS, r.RatioPrefill, "≥ 1×")
 	row("decode tok/s, batch 1", r.DecodeTokSB1, r.PeerDecodeTokSB1, r.RatioDecodeB1, "≥ 1.5×")
