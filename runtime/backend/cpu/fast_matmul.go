@@ -1,6 +1,10 @@
 package cpu
 
-import "github.com/loopserve/loopserve/runtime/model"
+import (
+	"sync"
+
+	"github.com/loopserve/loopserve/runtime/model"
+)
 
 // fastMatRows is the optional vector path of matRows for bf16 weights: it computes output
 // columns [lo, hi) for every batch row with the assembly tiles and reports true, or reports
@@ -59,12 +63,21 @@ const (
 	rowBlock = 64
 )
 
+// partPool recycles blockedRows' accumulator buffers (up to n×rowBlock×16 floats: 512 KB at
+// n = 128), which prefill would otherwise allocate and clear per call.
+var partPool = sync.Pool{New: func() any { return new([]float32) }}
+
 func blockedRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols, lanes, maxM int) {
 	// Each tile of a row block has its own accumulators (a chunk's last tile may overlap the
 	// one before it, see tileStart): [n][tiles][4][lanes].
-	const tiles = rowBlock / 4
-	part := make([]float32, n*tiles*4*lanes)
+	tiles := (min(rowBlock, hi-lo) + 3) / 4 // tiles in the largest row block
 	ld := tiles * 4 * lanes
+	buf := partPool.Get().(*[]float32)
+	defer partPool.Put(buf)
+	if cap(*buf) < n*ld {
+		*buf = make([]float32, n*ld)
+	}
+	part := (*buf)[:n*ld]
 	for rb := lo; rb < hi; rb += rowBlock {
 		rbEnd := min(rb+rowBlock, hi)
 		for k0 := 0; k0 < cols; k0 += kBlock {
