@@ -27,17 +27,17 @@ func BenchmarkMatMul(b *testing.B) {
 
 // BenchmarkMatMulPortable is MatMul with the vector path switched off: the pure-Go fallback.
 func BenchmarkMatMulPortable(b *testing.B) {
-	saved := haveAVX2FMA
-	haveAVX2FMA = false
-	defer func() { haveAVX2FMA = saved }()
+	saved2, saved512 := haveAVX2FMA, haveAVX512
+	haveAVX2FMA, haveAVX512 = false, false
+	defer func() { haveAVX2FMA, haveAVX512 = saved2, saved512 }()
 	be := New(0)
 	benchMatMul(b, func(out, x []float32, n int, w *model.Matrix) { be.MatMul(out, x, n, w) })
 }
 
 // BenchmarkMatMulFast is the assembly path alone, split over GOMAXPROCS workers like MatMul.
 func BenchmarkMatMulFast(b *testing.B) {
-	if !haveAVX2FMA {
-		b.Skip("no AVX2/FMA")
+	if !haveAVX2FMA && !haveAVX512 {
+		b.Skip("no AVX2/FMA or AVX-512")
 	}
 	be := New(0)
 	benchMatMul(b, func(out, x []float32, n int, w *model.Matrix) {
