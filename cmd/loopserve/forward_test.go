@@ -131,3 +131,29 @@ func TestForwardErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestGenerateStopsAtGenerationConfigEOS: generate stops at the eos ids of
+// generation_config.json too (here the golden's first token, 330), unless --ignore-eos.
+func TestGenerateStopsAtGenerationConfigEOS(t *testing.T) {
+	src, err := filepath.Abs("../../testdata/models/ouro-tiny-arith")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, f := range []string{"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} {
+		if err := os.Symlink(filepath.Join(src, f), filepath.Join(dir, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "generation_config.json"), []byte(`{"eos_token_id": [330]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"generate", "--model", dir, "--max-tokens", "3", "--exit-step", "3",
+		"--prompt", "a = 2 ; n = a + 7 ; b = 0 ; p = 8 ; k = p + 3 ; r = 3 ; i = b + 5 ; m = k + 9 ; ? m ="}
+	if out := runCmd(t, args...); !strings.Contains(out, "1 generated (finish: stop)") {
+		t.Errorf("generation went past generation_config.json's eos id 330:\n%s", out)
+	}
+	if out := runCmd(t, append(args, "--ignore-eos")...); !strings.Contains(out, "3 generated (finish: length)") {
+		t.Errorf("--ignore-eos stopped early:\n%s", out)
+	}
+}

@@ -79,6 +79,17 @@ computes every step and selects (the reference semantics); --mode fast stops at 
 			if exitStep >= 0 {
 				req.Exit.ForceDepth = exitStep + 1
 			}
+			if !ignoreEOS {
+				// Stop at every eos id the checkpoint declares, as transformers does.
+				gen, err := model.LoadGenerationConfig(dir)
+				if err != nil {
+					return err
+				}
+				req.StopTokens = gen.EOSTokenIDs
+				if id, ok := tok.EOS(); ok {
+					req.StopTokens = append(req.StopTokens, id)
+				}
+			}
 			var toks []engine.Token
 			var ids2 []int
 			out := cmd.OutOrStdout()

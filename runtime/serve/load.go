@@ -16,7 +16,8 @@ import (
 type Loaded struct {
 	Engine *engine.Engine
 	Tok    Tokenizer
-	// Worker carries ContextLength, MaxSteps, VocabSize and StopTokens from the model; set the
+	// Worker carries ContextLength, MaxSteps, VocabSize and StopTokens (the eos ids of
+	// tokenizer_config.json, config.json and generation_config.json) from the model; set the
 	// rest (Ref, Capacity, ...) before use.
 	Worker WorkerOptions
 	model  *model.Model
@@ -32,6 +33,10 @@ func LoadProgress(dir string, opts engine.Options, progress func(model.Progress)
 	tok, err := tokenizer.LoadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("loading tokenizer from %s: %w", dir, err)
+	}
+	gen, err := model.LoadGenerationConfig(dir)
+	if err != nil {
+		return nil, err
 	}
 	m, err := model.LoadProgress(dir, progress)
 	if err != nil {
@@ -63,6 +68,11 @@ func LoadProgress(dir string, opts engine.Options, progress func(model.Progress)
 	}
 	if cfg.EOSTokenID != nil && !isStop(*cfg.EOSTokenID, l.Worker.StopTokens) {
 		l.Worker.StopTokens = append(l.Worker.StopTokens, *cfg.EOSTokenID)
+	}
+	for _, id := range gen.EOSTokenIDs {
+		if !isStop(id, l.Worker.StopTokens) {
+			l.Worker.StopTokens = append(l.Worker.StopTokens, id)
+		}
 	}
 	return l, nil
 }
