@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -21,10 +22,10 @@ import (
 
 func newGatewayCmd() *cobra.Command {
 	var (
-		listen, tokenFile string
-		nf                natsFlags
-		maxBody           int64
-		timeout           time.Duration
+		listen, tokenFile    string
+		nf                   natsFlags
+		maxBody              int64
+		timeout, tokenReload time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "gateway",
@@ -67,13 +68,20 @@ gateway accepted must not vanish.`,
 				return fmt.Errorf("listening on %s: %w", listen, err)
 			}
 			log.Info("gateway listening", "addr", ln.Addr().String(), "nats", nf.url, "auth", len(tokens) > 0)
-			return serveGateway(cmd.Context(), g, ln)
+			ctx, cancel := context.WithCancel(cmd.Context())
+			var wg sync.WaitGroup
+			defer func() { cancel(); wg.Wait() }()
+			if tokenFile != "" && tokenReload > 0 {
+				wg.Go(func() { watchTokenFile(ctx, tokenFile, tokenReload, tokens, g, log) })
+			}
+			return serveGateway(ctx, g, ln)
 		},
 	}
 	fl := cmd.Flags()
 	nf.register(cmd)
 	fl.StringVar(&listen, "listen", ":8080", "HTTP listen address")
 	fl.StringVar(&tokenFile, "token-file", "", "file of accepted bearer tokens, one per line (e.g. a mounted Secret); empty: no authentication")
+	fl.DurationVar(&tokenReload, "token-reload", 30*time.Second, "how often the token file is re-read, so a rotated Secret applies without a restart; 0: never")
 	fl.Int64Var(&maxBody, "max-body", 1<<20, "request body limit in bytes")
 	fl.DurationVar(&timeout, "request-timeout", 10*time.Minute, "longest a request may take, queueing included")
 	return cmd
@@ -98,6 +106,33 @@ func readTokenFile(path string) ([]string, error) {
 		return nil, fmt.Errorf("token file %s holds no token", path)
 	}
 	return out, nil
+}
+
+// tokenSetter takes the bearer tokens read again from the token file (the gateway).
+type tokenSetter interface{ SetTokens(tokens []string) }
+
+// watchTokenFile re-reads path every interval until ctx ends and hands changed tokens to g. A file
+// that cannot be read or holds no token (a Secret mid-update) keeps the tokens in force.
+func watchTokenFile(ctx context.Context, path string, every time.Duration, current []string, g tokenSetter, log *slog.Logger) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		tokens, err := readTokenFile(path)
+		if err != nil {
+			log.Warn("keeping the bearer tokens in force", "err", err)
+			continue
+		}
+		if !slices.Equal(tokens, current) {
+			g.SetTokens(tokens)
+			current = tokens
+			log.Info("bearer tokens reloaded", "file", path, "tokens", len(tokens))
+		}
+	}
 }
 
 // serveGateway follows the registry and serves HTTP until ctx ends, then shuts down gracefully.

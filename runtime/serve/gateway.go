@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -27,7 +28,7 @@ import (
 // GatewayOptions configure a Gateway. The zero value works: no auth, 1 MiB bodies.
 type GatewayOptions struct {
 	MaxBodyBytes   int64               // request body limit; 0 = 1 MiB
-	Tokens         []string            // bearer tokens accepted on /v1/; empty = no authentication
+	Tokens         []string            // bearer tokens accepted on /v1/ (SetTokens replaces them); empty = no authentication
 	RequestTimeout time.Duration       // whole request, queueing included; 0 = 10 minutes
 	RetryAfter     time.Duration       // advised on 429 and 503; 0 = 1s
 	Metrics        *Metrics            // nil: no gateway metrics
@@ -45,6 +46,8 @@ type Gateway struct {
 	opt GatewayOptions
 	log *slog.Logger
 	mux *http.ServeMux
+
+	tokens atomic.Pointer[[]string] // accepted bearer tokens; empty = no authentication
 
 	mu     sync.RWMutex
 	models map[string]bus.ModelEntry // by ID "<ns>/<name>"
@@ -71,6 +74,7 @@ func NewGateway(nc *nats.Conn, o GatewayOptions) (*Gateway, error) {
 		return nil, fmt.Errorf("opening JetStream: %w", err)
 	}
 	g := &Gateway{nc: nc, js: js, opt: o, log: o.Logger, models: make(map[string]bus.ModelEntry), ready: make(chan struct{})}
+	g.SetTokens(o.Tokens)
 	g.mux = http.NewServeMux()
 	g.mux.HandleFunc("POST /v1/completions", g.auth(func(w http.ResponseWriter, r *http.Request) { g.complete(w, r, false) }))
 	g.mux.HandleFunc("POST /v1/chat/completions", g.auth(func(w http.ResponseWriter, r *http.Request) { g.complete(w, r, true) }))
@@ -92,6 +96,13 @@ func NewGateway(nc *nats.Conn, o GatewayOptions) (*Gateway, error) {
 		(&apiError{Status: http.StatusNotFound, Type: "invalid_request_error", Message: fmt.Sprintf("no route %s %s", r.Method, r.URL.Path)}).write(w)
 	})
 	return g, nil
+}
+
+// SetTokens replaces the accepted bearer tokens (a rotated Secret) for the requests that follow;
+// an empty list turns authentication off. Safe for concurrent use with ServeHTTP.
+func (g *Gateway) SetTokens(tokens []string) {
+	t := slices.Clone(tokens)
+	g.tokens.Store(&t)
 }
 
 // ServeHTTP serves /v1/completions, /v1/chat/completions, /v1/models, /healthz and /metrics.
@@ -197,13 +208,15 @@ func (g *Gateway) lookup(id string) (bus.ModelEntry, bool) {
 }
 
 func (g *Gateway) auth(h http.HandlerFunc) http.HandlerFunc {
-	if len(g.opt.Tokens) == 0 {
-		return h
-	}
 	return func(w http.ResponseWriter, r *http.Request) {
+		tokens := *g.tokens.Load()
+		if len(tokens) == 0 {
+			h(w, r)
+			return
+		}
 		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		valid := 0
-		for _, t := range g.opt.Tokens {
+		for _, t := range tokens {
 			valid |= subtle.ConstantTimeCompare([]byte(tok), []byte(t))
 		}
 		if !ok || valid == 0 {

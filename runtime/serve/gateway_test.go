@@ -47,3 +47,35 @@ func TestGatewayRoutes(t *testing.T) {
 		}
 	}
 }
+
+// TestSetTokensRotates: replacing the tokens (a rotated Secret) takes effect on the next request
+// without a restart.
+func TestSetTokensRotates(t *testing.T) {
+	c := newCluster(t, clusterOptions{tokens: []string{"old"}})
+	status := func(token string) int {
+		t.Helper()
+		req, err := http.NewRequest(http.MethodGet, c.gw.URL+"/v1/models", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if got := status("old"); got != http.StatusOK {
+		t.Fatalf("old token before rotation: %d", got)
+	}
+	c.gateway.SetTokens([]string{"new", "newer"})
+	for _, tc := range []struct {
+		token string
+		want  int
+	}{{"old", http.StatusUnauthorized}, {"new", http.StatusOK}, {"newer", http.StatusOK}, {"", http.StatusUnauthorized}} {
+		if got := status(tc.token); got != tc.want {
+			t.Errorf("token %q after rotation: %d, want %d", tc.token, got, tc.want)
+		}
+	}
+}
