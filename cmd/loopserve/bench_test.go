@@ -46,7 +46,9 @@ func TestBenchRuntimeErrors(t *testing.T) {
 	}{
 		{[]string{"runtime", "--peer=false", "--bandwidth-mib", "8", "--bandwidth-passes", "1", "--model", "/nonexistent"}, "no such file"},
 		{[]string{"runtime", "--peer-script", "/nonexistent/ouro.py"}, "peer"},
-		{[]string{"runtime", "--peer=false", "--bandwidth-passes", "0"}, "passes"},
+		{[]string{"runtime", "--peer=false", "--bandwidth-passes", "0", "--model", "../../testdata/models/ouro-tiny-arith",
+			"--prefill", "4", "--prompt", "2", "--tokens", "2", "--batch", "2"}, "passes"},
+		{[]string{"runtime", "--peer=false", "--rounds", "0"}, "--rounds"},
 	} {
 		cmd := newBenchCmd()
 		cmd.SetOut(&bytes.Buffer{})
