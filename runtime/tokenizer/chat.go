@@ -12,9 +12,11 @@ import (
 // ErrUnsupportedTemplate marks a chat template this package cannot render faithfully.
 // Hugging Face chat templates are Jinja programs; this package renders the subset that
 // ChatML templates are written in — text, comments, whitespace control, one
-// "for m in messages" loop, "if [not] add_generation_prompt ... else ... endif", and
-// expressions joining string literals, m.role, m.content, bos_token and eos_token with +
+// "for m in messages" loop, if/elif/else/endif, and expressions joining string literals,
+// m.role, m.content, messages[N].role, messages[N].content, bos_token and eos_token with +
 // or ~ — and refuses anything else rather than render it differently from transformers.
+// Tests are add_generation_prompt, loop.first, loop.last and == or != between such values,
+// joined by not, and, or and parentheses.
 var ErrUnsupportedTemplate = errors.New("unsupported chat template")
 
 // ErrNoTemplate means the tokenizer has no chat template (LoadDir found none).
@@ -37,7 +39,7 @@ func (t *Tokenizer) ApplyChat(msgs []Message, addGenerationPrompt bool) (string,
 		return "", ErrNoTemplate
 	}
 	var b strings.Builder
-	t.chat.render(&b, t.chat.nodes, msgs, nil, addGenerationPrompt)
+	t.chat.render(&b, t.chat.nodes, renderCtx{msgs: msgs, i: -1, gen: addGenerationPrompt})
 	return b.String(), nil
 }
 
@@ -45,9 +47,12 @@ func (t *Tokenizer) ApplyChat(msgs []Message, addGenerationPrompt bool) (string,
 //
 //	text, {# comments #}, whitespace control ({%- -%} {{- -}} {%+ +%}),
 //	{% for VAR in messages %} ... {% endfor %},
-//	{% if [not] add_generation_prompt %} ... [{% else %} ...] {% endif %},
-//	{{ EXPR }} where EXPR joins with + or ~ string literals, VAR.role, VAR.content,
-//	VAR['role'], VAR["content"], bos_token and eos_token.
+//	{% if TEST %} ... [{% elif TEST %} ...] [{% else %} ...] {% endif %},
+//	{{ EXPR }} where EXPR joins with + or ~ values: string literals, VAR.role, VAR.content,
+//	VAR['role'], VAR["content"], messages[N].role (N an integer, negative from the end),
+//	messages[N]['content'], bos_token and eos_token;
+//	TEST: add_generation_prompt, loop.first, loop.last, VALUE == VALUE, VALUE != VALUE,
+//	joined by not, and, or and parentheses.
 //
 // It lexes with the options transformers sets (trim_blocks, lstrip_blocks, no
 // keep_trailing_newline), so such templates render byte for byte as in Python.
@@ -66,8 +71,55 @@ type tnode struct {
 }
 
 type ifNode struct {
-	negate     bool
-	then, els_ []tnode
+	test       *cond
+	then, els_ []tnode // an elif is an else holding one if
+}
+
+type condKind int
+
+const (
+	condGen   condKind = iota // add_generation_prompt
+	condFirst                 // loop.first
+	condLast                  // loop.last
+	condNot                   // not a
+	condAnd                   // a and b
+	condOr                    // a or b
+	condEq                    // l == r (r != l with neq)
+)
+
+// cond is a parsed if/elif test.
+type cond struct {
+	kind condKind
+	a, b *cond
+	l, r term
+	neq  bool
+}
+
+// renderCtx is where a template is being rendered: the messages, the loop's current message
+// and index (nil and -1 outside the loop) and add_generation_prompt.
+type renderCtx struct {
+	msgs []Message
+	m    *Message
+	i    int
+	gen  bool
+}
+
+func (c *cond) eval(t *chatTemplate, x renderCtx) bool {
+	switch c.kind {
+	case condGen:
+		return x.gen
+	case condFirst:
+		return x.i == 0
+	case condLast:
+		return x.i == len(x.msgs)-1
+	case condNot:
+		return !c.a.eval(t, x)
+	case condAnd:
+		return c.a.eval(t, x) && c.b.eval(t, x)
+	case condOr:
+		return c.a.eval(t, x) || c.b.eval(t, x)
+	}
+	return (t.value(c.l, x) == t.value(c.r, x)) != c.neq
 }
 
 type termKind int
@@ -78,42 +130,61 @@ const (
 	termContent
 	termBOS
 	termEOS
+	termMsgRole    // messages[idx].role
+	termMsgContent // messages[idx].content
 )
 
 type term struct {
 	kind termKind
 	lit  string
+	idx  int // termMsg*: the index, negative from the end as in Python
 }
 
-func (c *chatTemplate) render(b *strings.Builder, nodes []tnode, msgs []Message, m *Message, gen bool) {
+// value is a term's text where it is rendered.
+func (c *chatTemplate) value(tm term, x renderCtx) string {
+	switch tm.kind {
+	case termLit:
+		return tm.lit
+	case termRole:
+		return x.m.Role
+	case termContent:
+		return x.m.Content
+	case termBOS:
+		return c.bos
+	case termEOS:
+		return c.eos
+	}
+	i := tm.idx
+	if i < 0 {
+		i += len(x.msgs)
+	}
+	if i < 0 || i >= len(x.msgs) {
+		return "" // Jinja would fail on a missing message; callers always pass some
+	}
+	if tm.kind == termMsgRole {
+		return x.msgs[i].Role
+	}
+	return x.msgs[i].Content
+}
+
+func (c *chatTemplate) render(b *strings.Builder, nodes []tnode, x renderCtx) {
 	for _, n := range nodes {
 		switch {
 		case n.isTxt:
 			b.WriteString(n.text)
 		case n.expr != nil:
 			for _, tm := range n.expr {
-				switch tm.kind {
-				case termLit:
-					b.WriteString(tm.lit)
-				case termRole:
-					b.WriteString(m.Role)
-				case termContent:
-					b.WriteString(m.Content)
-				case termBOS:
-					b.WriteString(c.bos)
-				case termEOS:
-					b.WriteString(c.eos)
-				}
+				b.WriteString(c.value(tm, x))
 			}
 		case n.loop != nil:
-			for i := range msgs {
-				c.render(b, n.loop, msgs, &msgs[i], gen)
+			for i := range x.msgs {
+				c.render(b, n.loop, renderCtx{msgs: x.msgs, m: &x.msgs[i], i: i, gen: x.gen})
 			}
 		case n.cond != nil:
-			if gen != n.cond.negate {
-				c.render(b, n.cond.then, msgs, m, gen)
+			if n.cond.test.eval(c, x) {
+				c.render(b, n.cond.then, x)
 			} else {
-				c.render(b, n.cond.els_, msgs, m, gen)
+				c.render(b, n.cond.els_, x)
 			}
 		}
 	}
@@ -260,6 +331,142 @@ type tmplParser struct {
 	tags    []tag
 	i       int
 	loopVar string // name bound by the enclosing for loop, "" outside one
+	elif    string // the body of the elif tag that stopped parse
+}
+
+// parseIf parses an if (or elif) statement whose tag body is body, up to its endif.
+func (p *tmplParser) parseIf(body string) (*ifNode, error) {
+	kw, src, _ := strings.Cut(strings.TrimSpace(body), " ")
+	test, err := p.parseCond(src)
+	if err != nil {
+		return nil, err
+	}
+	n := &ifNode{test: test}
+	var stop string
+	if n.then, stop, err = p.parse("endif else elif"); err != nil {
+		return nil, err
+	}
+	switch stop {
+	case "elif":
+		inner, err := p.parseIf(p.elif) // consumes the shared endif
+		if err != nil {
+			return nil, err
+		}
+		n.els_ = []tnode{{cond: inner}}
+		return n, nil
+	case "else":
+		if n.els_, stop, err = p.parse("endif"); err != nil {
+			return nil, err
+		}
+	}
+	if stop != "endif" {
+		return nil, fmt.Errorf("%w: %s without endif", ErrUnsupportedTemplate, kw)
+	}
+	return n, nil
+}
+
+// parseCond parses an if test: add_generation_prompt, loop.first, loop.last and comparisons
+// (== !=) of values parseTerm knows, joined by not, and, or and parentheses.
+func (p *tmplParser) parseCond(src string) (*cond, error) {
+	c, rest, ok := p.condOr(strings.TrimSpace(src))
+	if !ok || strings.TrimSpace(rest) != "" {
+		return nil, fmt.Errorf("%w: test %q", ErrUnsupportedTemplate, strings.TrimSpace(src))
+	}
+	return c, nil
+}
+
+// keyword reports whether s starts with the word kw, returning what follows it.
+func keyword(s, kw string) (string, bool) {
+	rest, ok := strings.CutPrefix(s, kw)
+	if !ok || rest != "" && (rest[0] == '_' || rest[0] == '.' || isIdent(rest[:1]) || rest[0] >= '0' && rest[0] <= '9') {
+		return s, false
+	}
+	return strings.TrimLeft(rest, " \t\n"), true
+}
+
+func (p *tmplParser) condOr(s string) (*cond, string, bool) {
+	a, s, ok := p.condAnd(s)
+	for ok {
+		rest, more := keyword(s, "or")
+		if !more {
+			break
+		}
+		var b *cond
+		if b, s, ok = p.condAnd(rest); ok {
+			a = &cond{kind: condOr, a: a, b: b}
+		}
+	}
+	return a, s, ok
+}
+
+func (p *tmplParser) condAnd(s string) (*cond, string, bool) {
+	a, s, ok := p.condNot(s)
+	for ok {
+		rest, more := keyword(s, "and")
+		if !more {
+			break
+		}
+		var b *cond
+		if b, s, ok = p.condNot(rest); ok {
+			a = &cond{kind: condAnd, a: a, b: b}
+		}
+	}
+	return a, s, ok
+}
+
+func (p *tmplParser) condNot(s string) (*cond, string, bool) {
+	if rest, ok := keyword(s, "not"); ok {
+		a, rest, ok := p.condNot(rest)
+		return &cond{kind: condNot, a: a}, rest, ok
+	}
+	return p.condAtom(s)
+}
+
+func (p *tmplParser) condAtom(s string) (*cond, string, bool) {
+	trim := func(s string) string { return strings.TrimLeft(s, " \t\n") }
+	if rest, ok := strings.CutPrefix(s, "("); ok {
+		c, rest, ok := p.condOr(trim(rest))
+		if rest, closed := strings.CutPrefix(rest, ")"); ok && closed {
+			return c, trim(rest), true
+		}
+		return nil, s, false
+	}
+	if rest, ok := keyword(s, "add_generation_prompt"); ok {
+		return &cond{kind: condGen}, rest, true
+	}
+	if p.loopVar != "" {
+		if rest, ok := keyword(s, "loop.first"); ok {
+			return &cond{kind: condFirst}, rest, true
+		}
+		if rest, ok := keyword(s, "loop.last"); ok {
+			return &cond{kind: condLast}, rest, true
+		}
+	}
+	if s == "" {
+		return nil, s, false
+	}
+	l, rest, ok := p.parseTerm(s)
+	if !ok {
+		return nil, s, false
+	}
+	rest = trim(rest)
+	var neq bool
+	switch {
+	case strings.HasPrefix(rest, "=="):
+	case strings.HasPrefix(rest, "!="):
+		neq = true
+	default:
+		return nil, s, false
+	}
+	rest = trim(rest[2:])
+	if rest == "" {
+		return nil, s, false
+	}
+	r, rest, ok := p.parseTerm(rest)
+	if !ok {
+		return nil, s, false
+	}
+	return &cond{kind: condEq, l: l, r: r, neq: neq}, trim(rest), true
 }
 
 // parse reads nodes until a statement in stops ("endfor", "endif else") or the end; it
@@ -304,23 +511,15 @@ func (p *tmplParser) parse(stops string) ([]tnode, string, error) {
 					body = []tnode{}
 				}
 				nodes = append(nodes, tnode{loop: body})
-			case words[0] == "if" && (len(words) == 2 && words[1] == "add_generation_prompt" ||
-				len(words) == 3 && words[1] == "not" && words[2] == "add_generation_prompt"):
-				n := &ifNode{negate: len(words) == 3}
-				var stop string
-				var err error
-				if n.then, stop, err = p.parse("endif else"); err != nil {
+			case words[0] == "if":
+				n, err := p.parseIf(tg.body)
+				if err != nil {
 					return nil, "", err
 				}
-				if stop == "else" {
-					if n.els_, stop, err = p.parse("endif"); err != nil {
-						return nil, "", err
-					}
-				}
-				if stop != "endif" {
-					return nil, "", fmt.Errorf("%w: if without endif", ErrUnsupportedTemplate)
-				}
 				nodes = append(nodes, tnode{cond: n})
+			case words[0] == "elif" && strings.Contains(" "+stops+" ", " elif "):
+				p.elif = tg.body
+				return nodes, "elif", nil
 			default:
 				return nil, "", fmt.Errorf("%w: statement {%% %s %%}", ErrUnsupportedTemplate, strings.TrimSpace(tg.body))
 			}
@@ -375,11 +574,41 @@ func (p *tmplParser) parseTerm(s string) (term, string, bool) {
 		return term{kind: termBOS}, rest, true
 	case name == "eos_token":
 		return term{kind: termEOS}, rest, true
+	case name == "messages" && name != p.loopVar:
+		// messages[N] with an integer literal N, then a field as for the loop variable.
+		r, ok := strings.CutPrefix(strings.TrimLeft(rest, " \t\n"), "[")
+		if !ok {
+			return term{}, s, false
+		}
+		num, after, ok := strings.Cut(r, "]")
+		idx, err := strconv.Atoi(strings.TrimSpace(num))
+		if !ok || err != nil {
+			return term{}, s, false
+		}
+		field, rest, ok := parseField(after)
+		switch {
+		case ok && field == "role":
+			return term{kind: termMsgRole, idx: idx}, rest, true
+		case ok && field == "content":
+			return term{kind: termMsgContent, idx: idx}, rest, true
+		}
+		return term{}, s, false
 	case name == "" || name != p.loopVar:
 		return term{}, s, false
 	}
-	rest = strings.TrimLeft(rest, " \t\n")
-	var field string
+	field, rest, ok := parseField(rest)
+	switch {
+	case ok && field == "role":
+		return term{kind: termRole}, rest, true
+	case ok && field == "content":
+		return term{kind: termContent}, rest, true
+	}
+	return term{}, s, false
+}
+
+// parseField reads a field access, .name or ['name'], at the start of s.
+func parseField(s string) (field, rest string, ok bool) {
+	rest = strings.TrimLeft(s, " \t\n")
 	switch {
 	case strings.HasPrefix(rest, "."):
 		rest = strings.TrimLeft(rest[1:], " \t\n")
@@ -387,29 +616,19 @@ func (p *tmplParser) parseTerm(s string) (term, string, bool) {
 		for m < len(rest) && (rest[m] == '_' || rest[m] >= 'a' && rest[m] <= 'z' || rest[m] >= 'A' && rest[m] <= 'Z') {
 			m++
 		}
-		field, rest = rest[:m], rest[m:]
+		return rest[:m], rest[m:], m > 0
 	case strings.HasPrefix(rest, "["):
 		rest = strings.TrimLeft(rest[1:], " \t\n")
 		if rest == "" || (rest[0] != '\'' && rest[0] != '"') {
-			return term{}, s, false
+			return "", s, false
 		}
-		var ok bool
 		if field, rest, ok = parseStringLit(rest); !ok {
-			return term{}, s, false
+			return "", s, false
 		}
-		rest = strings.TrimLeft(rest, " \t\n")
-		if !strings.HasPrefix(rest, "]") {
-			return term{}, s, false
-		}
-		rest = rest[1:]
+		rest, ok = strings.CutPrefix(strings.TrimLeft(rest, " \t\n"), "]")
+		return field, rest, ok
 	}
-	switch field {
-	case "role":
-		return term{kind: termRole}, rest, true
-	case "content":
-		return term{kind: termContent}, rest, true
-	}
-	return term{}, s, false
+	return "", s, false
 }
 
 func isIdent(s string) bool {
