@@ -55,7 +55,7 @@ Runs with leader election (one active replica), serves Prometheus metrics on --m
 	fl.StringVar(&f.metricsAddr, "metrics-addr", ":8080", `address serving Prometheus metrics ("0": none)`)
 	fl.StringVar(&f.probeAddr, "health-probe-addr", ":8081", "address serving /healthz and /readyz")
 	fl.BoolVar(&f.leaderElect, "leader-elect", true, "elect one active operator through a Lease")
-	fl.StringVar(&f.leaderElectNS, "leader-election-namespace", "", "namespace of the Lease (default: the pod's namespace)")
+	fl.StringVar(&f.leaderElectNS, "leader-election-namespace", "", "namespace of the Lease (default: the pod's namespace; outside a cluster, the kubeconfig context's)")
 	fl.StringVar(&f.leaderElectID, "leader-election-id", "loopserve-operator.loopserve.io", "name of the Lease")
 	fl.DurationVar(&f.resync, "resync", 5*time.Minute, "recheck period of a Ready LoopModel (repairs NATS state lost by the server)")
 	fl.DurationVar(&f.reconcilePeriod, "poll", 10*time.Second, "recheck period while workers roll out (crash loops do not change the Deployment)")
@@ -78,6 +78,12 @@ func runOperator(cmd *cobra.Command, f operatorFlags) error {
 	if err != nil {
 		return err
 	}
+	leaseNS := f.leaderElectNS
+	if f.leaderElect && leaseNS == "" {
+		if leaseNS, err = leaseNamespace(f.kubeconfig); err != nil {
+			return err
+		}
+	}
 	mgr, pool, err := controllers.NewManager(cfg, controllers.ManagerOptions{
 		NATSURL:                 f.natsURL,
 		WorkerImage:             f.workerImage,
@@ -85,7 +91,7 @@ func runOperator(cmd *cobra.Command, f operatorFlags) error {
 		ProbeAddr:               f.probeAddr,
 		LeaderElection:          f.leaderElect,
 		LeaderElectionID:        f.leaderElectID,
-		LeaderElectionNamespace: f.leaderElectNS,
+		LeaderElectionNamespace: leaseNS,
 		PollInterval:            f.reconcilePeriod,
 		Resync:                  f.resync,
 		NATSTimeout:             f.natsTimeout,
@@ -117,4 +123,23 @@ func kubeConfig(path string) (*rest.Config, error) {
 		return nil, fmt.Errorf("loading kubeconfig %s: %w", path, err)
 	}
 	return cfg, nil
+}
+
+// inClusterNamespace names the pod's namespace; controller-runtime reads it for the Lease.
+var inClusterNamespace = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+// leaseNamespace is where the leader Lease lives when --leader-election-namespace is not given:
+// "" in a pod (controller-runtime takes the pod's namespace), else the kubeconfig context's
+// namespace ("default" when it names none), so that the operator also runs from a workstation.
+func leaseNamespace(kubeconfig string) (string, error) {
+	if _, err := os.Stat(inClusterNamespace); err == nil {
+		return "", nil
+	}
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = kubeconfig
+	ns, _, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).Namespace()
+	if err != nil {
+		return "", fmt.Errorf("finding the namespace for the leader Lease (set --leader-election-namespace): %w", err)
+	}
+	return ns, nil
 }

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"fmt"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -49,5 +52,56 @@ func TestOperatorWorkerArgsParse(t *testing.T) {
 	}
 	if diff := cmp.Diff(got, want); diff != "" {
 		t.Errorf("parsed worker flags (-got +want):\n%s", diff)
+	}
+}
+
+// TestLeaseNamespace: without --leader-election-namespace the Lease goes to the pod's namespace
+// in a cluster, and to the kubeconfig context's namespace from a workstation.
+func TestLeaseNamespace(t *testing.T) {
+	saved := inClusterNamespace
+	t.Cleanup(func() { inClusterNamespace = saved })
+	dir := t.TempDir()
+	kubeconfig := func(ns string) string {
+		f := filepath.Join(dir, "kubeconfig-"+ns)
+		cfg := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u, namespace: %q}}]
+current-context: x
+`, ns)
+		if err := os.WriteFile(f, []byte(cfg), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	podNamespace := filepath.Join(dir, "namespace")
+	tests := []struct {
+		name       string
+		kubeconfig string
+		inCluster  bool
+		want       string
+	}{
+		{"context namespace", kubeconfig("ops"), false, "ops"},
+		{"context without namespace", kubeconfig(""), false, "default"},
+		{"in a pod", kubeconfig("ops"), true, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			inClusterNamespace = filepath.Join(dir, "absent")
+			if tt.inCluster {
+				if err := os.WriteFile(podNamespace, []byte("loopserve-system"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				inClusterNamespace = podNamespace
+			}
+			got, err := leaseNamespace(tt.kubeconfig)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tt.want {
+				t.Errorf("lease namespace = %q, want %q", got, tt.want)
+			}
+		})
 	}
 }
