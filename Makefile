@@ -6,9 +6,7 @@ GO            ?= go
 BIN           ?= bin/loopserve
 STATICCHECK   ?= $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2
 CONTROLLER_GEN ?= $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.23.0
-# Packages whose tests are pure arithmetic run without -race: the detector slows float loops
-# ~10x and they start no goroutines of their own beyond the kernels' worker pools, which the
-# engine's race-enabled tests still cover.
+# Every package runs under the race detector (RACE= turns it off for a quick local run).
 RACE          ?= -race
 TESTFLAGS     ?= -count=1 -timeout 20m
 PKGS          ?= ./...
