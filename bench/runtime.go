@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"time"
@@ -20,6 +21,10 @@ type RuntimeOptions struct {
 	Batch        int    // sequences decoding together for the batched figure [8]
 	Repeats      int    // best of this many runs of each measurement [1]
 	Seed         uint64 // prompt seed [1]
+	// Threshold τ > 0 adds adaptive-depth decode figures: the same prompts decoded again with
+	// per-token early exit at Exit.Threshold τ (the engine runs in Fast mode, so a token that
+	// exits at step d costs d loop steps). 0 measures full depth only.
+	Threshold float64
 }
 
 func (o *RuntimeOptions) defaults() {
@@ -49,17 +54,25 @@ func (o RuntimeOptions) Prompts(vocab int) (prefill []int, decode [][]int) {
 	return Prompts(vocab, o.PrefillLen, o.PromptLen, o.Batch, o.Seed)
 }
 
-// RuntimeResult holds the engine's rates. Every token runs all R loop steps (full depth), as
-// the peer's do.
+// RuntimeResult holds the engine's rates. Every token of the plain figures runs all R loop
+// steps (full depth), as the peer's do. The adaptive figures (zero unless
+// RuntimeOptions.Threshold > 0) are a different computation: tokens exit early, so they cost
+// fewer loop steps and may differ from the full-depth tokens.
 type RuntimeResult struct {
 	PrefillTokens    int     `json:"prefill_tokens"`
 	PrefillTokS      float64 `json:"prefill_tok_s"`
-	DecodeTokens     int     `json:"decode_tokens"` // timed o.DecodeTokens per sequence
+	DecodeTokens     int     `json:"decode_tokens"` // timed tokens per sequence
 	DecodeTokSB1     float64 `json:"decode_tok_s_b1"`
-	Batch            int     `json:"o.Batch"`
+	Batch            int     `json:"batch"`
 	DecodeTokSBN     float64 `json:"decode_tok_s_bn"`
-	LoopStepsPerTok  float64 `json:"loop_steps_per_token"` // mean depth of the o.Batch-1 o.DecodeTokens
+	LoopStepsPerTok  float64 `json:"loop_steps_per_token"` // mean depth of the batch-1 tokens
 	WeightBytesPerTk int64   `json:"weight_bytes_per_token"`
+
+	DecodeTokSB1Adaptive float64 `json:"decode_tok_s_b1_adaptive"`
+	DecodeTokSBNAdaptive float64 `json:"decode_tok_s_bn_adaptive"`
+	// MeanDepthAdaptive is the loop steps executed per decoded token of the adaptive batch-1
+	// run, from the engine's counters (the first token, from prefill, left out).
+	MeanDepthAdaptive float64 `json:"mean_depth_adaptive"`
 }
 
 // WeightBytesPerToken is the weight bytes a full-depth decode step of one token reads: every
@@ -82,12 +95,16 @@ func WeightBytesPerToken(m *model.Model) int64 {
 	return int64(m.Config.TotalUTSteps)*layer + size(&m.LMHead) + size(&m.Embed)/int64(max(m.Embed.Rows, 1))
 }
 
-// Runtime measures prefill and full-depth greedy decode of m with an engine on be. It runs the
-// engine's batching loop itself and stops it before returning.
+// Runtime measures prefill and full-depth greedy decode of m with an engine on be, and with
+// o.Threshold > 0 also adaptive-depth decode. It runs the engine's batching loop itself and
+// stops it before returning.
 func Runtime(ctx context.Context, m *model.Model, be engine.Backend, o RuntimeOptions) (RuntimeResult, error) {
 	o.defaults()
 	if o.DecodeTokens < 2 {
-		return RuntimeResult{}, fmt.Errorf("decode o.DecodeTokens %d: at least 2 are needed to time one", o.DecodeTokens)
+		return RuntimeResult{}, fmt.Errorf("decode tokens %d: at least 2 are needed to time one", o.DecodeTokens)
+	}
+	if o.Threshold < 0 || o.Threshold > 1 || math.IsNaN(o.Threshold) {
+		return RuntimeResult{}, fmt.Errorf("exit threshold %g: not in [0, 1]", o.Threshold)
 	}
 	e, err := engine.New(m, engine.Options{Backend: be, Mode: engine.Fast, MaxBatch: o.Batch,
 		MaxContext: max(o.PrefillLen, o.PromptLen+o.DecodeTokens) + 1})
@@ -132,6 +149,23 @@ func Runtime(ctx context.Context, m *model.Model, be engine.Backend, o RuntimeOp
 			return RuntimeResult{}, err
 		}
 		res.DecodeTokSBN = max(res.DecodeTokSBN, rate)
+
+		if o.Threshold > 0 {
+			exit := engine.Exit{Threshold: o.Threshold}
+			before := e.Stats()
+			if rate, err = DecodeRateExit(ctx, e, prompts[:1], o.DecodeTokens, exit); err != nil {
+				return RuntimeResult{}, fmt.Errorf("adaptive: %w", err)
+			}
+			res.DecodeTokSB1Adaptive = max(res.DecodeTokSB1Adaptive, rate)
+			after := e.Stats()
+			if dt := after.DecodeTokens - before.DecodeTokens; dt > 0 {
+				res.MeanDepthAdaptive = float64(after.LoopSteps-before.LoopSteps) / float64(dt)
+			}
+			if rate, err = DecodeRateExit(ctx, e, prompts, o.DecodeTokens, exit); err != nil {
+				return RuntimeResult{}, fmt.Errorf("adaptive: %w", err)
+			}
+			res.DecodeTokSBNAdaptive = max(res.DecodeTokSBNAdaptive, rate)
+		}
 	}
 	stop()
 	wg.Wait()
@@ -144,17 +178,22 @@ func Runtime(ctx context.Context, m *model.Model, be engine.Backend, o RuntimeOp
 // errNoOverlap reports a batched run in which the sequences never all decoded at once.
 var errNoOverlap = errors.New("no interval where every sequence was decoding")
 
-// request is a full-depth greedy request that ignores eos, so it yields exactly n tokens.
-func request(e *engine.Engine, id string, prompt []int, n int) engine.Request {
-	return engine.Request{ID: id, Prompt: prompt, MaxTokens: n, IgnoreEOS: true,
-		Exit: engine.Exit{ForceDepth: e.Config().TotalUTSteps}}
+// request is a greedy request that ignores eos, so it yields exactly n tokens, each as deep as
+// exit lets it run.
+func request(id string, prompt []int, n int, exit engine.Exit) engine.Request {
+	return engine.Request{ID: id, Prompt: prompt, MaxTokens: n, IgnoreEOS: true, Exit: exit}
+}
+
+// fullDepth runs every token through all of e's loop steps, as the peer does.
+func fullDepth(e *engine.Engine) engine.Exit {
+	return engine.Exit{ForceDepth: e.Config().TotalUTSteps}
 }
 
 // PrefillRate returns prompt tokens per second to the first token of prompt (every loop step
 // for every position, then the LM head of the last), run with e.Generate.
 func PrefillRate(ctx context.Context, e *engine.Engine, prompt []int) (float64, error) {
 	start := time.Now()
-	if _, err := e.Generate(ctx, request(e, "prefill", prompt, 1), func(engine.Token) bool { return true }); err != nil {
+	if _, err := e.Generate(ctx, request("prefill", prompt, 1, fullDepth(e)), func(engine.Token) bool { return true }); err != nil {
 		return 0, fmt.Errorf("prefill: %w", err)
 	}
 	return float64(len(prompt)) / time.Since(start).Seconds(), nil
@@ -165,6 +204,12 @@ func PrefillRate(ctx context.Context, e *engine.Engine, prompt []int) (float64, 
 // e.Generate; several are submitted at once, so e.Run must be running with MaxBatch ≥
 // len(prompts).
 func DecodeRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens int) (float64, error) {
+	return DecodeRateExit(ctx, e, prompts, tokens, fullDepth(e))
+}
+
+// DecodeRateExit is DecodeRate with each token's depth set by exit instead of full depth: with
+// a Threshold on an engine in Fast mode, tokens exit early and cost fewer loop steps.
+func DecodeRateExit(ctx context.Context, e *engine.Engine, prompts [][]int, tokens int, exit engine.Exit) (float64, error) {
 	if tokens < 2 || len(prompts) == 0 {
 		return 0, fmt.Errorf("decode: %d prompts, %d tokens: want at least 1 and 2", len(prompts), tokens)
 	}
@@ -175,7 +220,7 @@ func DecodeRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens i
 		var err error
 		for range 3 {
 			var rate float64
-			if rate, err = batchRate(ctx, e, prompts, tokens); !errors.Is(err, errNoOverlap) {
+			if rate, err = batchRate(ctx, e, prompts, tokens, exit); !errors.Is(err, errNoOverlap) {
 				return rate, err
 			}
 		}
@@ -183,7 +228,7 @@ func DecodeRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens i
 	}
 	var first time.Time
 	n := 0
-	if _, err := e.Generate(ctx, request(e, "decode-b1", prompts[0], tokens), func(engine.Token) bool {
+	if _, err := e.Generate(ctx, request("decode-b1", prompts[0], tokens, exit), func(engine.Token) bool {
 		if n == 0 {
 			first = time.Now()
 		}
@@ -201,13 +246,13 @@ func DecodeRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens i
 // batchRate submits the prompts at once to the running engine and returns the tokens
 // per second generated while all of them were decoding: from the last sequence's first token
 // (its prefill done) to the first sequence's last token.
-func batchRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens int) (float64, error) {
+func batchRate(ctx context.Context, e *engine.Engine, prompts [][]int, tokens int, exit engine.Exit) (float64, error) {
 	batch := len(prompts)
 	times := make([][]time.Time, batch) // [batch][tokens] arrival times
 	errs := make([]error, batch)
 	chans := make([]<-chan engine.Event, batch)
 	for i := range chans {
-		ch, err := e.Submit(ctx, request(e, fmt.Sprintf("decode-b%d-%d", batch, i), prompts[i], tokens))
+		ch, err := e.Submit(ctx, request(fmt.Sprintf("decode-b%d-%d", batch, i), prompts[i], tokens, exit))
 		if err != nil {
 			return 0, fmt.Errorf("decode at batch %d: %w", batch, err)
 		}

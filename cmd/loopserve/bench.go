@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"runtime"
 	"strings"
@@ -60,6 +61,15 @@ type runtimeReport struct {
 	RatioPrefill     *float64 `json:"ratio_prefill"`   // ours / peer
 	RatioDecodeB1    *float64 `json:"ratio_decode_b1"` // ours / peer
 	RatioDecodeB8    *float64 `json:"ratio_decode_b8"` // ours / peer
+
+	// Adaptive depth (--threshold τ > 0; null with 0): the engine decodes the same prompts
+	// again with per-token early exit at τ, a different computation from the full-depth
+	// figures above and the peer's (its tokens may differ), measured the same way.
+	Threshold             float64  `json:"threshold"`
+	DecodeTokSB1Adaptive  *float64 `json:"decode_tok_s_b1_adaptive"`
+	DecodeTokSB8Adaptive  *float64 `json:"decode_tok_s_b8_adaptive"` // at --batch sequences
+	MeanDepthAdaptive     *float64 `json:"mean_depth_adaptive"`      // loop steps per decoded token at batch 1
+	RatioDecodeB1Adaptive *float64 `json:"ratio_decode_b1_adaptive"` // adaptive ours / peer at full depth
 }
 
 func newBenchRuntimeCmd() *cobra.Command {
@@ -80,6 +90,12 @@ times and each figure's best counts: the host's memory bandwidth and free cores 
 seconds on shared machines.
 bandwidth_fraction_b1 = weight bytes read per decoded token (every layer once per loop step, the
 LM head once) × decode tokens/s at batch 1 / bandwidth.
+
+With --threshold τ > 0 (0.5 by default) the engine also decodes the same prompts at batch 1 and
+at --batch sequences with per-token early exit at τ (Fast mode: a token that exits at loop step
+d costs d steps) and reports those rates, their mean depth, and the batch-1 rate over the
+peer's full-depth one. That is a different computation from the peer's (which, like the
+reference code, runs every loop step for every token); the tokens may differ.
 
 With --peer (the default) it then runs the PyTorch eager peer (hack/peer/ouro.py, Debian's
 python3-torch) on the same weights and prompts and prints our/peer ratios. Targets: decode at
@@ -103,7 +119,11 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 			if rounds < 1 {
 				return fmt.Errorf("--rounds %d: at least 1", rounds)
 			}
-			rep := runtimeReport{Model: modelDir, Threads: runtime.GOMAXPROCS(0), Rounds: rounds}
+			if opts.Threshold < 0 || opts.Threshold > 1 || math.IsNaN(opts.Threshold) {
+				return fmt.Errorf("--threshold %g: not in [0, 1]", opts.Threshold)
+			}
+			rep := runtimeReport{Model: modelDir, Threads: runtime.GOMAXPROCS(0), Rounds: rounds, Threshold: opts.Threshold}
+			var b1Adaptive, b8Adaptive, depthAdaptive float64
 			if threads > 0 {
 				rep.Threads = threads
 			}
@@ -140,6 +160,9 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 						rep.DecodeTokSB8 = max(rep.DecodeTokSB8, res.DecodeTokSBN)
 						rep.LoopStepsPerToken = res.LoopStepsPerTok
 						rep.WeightBytesPerTok = res.WeightBytesPerTk
+						b1Adaptive = max(b1Adaptive, res.DecodeTokSB1Adaptive)
+						b8Adaptive = max(b8Adaptive, res.DecodeTokSBNAdaptive)
+						depthAdaptive = res.MeanDepthAdaptive // greedy: the same tokens every round
 					}
 					fmt.Fprintf(progress, "round %d/%d: measuring memory bandwidth (%d MiB, %d passes)…\n", round+1, rounds, bwMiB, bwPasses)
 					bw, err := bench.MeasureBandwidth(ctx, int64(bwMiB)<<20, bwPasses)
@@ -167,12 +190,18 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 			if rep.BandwidthGBs > 0 {
 				rep.BandwidthFractionB = float64(rep.WeightBytesPerTok) * rep.DecodeTokSB1 / (rep.BandwidthGBs * 1e9)
 			}
+			if opts.Threshold > 0 {
+				rep.DecodeTokSB1Adaptive, rep.DecodeTokSB8Adaptive, rep.MeanDepthAdaptive = &b1Adaptive, &b8Adaptive, &depthAdaptive
+			}
 			if pr != nil {
 				rep.PeerDtype, rep.PeerTorch, rep.PeerOMPWait = pr.Dtype, pr.Torch, pr.OMPWaitPolicy
 				rep.PeerPrefillTokS, rep.PeerDecodeTokSB1, rep.PeerDecodeTokSB8 = &pr.PrefillTokS, &pr.DecodeTokSB1, &pr.DecodeTokSBN
 				rep.RatioPrefill = ratio(rep.PrefillTokS, pr.PrefillTokS)
 				rep.RatioDecodeB1 = ratio(rep.DecodeTokSB1, pr.DecodeTokSB1)
 				rep.RatioDecodeB8 = ratio(rep.DecodeTokSB8, pr.DecodeTokSBN)
+				if opts.Threshold > 0 {
+					rep.RatioDecodeB1Adaptive = ratio(b1Adaptive, pr.DecodeTokSB1)
+				}
 			}
 			if asJSON {
 				enc := json.NewEncoder(out)
@@ -194,6 +223,7 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 	f.IntVar(&opts.Batch, "batch", 8, "sequences decoding together for the batched figure")
 	f.IntVar(&opts.Repeats, "repeats", 1, "best of this many runs of each measurement")
 	f.Uint64Var(&opts.Seed, "seed", 1, "prompt seed")
+	f.Float64Var(&opts.Threshold, "threshold", 0.5, "exit threshold τ of the adaptive-depth decode figures (early exit, unlike the peer); 0 skips them")
 	f.IntVar(&bwMiB, "bandwidth-mib", 2048, "bandwidth buffer size in MiB (far above the last-level cache)")
 	f.IntVar(&bwPasses, "bandwidth-passes", 5, "bandwidth passes before and again after the engine (best one counts)")
 	f.IntVar(&rounds, "rounds", 1, "rounds alternating engine and peer; each figure's best counts")
@@ -270,10 +300,39 @@ func printRuntimeReport(w io.Writer, r runtimeReport) error {
 		float64(r.WeightBytesPerTok)*r.DecodeTokSB1/1e9, 100*r.BandwidthFractionB, r.LoopStepsPerToken); err != nil {
 		return err
 	}
+	if r.DecodeTokSB1Adaptive != nil {
+		if err := printAdaptive(w, r); err != nil {
+			return err
+		}
+	}
 	if steps := max(r.LoopSteps, 1); r.LastLevelCache > 0 && r.WeightBytesPerTok/int64(steps) < r.LastLevelCache {
 		_, err := fmt.Fprintf(w, "note: one loop step's weights (%.3g MB) fit in the %.3g MB last-level cache, so decode is not bound by memory bandwidth here\n",
 			float64(r.WeightBytesPerTok)/float64(steps)/1e6, float64(r.LastLevelCache)/1e6)
 		return err
 	}
 	return nil
+}
+
+// printAdaptive prints the early-exit figures apart from the full-depth table, so that the
+// ratio is not read as like for like.
+func printAdaptive(w io.Writer, r runtimeReport) error {
+	if _, err := fmt.Fprintf(w, "adaptive depth (early exit at τ %g, mean depth %.2f of %d loop steps; a different computation from the peer's full depth, tokens may differ):\n",
+		r.Threshold, *r.MeanDepthAdaptive, r.LoopSteps); err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "\tloopserve adaptive\tpeer full depth\tratio\n")
+	row := func(name string, ours float64, peer, ratio *float64) {
+		p, q := "-", "-"
+		if peer != nil {
+			p = rate(*peer)
+		}
+		if ratio != nil {
+			q = fmt.Sprintf("%.2f×", *ratio)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", name, rate(ours), p, q)
+	}
+	row("decode tok/s, batch 1", *r.DecodeTokSB1Adaptive, r.PeerDecodeTokSB1, r.RatioDecodeB1Adaptive)
+	row(fmt.Sprintf("decode tok/s, batch %d", r.Batch), *r.DecodeTokSB8Adaptive, nil, nil)
+	return tw.Flush()
 }

@@ -39,6 +39,61 @@ func TestBenchRuntimeJSON(t *testing.T) {
 	}
 }
 
+// TestBenchRuntimeAdaptive checks the early-exit figures: on the trained tiny model at τ 0.5
+// tokens exit before the last loop step, and the full-depth figures stay at full depth.
+func TestBenchRuntimeAdaptive(t *testing.T) {
+	for _, tc := range []struct {
+		threshold string
+		adaptive  bool
+	}{
+		{"0.5", true},
+		{"0", false},
+	} {
+		t.Run(tc.threshold, func(t *testing.T) {
+			cmd := newBenchCmd()
+			var out bytes.Buffer
+			cmd.SetOut(&out)
+			cmd.SetErr(&bytes.Buffer{})
+			cmd.SetArgs([]string{"runtime", "--model", "../../testdata/models/ouro-tiny-arith", "--json", "--peer=false",
+				"--threshold", tc.threshold, "--prefill", "8", "--prompt", "4", "--tokens", "8", "--batch", "2",
+				"--bandwidth-mib", "16", "--bandwidth-passes", "1"})
+			if err := cmd.Execute(); err != nil {
+				t.Fatal(err)
+			}
+			var rep map[string]any
+			if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
+				t.Fatalf("output %q is not one JSON object: %v", out.String(), err)
+			}
+			if rep["loop_steps_per_token"] != 4.0 {
+				t.Errorf("loop_steps_per_token = %v, want 4 (the full-depth figures)", rep["loop_steps_per_token"])
+			}
+			keys := []string{"decode_tok_s_b1_adaptive", "decode_tok_s_b8_adaptive", "mean_depth_adaptive", "ratio_decode_b1_adaptive"}
+			if !tc.adaptive {
+				for _, k := range keys {
+					if v, ok := rep[k]; !ok || v != nil {
+						t.Errorf("%s = %v, want null at --threshold 0", k, v)
+					}
+				}
+				return
+			}
+			for _, k := range keys[:2] {
+				if v, ok := rep[k].(float64); !ok || v <= 0 {
+					t.Errorf("%s = %v, want a positive number", k, rep[k])
+				}
+			}
+			if d, ok := rep["mean_depth_adaptive"].(float64); !ok || d < 1 || d >= 4 {
+				t.Errorf("mean_depth_adaptive = %v, want in [1, 4): tokens of the trained model exit early at τ 0.5", rep["mean_depth_adaptive"])
+			}
+			if v, ok := rep["ratio_decode_b1_adaptive"]; !ok || v != nil {
+				t.Errorf("ratio_decode_b1_adaptive = %v, want null without --peer", v)
+			}
+			if rep["threshold"] != 0.5 {
+				t.Errorf("threshold = %v, want 0.5", rep["threshold"])
+			}
+		})
+	}
+}
+
 func TestBenchRuntimeErrors(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
@@ -49,6 +104,8 @@ func TestBenchRuntimeErrors(t *testing.T) {
 		{[]string{"runtime", "--peer=false", "--bandwidth-passes", "0", "--model", "../../testdata/models/ouro-tiny-arith",
 			"--prefill", "4", "--prompt", "2", "--tokens", "2", "--batch", "2"}, "passes"},
 		{[]string{"runtime", "--peer=false", "--rounds", "0"}, "--rounds"},
+		{[]string{"runtime", "--peer=false", "--threshold", "1.5"}, "--threshold"},
+		{[]string{"runtime", "--peer=false", "--threshold", "-0.1"}, "--threshold"},
 	} {
 		cmd := newBenchCmd()
 		cmd.SetOut(&bytes.Buffer{})
