@@ -376,11 +376,23 @@ func (b *Backend) SiLUMul(gate, up []float32) {
 	b.parallel(len(gate), len(gate)*16, func(lo, hi int) { siluMul(gate[lo:hi], up[lo:hi]) })
 }
 
+// siluMul takes e^-g in blocks through expShift (the vector exp where there is one).
+//
 //go:norace
 func siluMul(gate, up []float32) {
 	up = up[:len(gate)]
-	for i, g := range gate {
-		gate[i] = g / (1 + float32(math.Exp(float64(-g)))) * up[i]
+	var e [256]float32
+	for lo := 0; lo < len(gate); lo += len(e) {
+		g := gate[lo:min(lo+len(e), len(gate))]
+		u := up[lo : lo+len(g)]
+		en := e[:len(g)]
+		for i, v := range g {
+			en[i] = -v
+		}
+		expShift(en, 0)
+		for i, v := range g {
+			g[i] = v / (1 + en[i]) * u[i]
+		}
 	}
 }
 
@@ -426,12 +438,7 @@ func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, sc
 		scores[p] = s
 		mx = max(mx, s)
 	}
-	var sum float32
-	for p := range scores {
-		e := float32(math.Exp(float64(scores[p] - mx)))
-		scores[p] = e
-		sum += e
-	}
+	sum := expShift(scores, mx)
 	out := j.Out[h*headDim : (h+1)*headDim]
 	clear(out)
 	inv := 1 / sum

@@ -92,6 +92,11 @@ func blockedRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols, l
 		}
 		for i := 0; i < n; i++ {
 			o := out[i*rows : (i+1)*rows]
+			if lanes == 16 && (rbEnd-rb)%4 == 0 && rbEnd <= rows-rows%4 {
+				// No tile overlaps another (tileStart): output rb+j is lane vector j.
+				laneSums16(&o[rb], &part[i*ld], rbEnd-rb)
+				continue
+			}
 			for t, r := 0, rb; r < rbEnd; t, r = t+1, r+4 {
 				r0, end := tileStart(r, rbEnd, rows)
 				for wi := r - r0; wi < end; wi++ {

@@ -1,0 +1,88 @@
+#include "textflag.h"
+
+#define BCAST(bits, reg) MOVL $bits, AX; VPBROADCASTD AX, reg
+
+// func expShiftAVX512(s *float32, n int, mx float32) float32
+// s[i] = e^(s[i]-mx) for i < n, n a positive multiple of 16; returns Σ s[i] (16 lane sums,
+// then the lanes pairwise). The algorithm of expf (exp.go), 16 lanes at a time: the argument
+// is clamped to [ln 2^-126, ln MaxFloat32] (so tiny results are ~1.2e-38 rather than 0), n is
+// rounded to nearest even, and VSCALEFPS applies 2^n.
+TEXT ·expShiftAVX512(SB), NOSPLIT, $0-28
+	MOVQ s+0(FP), SI
+	MOVQ n+8(FP), CX
+	VBROADCASTSS mx+16(FP), Z1
+	BCAST(0xc2aeac50, Z5)  // lo
+	BCAST(0x42b17218, Z6)  // hi
+	BCAST(0x3fb8aa3b, Z7)  // log2e
+	BCAST(0x3f318000, Z8)  // ln2hi
+	BCAST(0xb95e8083, Z9)  // ln2lo
+	BCAST(0x39506967, Z10) // c0
+	BCAST(0x3ab743ce, Z11) // c1
+	BCAST(0x3c088908, Z12) // c2
+	BCAST(0x3d2aa9c1, Z13) // c3
+	BCAST(0x3e2aaaaa, Z14) // c4
+	BCAST(0x3f000000, Z15) // c5
+	BCAST(0x3f800000, Z16) // 1
+	VPXORD Z17, Z17, Z17   // sum
+	XORQ AX, AX
+
+exploop:
+	VMOVUPS (SI)(AX*4), Z0
+	VSUBPS Z1, Z0, Z0
+	VMAXPS Z5, Z0, Z0
+	VMINPS Z6, Z0, Z0
+	VMULPS Z7, Z0, Z2
+	VRNDSCALEPS $0, Z2, Z2
+	VFNMADD231PS Z8, Z2, Z0
+	VFNMADD231PS Z9, Z2, Z0
+	VMOVAPS Z10, Z3
+	VFMADD213PS Z11, Z0, Z3
+	VFMADD213PS Z12, Z0, Z3
+	VFMADD213PS Z13, Z0, Z3
+	VFMADD213PS Z14, Z0, Z3
+	VFMADD213PS Z15, Z0, Z3
+	VMULPS Z0, Z0, Z4
+	VFMADD213PS Z0, Z4, Z3
+	VADDPS Z16, Z3, Z3
+	VSCALEFPS Z2, Z3, Z3
+	VMOVUPS Z3, (SI)(AX*4)
+	VADDPS Z3, Z17, Z17
+	ADDQ $16, AX
+	CMPQ AX, CX
+	JLT  exploop
+
+	VEXTRACTF64X4 $1, Z17, Y0
+	VADDPS Y0, Y17, Y0
+	VEXTRACTF128 $1, Y0, X1
+	VADDPS X1, X0, X0
+	VHADDPS X0, X0, X0
+	VHADDPS X0, X0, X0
+	MOVSS X0, ret+24(FP)
+	VZEROUPPER
+	RET
+
+// func laneSums16(dst *float32, src *float32, n int)
+// dst[i] = laneSum(src[16i : 16i+16]) for i < n, n > 0, bit for bit: lane l plus lane l+8,
+// then l+4, then (c0+c2)+(c1+c3).
+TEXT ·laneSums16(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+
+sumloop:
+	VMOVUPS (SI), Z0
+	VEXTRACTF64X4 $1, Z0, Y1
+	VADDPS Y1, Y0, Y0
+	VEXTRACTF128 $1, Y0, X1
+	VADDPS X1, X0, X0
+	VMOVHLPS X0, X0, X1
+	VADDPS X1, X0, X0
+	VMOVSHDUP X0, X1
+	VADDSS X1, X0, X0
+	VMOVSS X0, (DI)
+	ADDQ $64, SI
+	ADDQ $4, DI
+	DECQ CX
+	JNZ  sumloop
+	VZEROUPPER
+	RET

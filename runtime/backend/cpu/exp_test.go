@@ -1,0 +1,126 @@
+package cpu
+
+import (
+	"math"
+	"testing"
+)
+
+// TestExpfMatchesMathExp sweeps the float32 range where e^x is a normal float and checks expf
+// against math.Exp in relative terms, plus the edges (underflow, overflow, NaN).
+func TestExpfMatchesMathExp(t *testing.T) {
+	const tol = 3e-7
+	worst := 0.0
+	for x := float32(-87.3); x < 88.7; x += 0.000731 * (1 + float32(math.Abs(float64(x)))) {
+		want := math.Exp(float64(x))
+		got := float64(expf(x))
+		rel := math.Abs(got-want) / want
+		worst = math.Max(worst, rel)
+		if rel > tol {
+			t.Fatalf("expf(%g) = %g, want %g (relative error %.3g > %g)", x, got, want, rel, tol)
+		}
+	}
+	t.Logf("worst relative error %.3g", worst)
+	for _, c := range []struct {
+		x, want float32
+	}{
+		{0, 1},
+		{-100, 0},
+		{float32(math.Inf(-1)), 0},
+		{89, float32(math.Inf(1))},
+		{float32(math.Inf(1)), float32(math.Inf(1))},
+	} {
+		if got := expf(c.x); got != c.want {
+			t.Errorf("expf(%g) = %g, want %g", c.x, got, c.want)
+		}
+	}
+	if got := expf(float32(math.NaN())); got == got {
+		t.Errorf("expf(NaN) = %g, want NaN", got)
+	}
+}
+
+func TestExpShift(t *testing.T) {
+	s := []float32{1, 2, 3, -50}
+	want := make([]float64, len(s))
+	var wantSum float64
+	for i, v := range s {
+		want[i] = math.Exp(float64(v - 3))
+		wantSum += want[i]
+	}
+	sum := expShift(s, 3)
+	for i := range s {
+		if d := math.Abs(float64(s[i])-want[i]) / want[i]; d > 3e-7 {
+			t.Errorf("expShift[%d] = %g, want %g", i, s[i], want[i])
+		}
+	}
+	if d := math.Abs(float64(sum)-wantSum) / wantSum; d > 1e-6 {
+		t.Errorf("expShift sum = %g, want %g", sum, wantSum)
+	}
+}
+
+func BenchmarkExp(b *testing.B) {
+	s := make([]float32, 1024)
+	b.Run("expf", func(b *testing.B) {
+		for b.Loop() {
+			for i := range s {
+				s[i] = -float32(i) / 64
+			}
+			expShift(s, 0)
+		}
+	})
+	b.Run("math", func(b *testing.B) {
+		for b.Loop() {
+			for i := range s {
+				s[i] = -float32(i) / 64
+			}
+			for i, v := range s {
+				s[i] = float32(math.Exp(float64(v)))
+			}
+		}
+	})
+}
+
+// TestExpShiftVector checks the vector path (and its scalar tail) against math.Exp at lengths
+// around the 16-lane groups, over arguments from the underflow clamp to 0.
+func TestExpShiftVector(t *testing.T) {
+	for _, n := range []int{1, 15, 16, 17, 33, 100, 257} {
+		s := make([]float32, n)
+		for i := range s {
+			s[i] = 5 - 95*float32(i)/float32(n)
+		}
+		want := make([]float64, n)
+		var wantSum float64
+		for i, v := range s {
+			want[i] = math.Exp(float64(v - 5))
+			wantSum += want[i]
+		}
+		sum := expShift(s, 5)
+		for i := range s {
+			if d := math.Abs(float64(s[i]) - want[i]); d > 3e-7*want[i] && d > 2e-38 {
+				t.Errorf("n %d: expShift[%d] = %g, want %g", n, i, s[i], want[i])
+			}
+		}
+		if d := math.Abs(float64(sum)-wantSum) / wantSum; d > 1e-6 {
+			t.Errorf("n %d: expShift sum = %g, want %g", n, sum, wantSum)
+		}
+	}
+}
+
+// TestLaneSums16MatchesLaneSum: the vector reduction is bit-identical to laneSum, which the
+// scalar paths and other machines use.
+func TestLaneSums16MatchesLaneSum(t *testing.T) {
+	if !haveAVX512 {
+		t.Skip("no AVX-512")
+	}
+	const n = 37
+	src := make([]float32, 16*n)
+	for i := range src {
+		src[i] = float32(math.Sin(float64(i)*1.7)) * float32(1+i%5*1000)
+	}
+	got := make([]float32, n)
+	laneSums16(&got[0], &src[0], n)
+	for i := range n {
+		if want := laneSum(src[16*i : 16*i+16]); math.Float32bits(got[i]) != math.Float32bits(want) {
+			t.Errorf("laneSums16[%d] = %g, want %g (laneSum)", i, got[i], want)
+		}
+	}
+}
