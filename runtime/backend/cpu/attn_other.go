@@ -4,6 +4,8 @@ package cpu
 
 var attnAVX2 = false
 
+var attnAVX512 = false
+
 func dotF32AVX2(a, b *float32, n int) float32 { panic("cpu: no AVX2 on this architecture") }
 
 func axpyF32AVX2(y *float32, a float32, x *float32, n int) {

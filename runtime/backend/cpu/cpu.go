@@ -418,6 +418,15 @@ func (b *Backend) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, 
 func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, scores []float32) {
 	q := j.Q[h*headDim : (h+1)*headDim]
 	off := (h / group) * headDim
+	if attnAVX512 && j.K16 == nil && headDim%16 == 0 && headDim > 0 && j.N > 0 &&
+		len(j.K) >= (j.N-1)*kvDim+off+headDim && len(j.V) >= (j.N-1)*kvDim+off+headDim {
+		// Whole loops in assembly: at head width 16 a call per position costs more than its
+		// arithmetic.
+		mx := attnScoresAVX512(&q[0], &j.K[off], 4*kvDim, j.N, headDim, scale, &scores[0])
+		inv := 1 / expShift(scores, mx)
+		attnMixAVX512(&j.Out[h*headDim], &scores[0], inv, &j.V[off], 4*kvDim, j.N, headDim)
+		return
+	}
 	vec := attnAVX2 && headDim%16 == 0 && headDim > 0
 	half := j.K16 != nil
 	mx := float32(math.Inf(-1))

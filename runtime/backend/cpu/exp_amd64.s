@@ -86,3 +86,100 @@ sumloop:
 	JNZ  sumloop
 	VZEROUPPER
 	RET
+
+// func attnScoresAVX512(q *float32, k *float32, stride int, n int, hd int, scale float32, out *float32) float32
+// out[p] = scale·Σ_d q[d]·k[p·stride/4 + d] for p < n, returning the largest; stride in bytes,
+// n > 0, hd a positive multiple of 16. Each dot is 16 FMA lanes reduced as in laneSums16.
+TEXT ·attnScoresAVX512(SB), NOSPLIT, $0-60
+	MOVQ q+0(FP), SI
+	MOVQ k+8(FP), DI
+	MOVQ stride+16(FP), BX
+	MOVQ n+24(FP), CX
+	MOVQ hd+32(FP), DX
+	MOVSS scale+40(FP), X3
+	MOVQ out+48(FP), R8
+	MOVL $0xff800000, AX
+	MOVQ AX, X4
+
+scoreloop:
+	VPXORD Z0, Z0, Z0
+	XORQ AX, AX
+
+scoredim:
+	VMOVUPS (SI)(AX*4), Z1
+	VFMADD231PS (DI)(AX*4), Z1, Z0
+	ADDQ $16, AX
+	CMPQ AX, DX
+	JLT  scoredim
+
+	VEXTRACTF64X4 $1, Z0, Y1
+	VADDPS Y1, Y0, Y0
+	VEXTRACTF128 $1, Y0, X1
+	VADDPS X1, X0, X0
+	VMOVHLPS X0, X0, X1
+	VADDPS X1, X0, X0
+	VMOVSHDUP X0, X1
+	VADDSS X1, X0, X0
+	VMULSS X3, X0, X0
+	VMOVSS X0, (R8)
+	VMAXSS X0, X4, X4
+	ADDQ $4, R8
+	ADDQ BX, DI
+	DECQ CX
+	JNZ  scoreloop
+
+	VMOVSS X4, ret+56(FP)
+	VZEROUPPER
+	RET
+
+// func attnMixAVX512(out *float32, w *float32, inv float32, v *float32, stride int, n int, hd int)
+// out[d] = Σ_p (w[p]·inv)·v[p·stride/4 + d] for d < hd; stride in bytes, n > 0, hd a positive
+// multiple of 16. Two accumulator chains (even and odd p) hide the FMA latency.
+TEXT ·attnMixAVX512(SB), NOSPLIT, $0-56
+	MOVQ out+0(FP), DI
+	MOVQ w+8(FP), R8
+	VBROADCASTSS inv+16(FP), Z5
+	MOVQ v+24(FP), SI
+	MOVQ stride+32(FP), BX
+	MOVQ n+40(FP), R9
+	MOVQ hd+48(FP), DX
+	XORQ AX, AX
+
+mixchunk:
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	MOVQ R8, R10
+	LEAQ (SI)(AX*4), R11
+	MOVQ R9, CX
+	CMPQ CX, $2
+	JLT  mixtail
+
+mixpair:
+	VBROADCASTSS (R10), Z2
+	VMULPS Z5, Z2, Z2
+	VFMADD231PS (R11), Z2, Z0
+	VBROADCASTSS 4(R10), Z3
+	VMULPS Z5, Z3, Z3
+	VFMADD231PS (R11)(BX*1), Z3, Z1
+	ADDQ $8, R10
+	LEAQ (R11)(BX*2), R11
+	SUBQ $2, CX
+	CMPQ CX, $2
+	JGE  mixpair
+
+mixtail:
+	TESTQ CX, CX
+	JZ   mixstore
+	VBROADCASTSS (R10), Z2
+	VMULPS Z5, Z2, Z2
+	VFMADD231PS (R11), Z2, Z0
+
+mixstore:
+	VADDPS Z1, Z0, Z0
+	VMOVUPS Z0, (DI)(AX*4)
+	ADDQ $16, AX
+	CMPQ AX, DX
+	JLT  mixchunk
+
+	VZEROUPPER
+	RET

@@ -2,7 +2,10 @@ package cpu
 
 import (
 	"math"
+	"math/rand/v2"
 	"testing"
+
+	"github.com/loopserve/loopserve/runtime/engine"
 )
 
 // TestExpfMatchesMathExp sweeps the float32 range where e^x is a normal float and checks expf
@@ -121,6 +124,39 @@ func TestLaneSums16MatchesLaneSum(t *testing.T) {
 	for i := range n {
 		if want := laneSum(src[16*i : 16*i+16]); math.Float32bits(got[i]) != math.Float32bits(want) {
 			t.Errorf("laneSums16[%d] = %g, want %g (laneSum)", i, got[i], want)
+		}
+	}
+}
+
+// TestAttentionPathsMatchReference runs float32 attention with the AVX-512 loops on and off
+// against the oracle, at head widths that take them (16, 32) and one that does not (12).
+func TestAttentionPathsMatchReference(t *testing.T) {
+	saved := attnAVX512
+	t.Cleanup(func() { attnAVX512 = saved })
+	r := rand.New(rand.NewPCG(3, 4))
+	be := New(0)
+	defer be.Close()
+	for _, vec := range []bool{false, saved} {
+		attnAVX512 = vec
+		for _, hd := range []int{16, 32, 12} {
+			heads, kvHeads := 4, 2
+			var jobs, refJobs []engine.AttnJob
+			for _, n := range []int{1, 2, 3, 16, 33, 128} {
+				q := fastRandVec(r, heads*hd)
+				k, v := fastRandVec(r, n*kvHeads*hd), fastRandVec(r, n*kvHeads*hd)
+				jobs = append(jobs, engine.AttnJob{Q: q, K: k, V: v, N: n, Out: make([]float32, heads*hd)})
+				refJobs = append(refJobs, engine.AttnJob{Q: q, K: k, V: v, N: n, Out: make([]float32, heads*hd)})
+			}
+			scale := float32(1 / math.Sqrt(float64(hd)))
+			be.Attention(jobs, heads, kvHeads, hd, scale)
+			Reference{}.Attention(refJobs, heads, kvHeads, hd, scale)
+			for i := range jobs {
+				for d, got := range jobs[i].Out {
+					if want := refJobs[i].Out[d]; math.Abs(float64(got-want)) > 1e-5 {
+						t.Errorf("vector %v hd %d n %d: out[%d] = %g, want %g", vec, hd, jobs[i].N, d, got, want)
+					}
+				}
+			}
 		}
 	}
 }
