@@ -64,45 +64,65 @@ const (
 )
 
 // partPool recycles blockedRows' accumulator buffers (up to n×rowBlock×16 floats: 512 KB at
-// n = 128), which prefill would otherwise allocate and clear per call.
+// n = 128 when k spans several blocks), which prefill would otherwise allocate per call.
 var partPool = sync.Pool{New: func() any { return new([]float32) }}
 
 func blockedRows(out, x []float32, n int, w *model.Matrix, lo, hi, rows, cols, lanes, maxM int) {
 	// Each tile of a row block has its own accumulators (a chunk's last tile may overlap the
-	// one before it, see tileStart): [n][tiles][4][lanes].
+	// one before it, see tileStart): [n][tiles][4][lanes]. With one k block the outputs of a
+	// tile's activation rows are summed right after it, so only those rows' accumulators are
+	// kept ([maxM][tiles][4][lanes]: in L1 rather than half a megabyte).
 	tiles := (min(rowBlock, hi-lo) + 3) / 4 // tiles in the largest row block
 	ld := tiles * 4 * lanes
+	oneBlock := cols <= kBlock
+	size := n * ld
+	if oneBlock {
+		size = min(n, maxM) * ld
+	}
 	buf := partPool.Get().(*[]float32)
 	defer partPool.Put(buf)
-	if cap(*buf) < n*ld {
-		*buf = make([]float32, n*ld)
+	if cap(*buf) < size {
+		*buf = make([]float32, size)
 	}
-	part := (*buf)[:n*ld]
+	part := (*buf)[:size]
 	for rb := lo; rb < hi; rb += rowBlock {
 		rbEnd := min(rb+rowBlock, hi)
 		for k0 := 0; k0 < cols; k0 += kBlock {
 			kc := min(kBlock, cols-k0)
 			for i := 0; i < n; i += maxM {
 				m := min(maxM, n-i)
+				pi := i * ld // accumulators of activation row i
+				if oneBlock {
+					pi = 0
+				}
 				for t, r := 0, rb; r < rbEnd; t, r = t+1, r+4 {
 					r0, _ := tileStart(r, rbEnd, rows)
-					tile(lanes, m, w.BF16[r0*cols+k0:], cols, x[i*cols+k0:], cols, kc, part[i*ld+t*4*lanes:], ld, k0 == 0)
+					tile(lanes, m, w.BF16[r0*cols+k0:], cols, x[i*cols+k0:], cols, kc, part[pi+t*4*lanes:], ld, k0 == 0)
+				}
+				if k0+kc == cols {
+					sumRows(out, part[pi:], ld, i, m, rb, rbEnd, rows, lanes)
 				}
 			}
 		}
-		for i := 0; i < n; i++ {
-			o := out[i*rows : (i+1)*rows]
-			if lanes == 16 && (rbEnd-rb)%4 == 0 && rbEnd <= rows-rows%4 {
-				// No tile overlaps another (tileStart): output rb+j is lane vector j.
-				laneSums16(&o[rb], &part[i*ld], rbEnd-rb)
-				continue
-			}
-			for t, r := 0, rb; r < rbEnd; t, r = t+1, r+4 {
-				r0, end := tileStart(r, rbEnd, rows)
-				for wi := r - r0; wi < end; wi++ {
-					a := i*ld + (t*4+wi)*lanes
-					o[r0+wi] = laneSum(part[a : a+lanes])
-				}
+	}
+}
+
+// sumRows writes outputs [rb, rbEnd) of activation rows [i, i+m) from their lane
+// accumulators, part[(i'-i)*ld + t*4*lanes + wi*lanes] for tile t's weight row wi.
+func sumRows(out, part []float32, ld, i, m, rb, rbEnd, rows, lanes int) {
+	for a := range m {
+		o := out[(i+a)*rows : (i+a+1)*rows]
+		p := part[a*ld:]
+		if lanes == 16 && (rbEnd-rb)%4 == 0 && rbEnd <= rows-rows%4 {
+			// No tile overlaps another (tileStart): output rb+j is lane vector j.
+			laneSums16(&o[rb], &p[0], rbEnd-rb)
+			continue
+		}
+		for t, r := 0, rb; r < rbEnd; t, r = t+1, r+4 {
+			r0, end := tileStart(r, rbEnd, rows)
+			for wi := r - r0; wi < end; wi++ {
+				c := (t*4 + wi) * lanes
+				o[r0+wi] = laneSum(p[c : c+lanes])
 			}
 		}
 	}
