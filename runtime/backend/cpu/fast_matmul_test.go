@@ -118,23 +118,26 @@ func TestFastMatRowsBatchInvariant(t *testing.T) {
 
 func testFastBatchInvariant(t testing.TB) {
 	r := rand.New(rand.NewPCG(5, 6))
-	const rows, cols, n = 44, 272, 14
-	w := fastRandMatrix(r, rows, cols)
-	x := fastRandVec(r, n*cols)
-	alone := make([]float32, n*rows)
-	for i := 0; i < n; i++ {
-		if !fastMatRows(alone[i*rows:(i+1)*rows], x[i*cols:(i+1)*cols], 1, w, 0, rows, rows, cols) {
-			t.Fatal("declined")
+	// k in several blocks, and in one (outputs summed right after each tile).
+	for _, cols := range []int{272, 64} {
+		const rows, n = 44, 14
+		w := fastRandMatrix(r, rows, cols)
+		x := fastRandVec(r, n*cols)
+		alone := make([]float32, n*rows)
+		for i := 0; i < n; i++ {
+			if !fastMatRows(alone[i*rows:(i+1)*rows], x[i*cols:(i+1)*cols], 1, w, 0, rows, rows, cols) {
+				t.Fatal("declined")
+			}
 		}
-	}
-	for batch := 2; batch <= n; batch++ {
-		got := make([]float32, batch*rows)
-		// Two chunks as two workers would split the rows, at an unaligned boundary.
-		fastMatRows(got, x[:batch*cols], batch, w, 0, 21, rows, cols)
-		fastMatRows(got, x[:batch*cols], batch, w, 21, rows, rows, cols)
-		for i := range got {
-			if math.Float32bits(got[i]) != math.Float32bits(alone[i]) {
-				t.Fatalf("batch %d: out[%d,%d] = %g, alone %g", batch, i/rows, i%rows, got[i], alone[i])
+		for batch := 2; batch <= n; batch++ {
+			got := make([]float32, batch*rows)
+			// Two chunks as two workers would split the rows, at an unaligned boundary.
+			fastMatRows(got, x[:batch*cols], batch, w, 0, 21, rows, cols)
+			fastMatRows(got, x[:batch*cols], batch, w, 21, rows, rows, cols)
+			for i := range got {
+				if math.Float32bits(got[i]) != math.Float32bits(alone[i]) {
+					t.Fatalf("cols %d batch %d: out[%d,%d] = %g, alone %g", cols, batch, i/rows, i%rows, got[i], alone[i])
+				}
 			}
 		}
 	}
