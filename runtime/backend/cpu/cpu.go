@@ -406,8 +406,8 @@ func (b *Backend) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, 
 		var scores []float32
 		for t := lo; t < hi; t++ {
 			j := &jobs[t/heads]
-			if cap(scores) < j.N {
-				scores = make([]float32, j.N)
+			if cap(scores) < j.N+15 {
+				scores = make([]float32, j.N+15) // room to pad to 16 lanes, see attnHead
 			}
 			attnHead(j, t%heads, heads/kvHeads, kvHeads*headDim, headDim, scale, scores[:j.N])
 		}
@@ -423,7 +423,14 @@ func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, sc
 		// Whole loops in assembly: at head width 16 a call per position costs more than its
 		// arithmetic.
 		mx := attnScoresAVX512(&q[0], &j.K[off], 4*kvDim, j.N, headDim, scale, &scores[0])
-		inv := 1 / expShift(scores, mx)
+		// Pad to whole vectors so no position takes the scalar exp: a padding score of
+		// -MaxFloat32 becomes ~1e-38, which leaves a sum of at least 1 (e^0 at the maximum)
+		// unchanged.
+		padded := scores[:(j.N+15)&^15]
+		for p := j.N; p < len(padded); p++ {
+			padded[p] = -math.MaxFloat32
+		}
+		inv := 1 / expShift(padded, mx)
 		attnMixAVX512(&j.Out[h*headDim], &scores[0], inv, &j.V[off], 4*kvDim, j.N, headDim)
 		return
 	}
