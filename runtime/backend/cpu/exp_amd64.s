@@ -61,15 +61,113 @@ exploop:
 	VZEROUPPER
 	RET
 
+// laneIdx puts the transposed sums of laneSums16's 16-vector blocks back in order: lane i
+// comes from lane 4·(i mod 4) + i/4.
+DATA laneIdx<>+0(SB)/4, $0
+DATA laneIdx<>+4(SB)/4, $4
+DATA laneIdx<>+8(SB)/4, $8
+DATA laneIdx<>+12(SB)/4, $12
+DATA laneIdx<>+16(SB)/4, $1
+DATA laneIdx<>+20(SB)/4, $5
+DATA laneIdx<>+24(SB)/4, $9
+DATA laneIdx<>+28(SB)/4, $13
+DATA laneIdx<>+32(SB)/4, $2
+DATA laneIdx<>+36(SB)/4, $6
+DATA laneIdx<>+40(SB)/4, $10
+DATA laneIdx<>+44(SB)/4, $14
+DATA laneIdx<>+48(SB)/4, $3
+DATA laneIdx<>+52(SB)/4, $7
+DATA laneIdx<>+56(SB)/4, $11
+DATA laneIdx<>+60(SB)/4, $15
+GLOBL laneIdx<>(SB), RODATA|NOPTR, $64
+
 // func laneSums16(dst *float32, src *float32, n int)
 // dst[i] = laneSum(src[16i : 16i+16]) for i < n, n > 0, bit for bit: lane l plus lane l+8,
-// then l+4, then (c0+c2)+(c1+c3).
+// then l+4, then (c0+c2)+(c1+c3). Blocks of 16 vectors are reduced transposed, each shuffle
+// and add serving several outputs at once: level 1 pairs the 256-bit halves of two vectors,
+// level 2 the 128-bit quarters of two of those, level 3 the 64-bit pairs, level 4 the lanes;
+// the rest one vector at a time.
 TEXT ·laneSums16(SB), NOSPLIT, $0-24
 	MOVQ dst+0(FP), DI
 	MOVQ src+8(FP), SI
 	MOVQ n+16(FP), CX
+	VMOVUPS laneIdx<>(SB), Z31
+	CMPQ CX, $16
+	JLT  sumone
 
-sumloop:
+sumblock:
+	VMOVUPS 0(SI), Z0
+	VMOVUPS 64(SI), Z1
+	VMOVUPS 128(SI), Z2
+	VMOVUPS 192(SI), Z3
+	VMOVUPS 256(SI), Z4
+	VMOVUPS 320(SI), Z5
+	VMOVUPS 384(SI), Z6
+	VMOVUPS 448(SI), Z7
+	VMOVUPS 512(SI), Z8
+	VMOVUPS 576(SI), Z9
+	VMOVUPS 640(SI), Z10
+	VMOVUPS 704(SI), Z11
+	VMOVUPS 768(SI), Z12
+	VMOVUPS 832(SI), Z13
+	VMOVUPS 896(SI), Z14
+	VMOVUPS 960(SI), Z15
+	VSHUFF32X4 $0x44, Z1, Z0, Z16
+	VSHUFF32X4 $0xEE, Z1, Z0, Z17
+	VADDPS Z17, Z16, Z0
+	VSHUFF32X4 $0x44, Z3, Z2, Z16
+	VSHUFF32X4 $0xEE, Z3, Z2, Z17
+	VADDPS Z17, Z16, Z1
+	VSHUFF32X4 $0x44, Z5, Z4, Z16
+	VSHUFF32X4 $0xEE, Z5, Z4, Z17
+	VADDPS Z17, Z16, Z2
+	VSHUFF32X4 $0x44, Z7, Z6, Z16
+	VSHUFF32X4 $0xEE, Z7, Z6, Z17
+	VADDPS Z17, Z16, Z3
+	VSHUFF32X4 $0x44, Z9, Z8, Z16
+	VSHUFF32X4 $0xEE, Z9, Z8, Z17
+	VADDPS Z17, Z16, Z4
+	VSHUFF32X4 $0x44, Z11, Z10, Z16
+	VSHUFF32X4 $0xEE, Z11, Z10, Z17
+	VADDPS Z17, Z16, Z5
+	VSHUFF32X4 $0x44, Z13, Z12, Z16
+	VSHUFF32X4 $0xEE, Z13, Z12, Z17
+	VADDPS Z17, Z16, Z6
+	VSHUFF32X4 $0x44, Z15, Z14, Z16
+	VSHUFF32X4 $0xEE, Z15, Z14, Z17
+	VADDPS Z17, Z16, Z7
+	VSHUFF32X4 $0x88, Z1, Z0, Z16
+	VSHUFF32X4 $0xDD, Z1, Z0, Z17
+	VADDPS Z17, Z16, Z0
+	VSHUFF32X4 $0x88, Z3, Z2, Z16
+	VSHUFF32X4 $0xDD, Z3, Z2, Z17
+	VADDPS Z17, Z16, Z1
+	VSHUFF32X4 $0x88, Z5, Z4, Z16
+	VSHUFF32X4 $0xDD, Z5, Z4, Z17
+	VADDPS Z17, Z16, Z2
+	VSHUFF32X4 $0x88, Z7, Z6, Z16
+	VSHUFF32X4 $0xDD, Z7, Z6, Z17
+	VADDPS Z17, Z16, Z3
+	VUNPCKLPD Z1, Z0, Z16
+	VUNPCKHPD Z1, Z0, Z17
+	VADDPS Z17, Z16, Z0
+	VUNPCKLPD Z3, Z2, Z16
+	VUNPCKHPD Z3, Z2, Z17
+	VADDPS Z17, Z16, Z1
+	VSHUFPS $0x88, Z1, Z0, Z16
+	VSHUFPS $0xDD, Z1, Z0, Z17
+	VADDPS Z17, Z16, Z2
+	VPERMPS Z2, Z31, Z3
+	VMOVUPS Z3, (DI)
+	ADDQ $1024, SI
+	ADDQ $64, DI
+	SUBQ $16, CX
+	CMPQ CX, $16
+	JGE  sumblock
+	TESTQ CX, CX
+	JZ   sumdone
+
+sumone:
 	VMOVUPS (SI), Z0
 	VEXTRACTF64X4 $1, Z0, Y1
 	VADDPS Y1, Y0, Y0
@@ -83,7 +181,9 @@ sumloop:
 	ADDQ $64, SI
 	ADDQ $4, DI
 	DECQ CX
-	JNZ  sumloop
+	JNZ  sumone
+
+sumdone:
 	VZEROUPPER
 	RET
 

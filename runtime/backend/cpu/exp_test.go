@@ -114,16 +114,18 @@ func TestLaneSums16MatchesLaneSum(t *testing.T) {
 	if !haveAVX512 {
 		t.Skip("no AVX-512")
 	}
-	const n = 37
-	src := make([]float32, 16*n)
-	for i := range src {
-		src[i] = float32(math.Sin(float64(i)*1.7)) * float32(1+i%5*1000)
-	}
-	got := make([]float32, n)
-	laneSums16(&got[0], &src[0], n)
-	for i := range n {
-		if want := laneSum(src[16*i : 16*i+16]); math.Float32bits(got[i]) != math.Float32bits(want) {
-			t.Errorf("laneSums16[%d] = %g, want %g (laneSum)", i, got[i], want)
+	// Single vectors, one transposed block, and blocks followed by single vectors.
+	for _, n := range []int{1, 5, 16, 16*3 + 5} {
+		src := make([]float32, 16*n)
+		for i := range src {
+			src[i] = float32(math.Sin(float64(i)*1.7)) * float32(1+i%5*1000)
+		}
+		got := make([]float32, n)
+		laneSums16(&got[0], &src[0], n)
+		for i := range n {
+			if want := laneSum(src[16*i : 16*i+16]); math.Float32bits(got[i]) != math.Float32bits(want) {
+				t.Errorf("n %d: laneSums16[%d] = %g, want %g (laneSum)", n, i, got[i], want)
+			}
 		}
 	}
 }
