@@ -398,17 +398,21 @@ func siluMul(gate, up []float32) {
 
 // Attention implements engine.Backend: one task per (job, head).
 func (b *Backend) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, scale float32) {
-	work := 0
+	work, maxN := 0, 0
 	for _, j := range jobs {
 		work += j.N * heads * headDim * 2
+		maxN = max(maxN, j.N)
 	}
 	b.parallel(len(jobs)*heads, work, func(lo, hi int) {
-		var scores []float32
+		// One scratch row per chunk, with room to pad to 16 lanes (see attnHead): prefill's
+		// jobs grow one position at a time, and growing per job was most of its garbage.
+		var stack [512]float32
+		scores := stack[:]
+		if maxN+15 > len(stack) {
+			scores = make([]float32, maxN+15)
+		}
 		for t := lo; t < hi; t++ {
 			j := &jobs[t/heads]
-			if cap(scores) < j.N+15 {
-				scores = make([]float32, j.N+15) // room to pad to 16 lanes, see attnHead
-			}
 			attnHead(j, t%heads, heads/kvHeads, kvHeads*headDim, headDim, scale, scores[:j.N])
 		}
 	})
