@@ -162,3 +162,41 @@ func TestAttentionPathsMatchReference(t *testing.T) {
 		}
 	}
 }
+
+// TestAttnScoresBlocks: the 16-position blocks give the same scores as positions taken one at
+// a time (both sum in laneSum's order), near the float64 dot products, and the returned
+// maximum is the largest score.
+func TestAttnScoresBlocks(t *testing.T) {
+	if !haveAVX512 {
+		t.Skip("no AVX-512")
+	}
+	r := rand.New(rand.NewPCG(7, 8))
+	for _, hd := range []int{16, 48} {
+		for _, n := range []int{1, 15, 16, 17, 40} {
+			const kvDim, off, scale = 96, 32, 0.25
+			q := fastRandVec(r, hd)
+			k := fastRandVec(r, n*kvDim)
+			got := make([]float32, n)
+			mx := attnScoresAVX512(&q[0], &k[off], 4*kvDim, n, hd, scale, &got[0])
+			wantMax := float32(math.Inf(-1))
+			for p := range n {
+				var one [1]float32
+				attnScoresAVX512(&q[0], &k[p*kvDim+off], 4*kvDim, 1, hd, scale, &one[0])
+				if math.Float32bits(got[p]) != math.Float32bits(one[0]) {
+					t.Errorf("hd %d n %d: score %d = %g in a block, %g alone", hd, n, p, got[p], one[0])
+				}
+				var want float64
+				for d := range hd {
+					want += float64(q[d]) * float64(k[p*kvDim+off+d])
+				}
+				if d := math.Abs(float64(got[p]) - scale*want); d > 1e-5 {
+					t.Errorf("hd %d n %d: score %d = %g, want %g", hd, n, p, got[p], scale*want)
+				}
+				wantMax = max(wantMax, got[p])
+			}
+			if mx != wantMax {
+				t.Errorf("hd %d n %d: max = %g, want %g", hd, n, mx, wantMax)
+			}
+		}
+	}
+}
