@@ -281,14 +281,7 @@ func printRuntimeReport(w io.Writer, r runtimeReport) error {
 	}
 	fmt.Fprintf(tw, "\tloopserve\t%s\tratio\ttarget\n", peerHead)
 	row := func(name string, ours float64, peer, ratio *float64, target string) {
-		p, q := "-", "-"
-		if peer != nil {
-			p = rate(*peer)
-		}
-		if ratio != nil {
-			q = fmt.Sprintf("%.2f×", *ratio)
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", name, rate(ours), p, q, target)
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", name, cells(ours, peer, ratio), target)
 	}
 	row(fmt.Sprintf("prefill tok/s (%d-token prompt)", r.PrefillTokens), r.PrefillTokS, r.PeerPrefillTokS, r.RatioPrefill, "≥ 1×")
 	row("decode tok/s, batch 1", r.DecodeTokSB1, r.PeerDecodeTokSB1, r.RatioDecodeB1, "≥ 1.5×")
@@ -322,17 +315,19 @@ func printAdaptive(w io.Writer, r runtimeReport) error {
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "\tloopserve adaptive\tpeer full depth\tratio\n")
-	row := func(name string, ours float64, peer, ratio *float64) {
-		p, q := "-", "-"
-		if peer != nil {
-			p = rate(*peer)
-		}
-		if ratio != nil {
-			q = fmt.Sprintf("%.2f×", *ratio)
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", name, rate(ours), p, q)
-	}
-	row("decode tok/s, batch 1", *r.DecodeTokSB1Adaptive, r.PeerDecodeTokSB1, r.RatioDecodeB1Adaptive)
-	row(fmt.Sprintf("decode tok/s, batch %d", r.Batch), *r.DecodeTokSB8Adaptive, nil, nil)
+	fmt.Fprintf(tw, "decode tok/s, batch 1\t%s\n", cells(*r.DecodeTokSB1Adaptive, r.PeerDecodeTokSB1, r.RatioDecodeB1Adaptive))
+	fmt.Fprintf(tw, "decode tok/s, batch %d\t%s\n", r.Batch, cells(*r.DecodeTokSB8Adaptive, nil, nil))
 	return tw.Flush()
+}
+
+// cells are a table row's "ours, peer, ratio" columns, tab-separated; "-" where peer or ratio is nil.
+func cells(ours float64, peer, ratio *float64) string {
+	p, q := "-", "-"
+	if peer != nil {
+		p = rate(*peer)
+	}
+	if ratio != nil {
+		q = fmt.Sprintf("%.2f×", *ratio)
+	}
+	return rate(ours) + "\t" + p + "\t" + q
 }

@@ -94,6 +94,37 @@ func TestBenchRuntimeAdaptive(t *testing.T) {
 	}
 }
 
+// TestPrintRuntimeReportAdaptive checks that the table keeps the early-exit figures apart
+// and says they are not the peer's computation.
+func TestPrintRuntimeReportAdaptive(t *testing.T) {
+	f := func(v float64) *float64 { return &v }
+	r := runtimeReport{Model: "m", LoopSteps: 4, Batch: 8, DecodeTokSB1: 1, DecodeTokSB8: 4, PeerDecodeTokSB1: f(0.8),
+		RatioDecodeB1: f(1.25), Threshold: 0.5, DecodeTokSB1Adaptive: f(2), DecodeTokSB8Adaptive: f(8.5),
+		MeanDepthAdaptive: f(2), RatioDecodeB1Adaptive: f(2.5)}
+	var out bytes.Buffer
+	if err := printRuntimeReport(&out, r); err != nil {
+		t.Fatal(err)
+	}
+	got := out.String()
+	for _, want := range []string{
+		"adaptive depth (early exit at τ 0.5, mean depth 2.00 of 4 loop steps; a different computation from the peer's full depth",
+		"decode tok/s, batch 1  2.00                0.8              2.50×",
+		"decode tok/s, batch 8  8.50                -                -",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("report lacks %q:\n%s", want, got)
+		}
+	}
+	r.DecodeTokSB1Adaptive = nil
+	out.Reset()
+	if err := printRuntimeReport(&out, r); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(out.String(), "adaptive") {
+		t.Errorf("report without adaptive figures mentions them:\n%s", out.String())
+	}
+}
+
 func TestBenchRuntimeErrors(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
