@@ -7,6 +7,7 @@ import (
 	"math"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/loopserve/loopserve/runtime/engine"
 	"github.com/loopserve/loopserve/runtime/model"
@@ -18,6 +19,7 @@ import (
 type Backend struct {
 	threads int
 	pool    *pool
+	rope    atomic.Pointer[ropeTable] // the latest rotation table, see rotations
 }
 
 // pool is a fixed set of goroutines taking kernel chunks: handing a chunk to a parked worker
@@ -348,9 +350,18 @@ func rmsRow(out, x, weight []float32, eps float32) {
 
 // RoPE implements engine.Backend.
 func (b *Backend) RoPE(x []float32, n, heads, headDim int, pos []int, invFreq []float32) {
+	var t *ropeTable
+	if len(invFreq) == headDim/2 {
+		t = b.rotations(pos[:n], invFreq)
+	}
 	b.parallel(n, n*heads*headDim*8, func(lo, hi int) {
 		for i := lo; i < hi; i++ {
-			ropeRow(x[i*heads*headDim:(i+1)*heads*headDim], heads, headDim, pos[i], invFreq)
+			row := x[i*heads*headDim : (i+1)*heads*headDim]
+			if t != nil {
+				ropeRowTable(row, heads, headDim, pos[i], t)
+			} else {
+				ropeRow(row, heads, headDim, pos[i], invFreq)
+			}
 		}
 	})
 }
