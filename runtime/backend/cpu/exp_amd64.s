@@ -57,7 +57,7 @@ exploop:
 	VADDPS X1, X0, X0
 	VHADDPS X0, X0, X0
 	VHADDPS X0, X0, X0
-	MOVSS X0, ret+24(FP)
+	VMOVSS X0, ret+24(FP)
 	VZEROUPPER
 	RET
 
@@ -198,11 +198,11 @@ TEXT ·attnScoresAVX512(SB), NOSPLIT, $0-60
 	MOVQ stride+16(FP), BX
 	MOVQ n+24(FP), CX
 	MOVQ hd+32(FP), DX
-	MOVSS scale+40(FP), X3
+	VMOVSS scale+40(FP), X3
 	VBROADCASTSS scale+40(FP), Z22
 	MOVQ out+48(FP), R8
 	MOVL $0xff800000, AX
-	MOVQ AX, X4
+	VMOVD AX, X4
 	VPBROADCASTD AX, Z21
 	VMOVUPS laneIdx<>(SB), Z31
 	CMPQ CX, $16
@@ -328,7 +328,7 @@ scoreblockdim:
 	VMOVSHDUP X0, X1
 	VMAXSS X1, X0, X0
 	VMOVAPS X0, X4 // the blocks used Z3 and Z4: restore the scale and running maximum
-	MOVSS scale+40(FP), X3
+	VMOVSS scale+40(FP), X3
 	TESTQ CX, CX
 	JZ   scoredone
 
