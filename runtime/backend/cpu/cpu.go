@@ -429,39 +429,6 @@ func (b *Backend) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, 
 	})
 }
 
-// attnScores writes the scaled scores of q against j's keys into scores[:j.N] with the
-// AVX-512 kernel and returns the largest. Positions past the last whole block of 16 are copied
-// to a zero-padded block when heads are narrow: the block path costs less than 15 positions
-// one at a time, and gives the same sums.
-//
-//go:norace
-func attnScores(j *engine.AttnJob, q []float32, off, kvDim, headDim int, scale float32, scores []float32) float32 {
-	nb := j.N &^ 15
-	mx := float32(math.Inf(-1))
-	if nb > 0 {
-		mx = attnScoresAVX512(&q[0], &j.K[off], 4*kvDim, nb, headDim, scale, &scores[0])
-	}
-	rem := j.N - nb
-	switch {
-	case rem == 0:
-	case headDim <= 32:
-		var pad [16 * 32]float32 // [16, headDim]
-		for p := range rem {
-			lo := (nb+p)*kvDim + off
-			copy(pad[p*headDim:(p+1)*headDim], j.K[lo:lo+headDim])
-		}
-		var tail [16]float32
-		attnScoresAVX512(&q[0], &pad[0], 4*headDim, 16, headDim, scale, &tail[0])
-		for p, s := range tail[:rem] {
-			scores[nb+p] = s
-			mx = max(mx, s)
-		}
-	default:
-		mx = max(mx, attnScoresAVX512(&q[0], &j.K[nb*kvDim+off], 4*kvDim, rem, headDim, scale, &scores[nb]))
-	}
-	return mx
-}
-
 //go:norace
 func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, scores []float32) {
 	q := j.Q[h*headDim : (h+1)*headDim]
@@ -470,7 +437,7 @@ func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, sc
 		len(j.K) >= (j.N-1)*kvDim+off+headDim && len(j.V) >= (j.N-1)*kvDim+off+headDim {
 		// Whole loops in assembly: at head width 16 a call per position costs more than its
 		// arithmetic.
-		mx := attnScores(j, q, off, kvDim, headDim, scale, scores)
+		mx := attnScoresAVX512(&q[0], &j.K[off], 4*kvDim, j.N, headDim, scale, &scores[0])
 		// Pad to whole vectors so no position takes the scalar exp: a padding score of
 		// -MaxFloat32 becomes ~1e-38, which leaves a sum of at least 1 (e^0 at the maximum)
 		// unchanged.
