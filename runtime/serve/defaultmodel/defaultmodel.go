@@ -1,6 +1,7 @@
 // Package defaultmodel embeds loopserve's default model, ouro-tiny-arith (3.5M parameters,
-// bf16, 7 MB), so that `loopserve up` serves something from any directory. The files are a copy
-// of testdata/models/ouro-tiny-arith; a test keeps them identical.
+// bf16, 7 MB, copied from ../shared/models), so that `loopserve up` serves something from any
+// directory. This folder holds the one copy in the repository (go:embed cannot reach outside the
+// package); testdata/models/ouro-tiny-arith is a symbolic link to it.
 package defaultmodel
 
 import (

@@ -7,7 +7,8 @@ import (
 	"testing"
 )
 
-// TestMatchesTestdata keeps the embedded copy identical to testdata/models/ouro-tiny-arith.
+// TestMatchesTestdata: Extract writes exactly the files that testdata/models/ouro-tiny-arith
+// (the model the tests and `up` from the repository use) holds, byte for byte.
 func TestMatchesTestdata(t *testing.T) {
 	src := filepath.Join("..", "..", "..", "testdata", "models", Name)
 	want, err := os.ReadDir(src)
