@@ -218,7 +218,7 @@ func DecodeRateExit(ctx context.Context, e *engine.Engine, prompts [][]int, toke
 		// be descheduled between Submits long enough for the first sequences to finish before
 		// the last starts. Such a run has no all-decoding interval: run again.
 		var err error
-		for range 3 {
+		for range 6 {
 			var rate float64
 			if rate, err = batchRate(ctx, e, prompts, tokens, exit); !errors.Is(err, errNoOverlap) {
 				return rate, err

@@ -13,7 +13,7 @@ func TestBenchRuntimeJSON(t *testing.T) {
 	cmd.SetOut(&out)
 	cmd.SetErr(&errOut)
 	cmd.SetArgs([]string{"runtime", "--model", "../../../shared/models/ouro-tiny-random", "--json", "--peer=false",
-		"--prefill", "8", "--prompt", "4", "--tokens", "6", "--batch", "2", "--bandwidth-mib", "64", "--bandwidth-passes", "1"})
+		"--prefill", "8", "--prompt", "4", "--tokens", "48", "--batch", "2", "--bandwidth-mib", "64", "--bandwidth-passes", "1"})
 	if err := cmd.Execute(); err != nil {
 		t.Fatal(err)
 	}
@@ -55,7 +55,7 @@ func TestBenchRuntimeAdaptive(t *testing.T) {
 			cmd.SetOut(&out)
 			cmd.SetErr(&bytes.Buffer{})
 			cmd.SetArgs([]string{"runtime", "--model", "../../testdata/models/ouro-tiny-arith", "--json", "--peer=false",
-				"--threshold", tc.threshold, "--prefill", "8", "--prompt", "4", "--tokens", "8", "--batch", "2",
+				"--threshold", tc.threshold, "--prefill", "8", "--prompt", "4", "--tokens", "16", "--batch", "2",
 				"--bandwidth-mib", "16", "--bandwidth-passes", "1"})
 			if err := cmd.Execute(); err != nil {
 				t.Fatal(err)
