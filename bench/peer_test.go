@@ -9,8 +9,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 )
 
-// shared is the project's reference data, next to the repository root.
-const shared = "../../shared"
+// testdata is the repository's reference data: models and goldens (testdata/README.md).
+const testdata = "../testdata"
 
 func testPeer(t *testing.T) Peer {
 	t.Helper()
@@ -28,8 +28,8 @@ func TestPeerMatchesGoldens(t *testing.T) {
 	p := testPeer(t)
 	for _, name := range []string{"ouro-tiny-random", "ouro-tiny-arith"} {
 		t.Run(name, func(t *testing.T) {
-			res, err := p.Check(t.Context(), filepath.Join(shared, "models", name),
-				filepath.Join(shared, "golden", name+".safetensors"), filepath.Join(shared, "golden", name+".json"))
+			res, err := p.Check(t.Context(), filepath.Join(testdata, "models", name),
+				filepath.Join(testdata, "golden", name+".safetensors"), filepath.Join(testdata, "golden", name+".json"))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -54,7 +54,7 @@ func TestPeerMatchesGoldens(t *testing.T) {
 func TestPeerBench(t *testing.T) {
 	p := testPeer(t)
 	prefill, decode := Prompts(1024, 16, 8, 2, 1)
-	res, err := p.Bench(t.Context(), filepath.Join(shared, "models", "ouro-tiny-random"),
+	res, err := p.Bench(t.Context(), filepath.Join(testdata, "models", "ouro-tiny-random"),
 		PeerSpec{PrefillPrompt: prefill, DecodePrompts: decode, DecodeTokens: 4, Repeats: 1})
 	if err != nil {
 		t.Fatal(err)

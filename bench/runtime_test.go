@@ -9,7 +9,7 @@ import (
 )
 
 func TestRuntimeTinyModel(t *testing.T) {
-	m, err := model.Load(filepath.Join(shared, "models", "ouro-tiny-random"))
+	m, err := model.Load(filepath.Join(testdata, "models", "ouro-tiny-random"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,7 +12,7 @@ func TestBenchRuntimeJSON(t *testing.T) {
 	var out, errOut bytes.Buffer
 	cmd.SetOut(&out)
 	cmd.SetErr(&errOut)
-	cmd.SetArgs([]string{"runtime", "--model", "../../../shared/models/ouro-tiny-random", "--json", "--peer=false",
+	cmd.SetArgs([]string{"runtime", "--model", "../../testdata/models/ouro-tiny-random", "--json", "--peer=false",
 		"--prefill", "8", "--prompt", "4", "--tokens", "48", "--batch", "2", "--bandwidth-mib", "64", "--bandwidth-passes", "1"})
 	if err := cmd.Execute(); err != nil {
 		t.Fatal(err)

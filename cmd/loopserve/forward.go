@@ -21,7 +21,7 @@ func newForwardCmd() *cobra.Command {
 		Short: "Run one exact forward pass and dump every loop step's outputs",
 		Long: `Computes every loop step for every prompt token and writes input_ids (I64 [S]), step_logits
 (F32 [R,S,V]), gate_logits (F32 [R,S]) and exit_pdf (F32 [R,S]) to a safetensors file, plus
-final_hidden (F32 [R,S,H]) with --hidden. The layout is the goldens' (../shared/golden).`,
+final_hidden (F32 [R,S,H]) with --hidden. The layout is the goldens' (testdata/golden).`,
 		Example: `  loopserve forward --model testdata/models/ouro-tiny-arith --prompt 'a = 2 ; ? a =' --dump out.safetensors`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

@@ -43,8 +43,8 @@ func readTensors(t *testing.T, path string) map[string]model.Tensor {
 // TestForwardDumpMatchesGolden dumps golden prompts (by text and by ids) and compares every
 // tensor with the golden file.
 func TestForwardDumpMatchesGolden(t *testing.T) {
-	const shared = "../../../shared"
-	golden := readTensors(t, filepath.Join(shared, "golden", "ouro-tiny-arith.safetensors"))
+	const testdata = "../../testdata"
+	golden := readTensors(t, filepath.Join(testdata, "golden", "ouro-tiny-arith.safetensors"))
 	ids, err := golden["p3.input_ids"].Int64()
 	if err != nil {
 		t.Fatal(err)
@@ -58,7 +58,7 @@ func TestForwardDumpMatchesGolden(t *testing.T) {
 		{"--ids", strings.Join(idArg, ",")},
 		{"--prompt", "<|im_start|>user\nhello<|im_end|>\n"},
 	} {
-		out := runCmd(t, append([]string{"forward", "--model", shared + "/models/ouro-tiny-arith", "--dump", dump}, args...)...)
+		out := runCmd(t, append([]string{"forward", "--model", testdata + "/models/ouro-tiny-arith", "--dump", dump}, args...)...)
 		if !strings.Contains(out, "9 tokens, 4 loop steps") {
 			t.Errorf("output %q", out)
 		}

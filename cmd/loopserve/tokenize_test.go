@@ -20,7 +20,7 @@ func runTokenize(t *testing.T, stdin string, args ...string) (string, error) {
 
 func TestTokenize(t *testing.T) {
 	const model = "../../testdata/models/ouro-tiny-arith"
-	const qwen = "../../../shared/golden/tokenizers/qwen3/tokenizer.json"
+	const qwen = "../../testdata/golden/tokenizers/qwen3/tokenizer.json"
 	for _, tc := range []struct {
 		name  string
 		stdin string

@@ -1,9 +1,9 @@
 // Command mkmodel writes a random bf16 Ouro checkpoint of a given layout (a folder holding a
-// config.json, e.g. ../shared/models/ouro-1.4b-layout) for benchmarks: config.json copied and a
+// config.json, e.g. testdata/models/ouro-1.4b-layout) for benchmarks: config.json copied and a
 // model.safetensors of deterministic pseudo-random weights (normal, std initializer_range; norm
 // weights 1; gate bias 0). The output is large (2.9 GB for Ouro-1.4B) and never committed.
 //
-//	go run ./hack/mkmodel --layout ../shared/models/ouro-1.4b-layout [--out DIR] [--seed N] [--force]
+//	go run ./hack/mkmodel --layout testdata/models/ouro-1.4b-layout [--out DIR] [--seed N] [--force]
 //
 // Weights are streamed to disk tensor by tensor, so memory use stays small whatever the model
 // size. No tokenizer is written: benchmarks feed token ids.
@@ -58,7 +58,7 @@ func defaultOut() string {
 func run(ctx context.Context, args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("mkmodel", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	layout := fs.String("layout", "../shared/models/ouro-1.4b-layout", "folder whose config.json gives the model's shape")
+	layout := fs.String("layout", "testdata/models/ouro-1.4b-layout", "folder whose config.json gives the model's shape")
 	out := fs.String("out", defaultOut(), "output folder")
 	seed := fs.Uint64("seed", 1, "random seed (the same seed writes the same bytes)")
 	force := fs.Bool("force", false, "rewrite an existing model.safetensors")

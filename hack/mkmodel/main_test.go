@@ -11,10 +11,10 @@ import (
 	"github.com/loopserve/loopserve/runtime/model"
 )
 
-const shared = "../../../shared"
+const testdata = "../../testdata"
 
 func TestGenerateLoadsAndIsDeterministic(t *testing.T) {
-	layout := filepath.Join(shared, "models", "ouro-tiny-random")
+	layout := filepath.Join(testdata, "models", "ouro-tiny-random")
 	a, b := t.TempDir(), t.TempDir()
 	var last, total int64
 	if err := generate(context.Background(), layout, a, 7, func(d, tt int64) { last, total = d, tt }); err != nil {
@@ -78,7 +78,7 @@ func TestGenerateLoadsAndIsDeterministic(t *testing.T) {
 }
 
 func TestGenerateOtherSeedDiffers(t *testing.T) {
-	layout := filepath.Join(shared, "models", "ouro-tiny-random")
+	layout := filepath.Join(testdata, "models", "ouro-tiny-random")
 	a, b := t.TempDir(), t.TempDir()
 	for seed, dir := range map[uint64]string{1: a, 2: b} {
 		if err := generate(context.Background(), layout, dir, seed, nil); err != nil {
@@ -102,7 +102,7 @@ func TestRunSkipsExistingAndRejectsBadLayout(t *testing.T) {
 		t.Fatal(err)
 	}
 	log.Reset()
-	if err := run(context.Background(), []string{"--layout", filepath.Join(shared, "models", "ouro-tiny-random"), "--out", out}, &log); err != nil {
+	if err := run(context.Background(), []string{"--layout", filepath.Join(testdata, "models", "ouro-tiny-random"), "--out", out}, &log); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := os.ReadFile(filepath.Join(out, "model.safetensors")); string(got) != "x" {
@@ -110,7 +110,7 @@ func TestRunSkipsExistingAndRejectsBadLayout(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if err := generate(ctx, filepath.Join(shared, "models", "ouro-tiny-random"), t.TempDir(), 1, nil); err == nil {
+	if err := generate(ctx, filepath.Join(testdata, "models", "ouro-tiny-random"), t.TempDir(), 1, nil); err == nil {
 		t.Error("generate with a cancelled context returned no error")
 	}
 }

@@ -14,7 +14,7 @@ import (
 	"github.com/loopserve/loopserve/runtime/model"
 )
 
-const shared = "../../../shared"
+const testdata = "../../testdata"
 
 var goldenModels = []string{"ouro-tiny-random", "ouro-tiny-arith"}
 
@@ -37,7 +37,7 @@ type golden struct {
 
 func loadModel(t testing.TB, name string) *model.Model {
 	t.Helper()
-	m, err := model.Load(filepath.Join(shared, "models", name))
+	m, err := model.Load(filepath.Join(testdata, "models", name))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,14 +49,14 @@ func loadGolden(t testing.TB, name string) (*model.Model, golden) {
 	t.Helper()
 	m := loadModel(t, name)
 	var g golden
-	b, err := os.ReadFile(filepath.Join(shared, "golden", name+".json"))
+	b, err := os.ReadFile(filepath.Join(testdata, "golden", name+".json"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := json.Unmarshal(b, &g.json); err != nil {
 		t.Fatal(err)
 	}
-	ts, _, err := model.ReadSafetensors(filepath.Join(shared, "golden", name+".safetensors"))
+	ts, _, err := model.ReadSafetensors(filepath.Join(testdata, "golden", name+".safetensors"))
 	if err != nil {
 		t.Fatal(err)
 	}

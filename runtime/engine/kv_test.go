@@ -70,7 +70,7 @@ func sqrt(x float64) float64 {
 
 // TestKVMemoryRatio: after the same generation, the KVFull cache holds R× the bytes of KVLast.
 func TestKVMemoryRatio(t *testing.T) {
-	m, err := model.Load("../../../shared/models/ouro-tiny-random")
+	m, err := model.Load("../../testdata/models/ouro-tiny-random")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +121,7 @@ func TestKVMemoryRatio(t *testing.T) {
 
 // TestStepAllocatesNothing: once buffers have grown, a loop step over a batch allocates nothing.
 func TestStepAllocatesNothing(t *testing.T) {
-	m, err := model.Load("../../../shared/models/ouro-tiny-random")
+	m, err := model.Load("../../testdata/models/ouro-tiny-random")
 	if err != nil {
 		t.Fatal(err)
 	}

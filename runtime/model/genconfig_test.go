@@ -40,7 +40,7 @@ func TestLoadGenerationConfig(t *testing.T) {
 			}
 		})
 	}
-	g, err := LoadGenerationConfig(sharedDir + "/models/ouro-tiny-arith")
+	g, err := LoadGenerationConfig(testdataDir + "/models/ouro-tiny-arith")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,7 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 )
 
-const sharedDir = "../../../shared"
+const testdataDir = "../../testdata"
 
 func TestLoadTinyModels(t *testing.T) {
 	for _, tc := range []struct {
@@ -21,8 +21,8 @@ func TestLoadTinyModels(t *testing.T) {
 		layers, hidden, kvDim int
 		firstEmbed            float32
 	}{
-		{dir: sharedDir + "/models/ouro-tiny-random", layers: 2, hidden: 64, kvDim: 32},
-		{dir: sharedDir + "/models/ouro-tiny-arith", layers: 4, hidden: 256, kvDim: 128},
+		{dir: testdataDir + "/models/ouro-tiny-random", layers: 2, hidden: 64, kvDim: 32},
+		{dir: testdataDir + "/models/ouro-tiny-arith", layers: 4, hidden: 256, kvDim: 128},
 		{dir: "../../testdata/models/ouro-tiny-arith", layers: 4, hidden: 256, kvDim: 128},
 	} {
 		t.Run(filepath.Base(tc.dir), func(t *testing.T) {
@@ -207,7 +207,7 @@ func copyModel(t *testing.T, src string, cfgEdit func(string) string, fn func([]
 }
 
 func TestLoadErrors(t *testing.T) {
-	src := sharedDir + "/models/ouro-tiny-random"
+	src := testdataDir + "/models/ouro-tiny-random"
 	drop := func(name string) func([]Tensor) []Tensor {
 		return func(ts []Tensor) []Tensor {
 			var out []Tensor
@@ -258,7 +258,7 @@ func TestLoadErrors(t *testing.T) {
 }
 
 func TestLoadShardedAndF32F16(t *testing.T) {
-	src := sharedDir + "/models/ouro-tiny-random"
+	src := testdataDir + "/models/ouro-tiny-random"
 	ref, err := Load(src)
 	if err != nil {
 		t.Fatal(err)
@@ -362,7 +362,7 @@ func f32ToF16(f float32) uint16 {
 func mathBits(f float32) uint32 { return math.Float32bits(f) }
 
 func TestIndexErrors(t *testing.T) {
-	src := sharedDir + "/models/ouro-tiny-random"
+	src := testdataDir + "/models/ouro-tiny-random"
 	for _, tc := range []struct {
 		name, index string
 		want        error

@@ -56,7 +56,7 @@ func TestApplyChatMatchesJinja(t *testing.T) {
 	}
 }
 
-const modelDir = "../../../shared/models/ouro-tiny-arith"
+const modelDir = "../../testdata/models/ouro-tiny-arith"
 
 func TestLoadDirChat(t *testing.T) {
 	tok, err := LoadDir(modelDir)

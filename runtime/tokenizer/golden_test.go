@@ -10,9 +10,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 )
 
-// goldenDir holds the reference encodings from Hugging Face tokenizers; CI has ../shared
-// beside the clone.
-const goldenDir = "../../../shared/golden/tokenizers"
+// goldenDir holds the reference encodings from Hugging Face tokenizers (testdata/README.md).
+const goldenDir = "../../testdata/golden/tokenizers"
 
 type goldenFile struct {
 	Tokenizer string `json:"tokenizer"`

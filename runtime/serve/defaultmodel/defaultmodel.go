@@ -1,5 +1,5 @@
 // Package defaultmodel embeds loopserve's default model, ouro-tiny-arith (3.5M parameters,
-// bf16, 7 MB, copied from ../shared/models), so that `loopserve up` serves something from any
+// bf16, 7 MB; testdata/README.md says where it came from), so that `loopserve up` serves something from any
 // directory. This folder holds the one copy in the repository (go:embed cannot reach outside the
 // package); testdata/models/ouro-tiny-arith is a symbolic link to it.
 package defaultmodel
