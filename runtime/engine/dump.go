@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/loopserve/loopserve/runtime/model"
@@ -18,7 +19,7 @@ type Trace struct {
 }
 
 // Forward computes a Trace of ids with backend be. It checks ctx between loop steps.
-func Forward(ctx context.Context, m *model.Model, be Backend, ids []int) (*Trace, error) {
+func Forward(ctx context.Context, m *model.Model, be Backend, ids []int) (tr *Trace, err error) {
 	c := m.Config
 	S, H, V, R := len(ids), c.HiddenSize, c.VocabSize, c.TotalUTSteps
 	if S == 0 {
@@ -29,30 +30,49 @@ func Forward(ctx context.Context, m *model.Model, be Backend, ids []int) (*Trace
 			return nil, fmt.Errorf("forward: token id %d outside vocabulary of %d: %w", id, V, ErrInvalidRequest)
 		}
 	}
-	r := newRunner(m, be)
-	kv := newKVCache(KVFull, R, c.NumHiddenLayers, c.KVDim(), false)
-	kv.reserve(S) // no budget: always room
-	rows := make([]fwdRow, S)
-	for i := range rows {
-		rows[i] = fwdRow{kv: kv, pos: i}
+	ex, err := be.Load(m, LoadOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("forward: loading the model: %w", err)
 	}
-	tr := &Trace{Steps: R, Len: S, Vocab: V, Width: H,
+	defer func() { err = errors.Join(err, ex.Close()) }()
+	st, err := ex.NewStream()
+	if err != nil {
+		return nil, fmt.Errorf("forward: %w", err)
+	}
+	defer func() { err = errors.Join(err, st.Close()) }()
+	kv, err := st.NewKV(R)
+	if err != nil {
+		return nil, fmt.Errorf("forward: %w", err)
+	}
+	if err := st.GrowKV(kv, (S+ex.KVBlock()-1)/ex.KVBlock()); err != nil {
+		return nil, fmt.Errorf("forward: %w", err)
+	}
+	b := Batch{Rows: make([]Row, S), Out: make([]RowOut, S)}
+	for i := range b.Rows {
+		b.Rows[i] = Row{State: i, Token: ids[i], Pos: i, KV: kv, Exit: ExitRule{MaxDepth: R, Forced: true}, ExitIn: StartExit,
+			Head: Head{Every: true, Logits: true}}
+	}
+	tr = &Trace{Steps: R, Len: S, Vocab: V, Width: H,
 		StepLogits: make([]float32, R*S*V), GateLogits: make([]float32, R*S),
 		ExitPDF: make([]float32, R*S), Hidden: make([]float32, R*S*H)}
-	h := make([]float32, S*H) // [S, H]
-	r.embed(h, ids)
 	for t := 0; t < R; t++ {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		for i := range rows {
-			rows[i].t = t
+		for i := range b.Rows {
+			b.Rows[i].Step, b.Rows[i].Slot = t, t
 		}
-		r.step(rows, h)
-		copy(tr.Hidden[t*S*H:], h)
-		copy(tr.StepLogits[t*S*V:], r.lmHead(h, S))
-		for i := 0; i < S; i++ {
-			tr.GateLogits[t*S+i] = r.gateLogit(h[i*H : (i+1)*H])
+		if err := st.Step(&b); err != nil {
+			return nil, fmt.Errorf("forward: step %d: %w", t, err)
+		}
+		for i := range b.Rows {
+			o := &b.Out[i]
+			b.Rows[i].ExitIn = o.Exit
+			copy(tr.StepLogits[(t*S+i)*V:(t*S+i+1)*V], o.Logits)
+			tr.GateLogits[t*S+i] = o.Gate
+		}
+		for i := range b.Rows {
+			st.State(i, tr.Hidden[(t*S+i)*H:(t*S+i+1)*H])
 		}
 	}
 	g, p := make([]float32, R), make([]float32, R)

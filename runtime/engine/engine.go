@@ -20,6 +20,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"sync"
@@ -61,17 +62,25 @@ func ParseMode(s string) (Mode, error) {
 
 // Options configure an Engine.
 type Options struct {
-	Backend       Backend  // required (e.g. cpu.New(0))
+	Backend       Backend  // required (e.g. cpu.New(0)); New loads the model onto it
 	Mode          Mode     // Exact or Fast
 	KVPolicy      KVPolicy // KVFull or KVLast
 	MaxBatch      int      // sequences in the running batch; 0 means 8
 	Threshold     float64  // initial exit threshold τ; 0 takes config early_exit_threshold (1 if unset)
 	ProbeFraction float64  // fraction of decode tokens that run all R steps and report Token.Agree, in [0, 1]
 	MaxContext    int      // positions per sequence; 0 takes max_position_embeddings (2048 if unset)
-	PrefillChunk  int      // prompt tokens prefilled per iteration under KVFull; 0 means 256
-	// MaxKVBytes bounds the memory of all KV caches together: a generating request that
-	// would pass it finishes with "length", a prompt that cannot fit fails with ErrKVFull.
-	// 0 means 16 GiB; negative means no bound.
+	PrefillChunk  int      // prompt tokens one request prefills per iteration at most; 0 means 256
+	// MaxBatchedTokens bounds the rows of one iteration (prompt, decode, draft and
+	// verification rows together). Decoding requests are counted first, at their largest unit,
+	// and prompt chunks take what is left, so a long prompt never delays decoding tokens (the
+	// oldest prompt still gets one row when nothing else is prefilling). 0 means
+	// PrefillChunk + MaxBatch.
+	MaxBatchedTokens int
+	// MaxKVBytes bounds the memory of all KV caches together (the backend's bytes, reserved a
+	// block at a time). When a running request's cache cannot grow, the newest request holding
+	// memory is preempted: its cache is freed and recomputed, identically, once memory allows.
+	// A request that cannot fit even alone fails with ErrKVFull. 0 takes the backend's
+	// KVCapacity (KVCapacitor) or else 16 GiB; negative means no bound.
 	MaxKVBytes int64
 	// KVBF16 stores keys and values as bfloat16: half the KV memory and attention traffic, at
 	// a small accuracy cost (the goldens' exact semantics hold with float32 only).
@@ -93,6 +102,8 @@ type Counters struct {
 	PrefillTokens    uint64
 	PrefillLoopSteps uint64
 	Probes           uint64
+	Preemptions      uint64 // running requests whose caches were freed for memory (and recomputed)
+	ReplayedTokens   uint64 // generated tokens whose keys and values were recomputed after a preemption
 	Iterations       uint64 // batch iterations (one loop step for every row in flight)
 	BatchRows        uint64 // rows in flight summed over iterations
 	DraftTokens      uint64 // speculative drafts proposed
@@ -100,16 +111,20 @@ type Counters struct {
 }
 
 // Engine runs requests against one model. Submit, SetThreshold, Threshold, Stats and Config
-// are safe for concurrent use; Run must be called once.
+// are safe for concurrent use; Run must be called once; Close frees the backend's copy of the
+// model after Run and every Generate returned.
 type Engine struct {
-	m        *model.Model
-	opts     Options
-	steps    int
-	ctxLen   int
-	eos      int
-	kvBudget *kvBudget
-	tau      atomic.Uint64 // float64 bits
-	stepNano atomic.Int64  // EWMA of one loop step's wall time, for deadlines
+	m          *model.Model
+	ex         Executor
+	opts       Options
+	steps      int
+	ctxLen     int
+	eos        int
+	maxBatched int
+	kvBudget   *kvBudget
+	admitted   atomic.Uint64 // sequences made, for their preemption order
+	tau        atomic.Uint64 // float64 bits
+	stepNano   atomic.Int64  // EWMA of one loop step's wall time, for deadlines
 
 	mu      sync.Mutex
 	queue   []*sequence
@@ -146,17 +161,35 @@ func New(m *model.Model, opts Options) (*Engine, error) {
 		return nil, fmt.Errorf("threshold %g not in [0, 1]: %w", opts.Threshold, ErrInvalidOptions)
 	case opts.MaxContext < 0:
 		return nil, fmt.Errorf("max context %d: %w", opts.MaxContext, ErrInvalidOptions)
+	case opts.MaxBatchedTokens < 0:
+		return nil, fmt.Errorf("max batched tokens %d: %w", opts.MaxBatchedTokens, ErrInvalidOptions)
+	case c.TotalUTSteps < 1 || c.TotalUTSteps > 255:
+		return nil, fmt.Errorf("%d loop steps: %w", c.TotalUTSteps, ErrInvalidOptions)
 	}
-	e := &Engine{m: m, opts: opts, steps: c.TotalUTSteps, ctxLen: opts.MaxContext, eos: c.EOS(),
-		wake: make(chan struct{}, 1), stopped: make(chan struct{})}
-	switch {
-	case opts.MaxKVBytes == 0:
-		e.kvBudget = &kvBudget{limit: 16 << 30}
-	case opts.MaxKVBytes > 0:
-		e.kvBudget = &kvBudget{limit: opts.MaxKVBytes}
-	default:
-		e.kvBudget = &kvBudget{limit: math.MaxInt64}
+	ex, err := opts.Backend.Load(m, LoadOptions{KVBF16: opts.KVBF16})
+	if err != nil {
+		return nil, fmt.Errorf("loading the model onto the backend: %w", err)
 	}
+	e := &Engine{m: m, ex: ex, opts: opts, steps: c.TotalUTSteps, ctxLen: opts.MaxContext, eos: c.EOS(),
+		maxBatched: opts.MaxBatchedTokens, wake: make(chan struct{}, 1), stopped: make(chan struct{})}
+	if e.maxBatched == 0 {
+		e.maxBatched = opts.PrefillChunk + opts.MaxBatch
+	}
+	limit := opts.MaxKVBytes
+	if limit == 0 {
+		limit = 16 << 30
+		if kc, ok := ex.(KVCapacitor); ok {
+			n, err := kc.KVCapacity()
+			if err != nil {
+				return nil, errors.Join(fmt.Errorf("sizing the KV budget: %w", err), ex.Close())
+			}
+			limit = n
+		}
+	}
+	if limit < 0 {
+		limit = math.MaxInt64
+	}
+	e.kvBudget = &kvBudget{limit: limit}
 	if e.ctxLen == 0 {
 		e.ctxLen = c.MaxPositionEmbeddings
 	}
@@ -173,6 +206,13 @@ func New(m *model.Model, opts Options) (*Engine, error) {
 	e.SetThreshold(tau)
 	return e, nil
 }
+
+// Close frees the backend's copy of the model (not the model itself). Call it after Run and
+// every Generate returned.
+func (e *Engine) Close() error { return e.ex.Close() }
+
+// KVLimit is the KV budget in bytes (Options.MaxKVBytes or the backend's capacity).
+func (e *Engine) KVLimit() int64 { return e.kvBudget.limit }
 
 // Config is the model's configuration.
 func (e *Engine) Config() model.Config { return e.m.Config }
@@ -310,7 +350,20 @@ func (e *Engine) Run(ctx context.Context) error {
 	}
 	e.state = 1
 	e.mu.Unlock()
-	b := newBatcher(e)
+	b, err := newBatcher(e)
+	if err != nil {
+		e.mu.Lock()
+		e.state = 2
+		queued := e.queue
+		e.queue = nil
+		e.mu.Unlock()
+		for _, s := range queued {
+			s.finish("", err)
+		}
+		close(e.stopped)
+		e.fwd.Wait()
+		return err
+	}
 	var running []*sequence
 	defer func() {
 		e.mu.Lock()
@@ -322,6 +375,7 @@ func (e *Engine) Run(ctx context.Context) error {
 		for _, s := range append(running, queued...) {
 			s.finish("", ErrStopped)
 		}
+		_ = b.close() // nothing is left to lose: its caches are released
 		close(e.stopped)
 		e.fwd.Wait()
 	}()
@@ -396,7 +450,11 @@ func (e *Engine) Generate(ctx context.Context, r Request, fn func(Token) bool) (
 	}
 	s := e.newSequence(ctx, r)
 	s.direct = fn
-	b := newBatcher(e)
+	b, err := newBatcher(e)
+	if err != nil {
+		return "", err
+	}
+	defer func() { _ = b.close() }()
 	e.count(func(c *Counters) { c.Requests++ })
 	defer e.count(func(c *Counters) { c.Finished++ })
 	one := []*sequence{s}

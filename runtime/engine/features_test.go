@@ -426,21 +426,25 @@ func sum(xs []int) int {
 }
 
 // TestKVBudget: a prompt the KV budget cannot hold fails with ErrKVFull; a generation that
-// outgrows it ends with "length".
+// outgrows it alone fails with ErrKVFull too (never a silent "length"). The budget holds 48
+// positions: three 16-position blocks.
 func TestKVBudget(t *testing.T) {
 	m := loadModel(t, "ouro-tiny-random")
 	c := m.Config
 	perPos := int64(c.TotalUTSteps*c.NumHiddenLayers) * 2 * int64(c.KVDim()) * 4
-	e := newEngine(t, m, engine.Options{MaxKVBytes: 40 * perPos})
+	e := newEngine(t, m, engine.Options{MaxKVBytes: 48 * perPos})
 	_, err := e.Generate(context.Background(), engine.Request{Prompt: make([]int, 50), MaxTokens: 2}, func(engine.Token) bool { return true })
 	if !errors.Is(err, engine.ErrKVFull) {
-		t.Errorf("50-token prompt in a 40-position budget: %v, want ErrKVFull", err)
+		t.Errorf("50-token prompt in a 48-position budget: %v, want ErrKVFull", err)
 	}
 	var n int
 	finish, err := e.Generate(context.Background(), engine.Request{Prompt: make([]int, 30), MaxTokens: 100, IgnoreEOS: true},
 		func(engine.Token) bool { n++; return true })
-	if err != nil || finish != "length" || n != 11 {
-		t.Errorf("30-token prompt: %d tokens, finish %q, err %v; want 11 tokens (positions 30..39 and one more), length", n, finish, err)
+	if !errors.Is(err, engine.ErrKVFull) || finish != "" || n != 19 {
+		t.Errorf("30-token prompt: %d tokens, finish %q, err %v; want 19 tokens (positions 30..47 and one more), then ErrKVFull", n, finish, err)
+	}
+	if b := e.KVBytes(); b != 0 {
+		t.Errorf("%d KV bytes held after the failed generation", b)
 	}
 }
 

@@ -3,8 +3,6 @@ package engine
 import (
 	"fmt"
 	"sync/atomic"
-
-	"github.com/loopserve/loopserve/runtime/model"
 )
 
 // KVPolicy chooses how decode tokens share key/value caches across loop steps (DESIGN §5).
@@ -41,9 +39,25 @@ func ParseKVPolicy(s string) (KVPolicy, error) {
 	return 0, fmt.Errorf("kv policy %q (want full or last): %w", s, ErrInvalidOptions)
 }
 
+// slots is the step-slots of a decode cache under p.
+func (p KVPolicy) slots(R int) int {
+	if p == KVFull {
+		return R
+	}
+	return 1
+}
+
+// slot is the step-slot loop step t writes under p.
+func (p KVPolicy) slot(t int) int {
+	if p == KVFull {
+		return t
+	}
+	return 0
+}
+
 // kvBudget bounds the bytes all caches of an engine may hold, so no request can run the
-// process out of memory; it also measures what the caches hold. Safe for concurrent use; a
-// nil *kvBudget (caches outside an engine) is unlimited.
+// process (or the device) out of memory; it also measures what the caches hold. Safe for
+// concurrent use.
 type kvBudget struct {
 	limit int64
 	used  atomic.Int64
@@ -51,9 +65,6 @@ type kvBudget struct {
 
 // take reserves n bytes, reporting false (and reserving nothing) past the limit.
 func (b *kvBudget) take(n int64) bool {
-	if b == nil {
-		return true
-	}
 	if b.used.Add(n) > b.limit {
 		b.used.Add(-n)
 		return false
@@ -61,157 +72,77 @@ func (b *kvBudget) take(n int64) bool {
 	return true
 }
 
-func (b *kvBudget) give(n int64) {
-	if b != nil {
-		b.used.Add(-n)
-	}
-}
+func (b *kvBudget) give(n int64) { b.used.Add(-n) }
 
-// kvCache is one sequence's keys and values. Positions are written by rows of an iteration;
-// the sequence tracks how many are valid context.
+// kvCache is the engine's side of one backend cache: its handle on the stream, the blocks it
+// holds and the budget they are counted in. The backend owns the memory; the cache grows a
+// block at a time, each block's bytes taken from the budget before the backend allocates it,
+// so growth never holds memory the budget has not granted.
 type kvCache struct {
-	policy       KVPolicy
-	layers       int
-	kvDim        int
-	k, v         [][]float32 // per slot: [cap, kvDim]; nil slots when bf16
-	k16, v16     [][]uint16  // per slot: [cap, kvDim] bfloat16 bits when bf16
-	bf16         bool
-	capPositions int
-	budget       *kvBudget
+	st         Stream
+	id         KV
+	live       bool // id names a cache of st
+	slots      int
+	block      int   // positions per block
+	blockBytes int64 // bytes per block
+	blocks     int
+	budget     *kvBudget
 }
 
-// elemSize is the bytes of one stored key or value element.
-func (c *kvCache) elemSize() int64 {
-	if c.bf16 {
-		return 2
-	}
-	return 4
+func newKVCache(st Stream, ex Executor, slots int, budget *kvBudget) *kvCache {
+	return &kvCache{st: st, slots: slots, block: ex.KVBlock(), blockBytes: ex.KVBlockBytes(slots), budget: budget}
 }
 
-// put stores one position's key and value rows [kvDim] in a slot.
-func (c *kvCache) put(slot, pos int, k, v []float32) {
-	d := c.kvDim
-	if !c.bf16 {
-		copy(c.k[slot][pos*d:(pos+1)*d], k[:d])
-		copy(c.v[slot][pos*d:(pos+1)*d], v[:d])
-		return
-	}
-	dk, dv := c.k16[slot][pos*d:(pos+1)*d], c.v16[slot][pos*d:(pos+1)*d]
-	for i := range dk {
-		dk[i] = model.F32ToBF16(k[i])
-		dv[i] = model.F32ToBF16(v[i])
-	}
-}
+// capacity is the positions the cache holds.
+func (c *kvCache) capacity() int { return c.blocks * c.block }
 
-// get reads one position's key and value rows of a slot into k, v [kvDim].
-func (c *kvCache) get(slot, pos int, k, v []float32) {
-	d := c.kvDim
-	if !c.bf16 {
-		copy(k[:d], c.k[slot][pos*d:(pos+1)*d])
-		copy(v[:d], c.v[slot][pos*d:(pos+1)*d])
-		return
-	}
-	for i := 0; i < d; i++ {
-		k[i] = model.BF16ToF32(c.k16[slot][pos*d+i])
-		v[i] = model.BF16ToF32(c.v16[slot][pos*d+i])
-	}
-}
+// bytes is the memory the cache holds.
+func (c *kvCache) bytes() int64 { return int64(c.blocks) * c.blockBytes }
 
-// attnJob points a job at positions [0, n) of a slot.
-func (c *kvCache) attnJob(slot, n int, q, out []float32) AttnJob {
-	j := AttnJob{Q: q, N: n, Out: out}
-	if c.bf16 {
-		j.K16, j.V16 = c.k16[slot][:n*c.kvDim], c.v16[slot][:n*c.kvDim]
-	} else {
-		j.K, j.V = c.k[slot][:n*c.kvDim], c.v[slot][:n*c.kvDim]
+// reserve makes room for positions [0, n), keeping the content. It reports false when the
+// budget cannot grant the blocks, and an error when the backend cannot allocate them; either
+// way the cache is left as it was.
+func (c *kvCache) reserve(n int) (bool, error) {
+	need := (n + c.block - 1) / c.block
+	if need <= c.blocks {
+		return true, nil
 	}
-	return j
-}
-
-func newKVCache(policy KVPolicy, steps, layers, kvDim int, bf16 bool) *kvCache {
-	slots := layers
-	if policy == KVFull {
-		slots = steps * layers
+	add := need - c.blocks
+	bytes := int64(add) * c.blockBytes
+	if !c.budget.take(bytes) {
+		return false, nil
 	}
-	c := &kvCache{policy: policy, layers: layers, kvDim: kvDim, bf16: bf16}
-	if bf16 {
-		c.k16, c.v16 = make([][]uint16, slots), make([][]uint16, slots)
-	} else {
-		c.k, c.v = make([][]float32, slots), make([][]float32, slots)
-	}
-	return c
-}
-
-// slots is the number of (step, layer) caches.
-func (c *kvCache) slots() int { return max(len(c.k), len(c.k16)) }
-
-func (c *kvCache) slot(step, layer int) int {
-	if c.policy == KVFull {
-		return step*c.layers + layer
-	}
-	return layer
-}
-
-// reserve makes room for positions [0, n), keeping the content; it reports false when the
-// engine's KV budget cannot hold them.
-func (c *kvCache) reserve(n int) bool {
-	if n <= c.capPositions {
-		return true
-	}
-	perPos := int64(c.slots()) * 2 * int64(c.kvDim) * c.elemSize()
-	newCap := max(n, 2*c.capPositions, 16)
-	if !c.budget.take(int64(newCap-c.capPositions) * perPos) {
-		newCap = n // doubling does not fit: try exactly what is needed
-		if !c.budget.take(int64(newCap-c.capPositions) * perPos) {
-			return false
+	if !c.live {
+		id, err := c.st.NewKV(c.slots)
+		if err != nil {
+			c.budget.give(bytes)
+			return false, fmt.Errorf("making a KV cache: %w", err)
 		}
+		c.id, c.live = id, true
 	}
-	for s := range c.k {
-		c.k[s] = append(make([]float32, 0, newCap*c.kvDim), c.k[s]...)[:newCap*c.kvDim]
-		c.v[s] = append(make([]float32, 0, newCap*c.kvDim), c.v[s]...)[:newCap*c.kvDim]
+	if err := c.st.GrowKV(c.id, add); err != nil {
+		c.budget.give(bytes)
+		return false, fmt.Errorf("growing a KV cache to %d positions: %w", need*c.block, err)
 	}
-	for s := range c.k16 {
-		c.k16[s] = append(make([]uint16, 0, newCap*c.kvDim), c.k16[s]...)[:newCap*c.kvDim]
-		c.v16[s] = append(make([]uint16, 0, newCap*c.kvDim), c.v16[s]...)[:newCap*c.kvDim]
-	}
-	c.capPositions = newCap
-	return true
+	c.blocks = need
+	return true, nil
 }
 
 // release frees the cache and returns its bytes to the budget.
 func (c *kvCache) release() {
+	if c.live {
+		c.st.FreeKV(c.id)
+		c.live = false
+	}
 	c.budget.give(c.bytes())
-	c.k, c.v, c.k16, c.v16, c.capPositions = nil, nil, nil, nil, 0
+	c.blocks = 0
 }
 
-// copyStep copies position pos of step `from` into the slots of steps (from, to) for every
-// layer: how a token that exited at `from` fills the steps it skipped (KVFull only).
-func (c *kvCache) copyStep(pos, from, to int) {
-	if c.policy != KVFull {
-		return
+// fill copies position pos of step-slot from into the slots of steps (from, R) under KVFull:
+// how a token that exited at step from fills the steps it skipped.
+func (c *kvCache) fill(pos, from, R int, copies []KVCopy) []KVCopy {
+	for t := from + 1; t < R; t++ {
+		copies = append(copies, KVCopy{Dst: c.id, Src: c.id, DstSlot: t, SrcSlot: from, DstPos: pos, SrcPos: pos, N: 1})
 	}
-	d := c.kvDim
-	for l := 0; l < c.layers; l++ {
-		src := c.slot(from, l)
-		for t := from + 1; t < to; t++ {
-			dst := c.slot(t, l)
-			if c.bf16 {
-				copy(c.k16[dst][pos*d:(pos+1)*d], c.k16[src][pos*d:(pos+1)*d])
-				copy(c.v16[dst][pos*d:(pos+1)*d], c.v16[src][pos*d:(pos+1)*d])
-				continue
-			}
-			copy(c.k[dst][pos*d:(pos+1)*d], c.k[src][pos*d:(pos+1)*d])
-			copy(c.v[dst][pos*d:(pos+1)*d], c.v[src][pos*d:(pos+1)*d])
-		}
-	}
-}
-
-// bytes is the memory held by the cache's allocated positions.
-func (c *kvCache) bytes() int64 {
-	return int64(c.slots()) * 2 * int64(c.capPositions) * int64(c.kvDim) * c.elemSize()
-}
-
-// usedBytes is the memory the first n positions take.
-func (c *kvCache) usedBytes(n int) int64 {
-	return int64(c.slots()) * 2 * int64(n) * int64(c.kvDim) * c.elemSize()
+	return copies
 }

@@ -1,138 +1,85 @@
-package engine
+package engine_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
-	"github.com/loopserve/loopserve/runtime/model"
+	"github.com/google/go-cmp/cmp"
+	"github.com/loopserve/loopserve/runtime/engine"
 )
 
-// naive is a minimal Backend for in-package tests (the real ones live in backend/cpu, which
-// imports this package).
-type naive struct{}
-
-func (naive) MatMul(out, x []float32, n int, w *model.Matrix) {
-	for r := 0; r < w.Rows; r++ {
-		for i := 0; i < n; i++ {
-			var s float32
-			for j := 0; j < w.Cols; j++ {
-				if w.BF16 != nil {
-					s += model.BF16ToF32(w.BF16[r*w.Cols+j]) * x[i*w.Cols+j]
-				} else {
-					s += w.F32[r*w.Cols+j] * x[i*w.Cols+j]
-				}
-			}
-			out[i*w.Rows+r] = s
-		}
-	}
-}
-
-func (naive) RMSNorm(out, x []float32, n int, weight []float32, eps float32) {
-	d := len(weight)
-	for i := 0; i < n; i++ {
-		var ss float32
-		for _, v := range x[i*d : (i+1)*d] {
-			ss += v * v
-		}
-		inv := 1 / float32(sqrt(float64(ss/float32(d)+eps)))
-		for j := 0; j < d; j++ {
-			out[i*d+j] = weight[j] * x[i*d+j] * inv
-		}
-	}
-}
-
-func (naive) RoPE([]float32, int, int, int, []int, []float32) {}
-
-func (naive) SiLUMul(gate, up []float32) {
-	for i := range gate {
-		gate[i] *= sigmoid(gate[i]) * up[i]
-	}
-}
-
-func (naive) Attention(jobs []AttnJob, heads, kvHeads, headDim int, scale float32) {
-	for _, j := range jobs {
-		clear(j.Out)
-		for h := 0; h < heads; h++ {
-			// Attend to the newest position only: enough to move data through the cache.
-			off := (h / (heads / kvHeads)) * headDim
-			copy(j.Out[h*headDim:(h+1)*headDim], j.V[(j.N-1)*kvHeads*headDim+off:][:headDim])
-		}
-	}
-}
-
-func sqrt(x float64) float64 {
-	z := x
-	for i := 0; i < 40; i++ {
-		z = (z + x/z) / 2
-	}
-	return z
-}
-
-// TestKVMemoryRatio: after the same generation, the KVFull cache holds R× the bytes of KVLast.
+// TestKVMemoryRatio: during the same generation, the KVFull caches hold R× the bytes of KVLast.
 func TestKVMemoryRatio(t *testing.T) {
-	m, err := model.Load("../../testdata/models/ouro-tiny-random")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := loadModel(t, "ouro-tiny-random")
 	R := m.Config.TotalUTSteps
-	used, alloc := map[KVPolicy]int64{}, map[KVPolicy]int64{}
-	for _, p := range []KVPolicy{KVFull, KVLast} {
-		e, err := New(m, Options{Backend: naive{}, Mode: Fast, KVPolicy: p, Threshold: 0.5})
+	held := map[engine.KVPolicy]int64{}
+	for _, p := range []engine.KVPolicy{engine.KVFull, engine.KVLast} {
+		e := newEngine(t, m, engine.Options{Mode: engine.Fast, KVPolicy: p, Threshold: 0.5})
+		n := 0
+		_, err := e.Generate(context.Background(), engine.Request{Prompt: []int{1, 2, 3, 4, 5}, MaxTokens: 20, IgnoreEOS: true}, func(engine.Token) bool {
+			if n++; n == 19 {
+				held[p] = e.KVBytes()
+			}
+			return true
+		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		s := e.newSequence(context.Background(), Request{Prompt: []int{1, 2, 3, 4, 5}, MaxTokens: 20, IgnoreEOS: true})
-		b := newBatcher(e)
-		// Stop one token short: a finished sequence has released its cache.
-		for s.generated < 19 {
-			b.iterate([]*sequence{s})
-		}
-		if s.done {
-			t.Fatalf("%v: done after %d tokens", p, s.generated)
-		}
-		if got := e.kvBudget.used.Load(); got != s.kv.bytes() {
-			t.Errorf("%v: budget counts %d bytes, cache holds %d", p, got, s.kv.bytes())
-		}
-		used[p] = s.kv.usedBytes(len(s.tokens) - 1)
-		defer func() {
-			for !s.done {
-				b.iterate([]*sequence{s})
-			}
-			if !s.done || e.kvBudget.used.Load() != 0 {
-				t.Errorf("%v: done %v, %d bytes still counted after the last token", p, s.done, e.kvBudget.used.Load())
-			}
-		}()
-		for i := range s.kv.k {
-			alloc[p] += int64(4 * (len(s.kv.k[i]) + len(s.kv.v[i])))
-		}
-		if s.kv.bytes() < used[p] {
-			t.Fatalf("%v: %d bytes allocated for %d used", p, s.kv.bytes(), used[p])
+		if b := e.KVBytes(); b != 0 {
+			t.Errorf("%v: %d bytes still counted after the last token", p, b)
 		}
 	}
-	if alloc[KVFull] != int64(R)*alloc[KVLast] || alloc[KVLast] == 0 {
-		t.Errorf("KV allocations full %d, last %d: want ratio %d:1", alloc[KVFull], alloc[KVLast], R)
+	if held[engine.KVFull] != int64(R)*held[engine.KVLast] || held[engine.KVLast] == 0 {
+		t.Errorf("KV bytes full %d, last %d: want ratio %d:1", held[engine.KVFull], held[engine.KVLast], R)
 	}
-	if used[KVFull] != int64(R)*used[KVLast] || used[KVLast] == 0 {
-		t.Errorf("KV bytes full %d, last %d: want ratio %d:1", used[KVFull], used[KVLast], R)
-	}
-	t.Logf("KV bytes after 18 decode steps: full %d, last %d", used[KVFull], used[KVLast])
+	t.Logf("KV bytes after 18 decode steps: full %d, last %d", held[engine.KVFull], held[engine.KVLast])
 }
 
-// TestStepAllocatesNothing: once buffers have grown, a loop step over a batch allocates nothing.
-func TestStepAllocatesNothing(t *testing.T) {
-	m, err := model.Load("../../testdata/models/ouro-tiny-random")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	r := newRunner(m, naive{})
-	kv := newKVCache(KVFull, m.Config.TotalUTSteps, m.Config.NumHiddenLayers, m.Config.KVDim(), false)
-	kv.reserve(8)
-	rows := []fwdRow{{kv, 0, 0}, {kv, 1, 0}, {kv, 2, 0}}
-	h := make([]float32, 3*m.Config.HiddenSize)
-	r.step(rows, h)
-	if a := testing.AllocsPerRun(10, func() { r.step(rows, h) }); a != 0 {
-		t.Errorf("step allocates %g times", a)
+// TestPreemptionRecomputesSameTokens runs more requests than the KV budget can hold at their
+// full length: the newest are preempted as the oldest grow, their caches freed and later
+// recomputed, and every request still yields exactly the tokens and depths it yields alone
+// (adaptive depth, probes, sampling and speculation included), under both KV policies.
+func TestPreemptionRecomputesSameTokens(t *testing.T) {
+	m, g := loadGolden(t, "ouro-tiny-arith")
+	c := m.Config
+	for _, kv := range []engine.KVPolicy{engine.KVFull, engine.KVLast} {
+		t.Run(kv.String(), func(t *testing.T) {
+			slots := 1
+			if kv == engine.KVFull {
+				slots = c.TotalUTSteps
+			}
+			block := int64(16*slots*c.NumHiddenLayers*2*c.KVDim()) * 4
+			opts := engine.Options{Mode: engine.Fast, KVPolicy: kv, MaxBatch: 4, Threshold: 0.5, ProbeFraction: 0.3, PrefillChunk: 8}
+			var reqs []engine.Request
+			for i := range 4 {
+				r := engine.Request{ID: fmt.Sprint("pre-", i), Prompt: g.ids(t, i), MaxTokens: 40, IgnoreEOS: true}
+				switch i {
+				case 1:
+					r.Sampling = engine.Sampling{Temperature: 0.8, Seed: 3}
+				case 2:
+					r.Speculative = engine.Speculative{Draft: 3, DraftDepth: 1}
+				}
+				reqs = append(reqs, r)
+			}
+			var want []result
+			for _, r := range reqs {
+				want = append(want, runBatched(t, newEngine(t, m, opts), []engine.Request{r})[0])
+			}
+			tight := opts
+			tight.MaxKVBytes = 9 * block // room for two requests at full length, not four
+			e := newEngine(t, m, tight)
+			got := runBatched(t, e, reqs)
+			for i := range reqs {
+				if diff := cmp.Diff(got[i], want[i], cmp.AllowUnexported(result{})); diff != "" {
+					t.Errorf("request %d (-preempted +alone):\n%s", i, diff)
+				}
+			}
+			st := e.Stats()
+			if st.Preemptions == 0 || st.ReplayedTokens == 0 {
+				t.Errorf("stats %+v: no preemption happened", st)
+			}
+			t.Logf("%d preemptions, %d generated tokens recomputed", st.Preemptions, st.ReplayedTokens)
+		})
 	}
 }

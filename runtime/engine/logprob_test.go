@@ -254,7 +254,7 @@ func TestLogprobsValidated(t *testing.T) {
 		name string
 		edit func(*engine.Request)
 	}{
-		{"top 21", func(r *engine.Request) { r.Logprobs, r.TopLogprobs = true, engine.MaxTopLogprobs + 1 }},
+		{"top 21", func(r *engine.Request) { r.Logprobs, r.TopLogprobs = true, engine.MaxTopLogprobs+1 }},
 		{"top -1", func(r *engine.Request) { r.Logprobs, r.TopLogprobs = true, -1 }},
 		{"top without logprobs", func(r *engine.Request) { r.TopLogprobs = 2 }},
 	} {

@@ -16,15 +16,20 @@ type sequence struct {
 	out    *mailbox
 	direct func(Token) bool // Generate's callback instead of out
 
-	kv         *kvCache
-	tokens     []int // prompt, then accepted generated tokens; the last one is not yet in kv
-	prefilled  bool
-	prefillPos int // prompt positions already prefilled (chunked prefill)
-	generated  int
-	smp        *sampler
-	seed       uint64
-	stops      map[int]bool
-	maxStop    int // longest stop string in bytes
+	kv     *kvCache // made by the first batcher that plans the sequence
+	pkv    *kvCache // KVLast: steps 0..R-2 of a prompt prefilled in chunks, until it is in
+	tokens []int    // prompt, then accepted generated tokens; the last one is not yet in kv
+	filled int      // positions [0, filled) of the cache hold their keys and values
+	// kvRecs says, for each generated token in the cache (position len(Prompt)+i), how it was
+	// computed, so a preempted sequence recomputes the same cache.
+	kvRecs    []kvRec
+	order     uint64    // submission order: the newest is preempted first
+	logits    []float32 // [vocab] the exit logits of a sampled token
+	generated int
+	smp       *sampler
+	seed      uint64
+	stops     map[int]bool
+	maxStop   int // longest stop string in bytes
 
 	prompt       []Token // PromptLogprobs: the prompt's scores so far, sent with the first token
 	unit         unit    // the rows in flight
@@ -35,12 +40,17 @@ type sequence struct {
 	err          error
 }
 
+// kvRec is how a generated token's keys and values were computed: at which depth (steps run
+// before the later slots were filled), and in one pass with the token before it (verification).
+type kvRec struct {
+	depth  uint8
+	joined bool
+}
+
 func (e *Engine) newSequence(ctx context.Context, r Request) *sequence {
-	c := e.m.Config
 	s := &sequence{e: e, ctx: ctx, req: r, out: newMailbox(), smp: newSampler(r), seed: requestSeed(r),
-		kv: newKVCache(e.opts.KVPolicy, c.TotalUTSteps, c.NumHiddenLayers, c.KVDim(), e.opts.KVBF16), stops: map[int]bool{}}
+		stops: map[int]bool{}, order: e.admitted.Add(1)}
 	s.tokens = append(make([]int, 0, len(r.Prompt)+min(r.MaxTokens, 4096)), r.Prompt...)
-	s.kv.budget = e.kvBudget
 	for _, id := range r.StopTokens {
 		s.stops[id] = true
 	}
@@ -60,7 +70,7 @@ func (s *sequence) finish(reason string, err error) {
 	}
 	s.done = true
 	s.finishReason, s.err = reason, err
-	s.kv.release()
+	s.releaseKV()
 	if s.direct == nil {
 		s.out.push(Event{Done: true, Finish: reason, Err: err})
 	}
@@ -101,9 +111,44 @@ func (s *sequence) emit(tok Token) bool {
 	return !s.done
 }
 
+// started reports whether the sequence has generated its first token.
+func (s *sequence) started() bool { return len(s.tokens) > len(s.req.Prompt) }
+
+// decoding reports whether the cache holds every token but the newest: the next unit decodes.
+func (s *sequence) decoding() bool { return s.started() && s.filled == len(s.tokens)-1 }
+
+// holdsKV reports whether the sequence holds KV memory.
+func (s *sequence) holdsKV() bool { return s.kvBytes() > 0 }
+
+func (s *sequence) kvBytes() int64 {
+	var n int64
+	if s.kv != nil {
+		n += s.kv.bytes()
+	}
+	if s.pkv != nil {
+		n += s.pkv.bytes()
+	}
+	return n
+}
+
+func (s *sequence) releaseKV() {
+	if s.kv != nil {
+		s.kv.release()
+	}
+	if s.pkv != nil {
+		s.pkv.release()
+		s.pkv = nil
+	}
+}
+
+// wrote records how the newest position entered the cache.
+func (s *sequence) wrote(depth int, joined bool) {
+	s.kvRecs = append(s.kvRecs, kvRec{depth: uint8(depth), joined: joined})
+}
+
 // scorePrompt records the prompt tokens that a completed prefill chunk's rows score: row i's
-// exit logits give prompt token i+1 its log-probability.
-func (s *sequence) scorePrompt(rows []rowState, logits func(*rowState) []float32) {
+// exit head gives prompt token i+1 its log-probability.
+func (s *sequence) scorePrompt(rows []rowState) {
 	if len(s.prompt) == 0 {
 		s.prompt = append(make([]Token, 0, len(s.req.Prompt)), Token{ID: s.req.Prompt[0]})
 	}
@@ -112,8 +157,10 @@ func (s *sequence) scorePrompt(rows []rowState, logits func(*rowState) []float32
 		if !row.scores {
 			continue
 		}
-		tok := Token{ID: s.req.Prompt[row.pos+1], Depth: row.chosen + 1}
-		scoreToken(&tok, logits(row), s.req.TopLogprobs)
+		tok := Token{ID: s.req.Prompt[row.pos+1], Depth: row.exit.Chosen + 1, Logprob: row.score}
+		if len(row.top) > 0 {
+			tok.Top = append([]Logprob(nil), row.top...)
+		}
 		s.prompt = append(s.prompt, tok)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/loopserve/loopserve/runtime/backend/host"
 	"github.com/loopserve/loopserve/runtime/engine"
 	"github.com/loopserve/loopserve/runtime/model"
 )
@@ -68,10 +69,7 @@ func (b *Backend) Close() error {
 	return nil
 }
 
-var (
-	_ engine.Backend       = (*Backend)(nil)
-	_ engine.MultiMatMuler = (*Backend)(nil)
-)
+var _ engine.Backend = (*Backend)(nil)
 
 // New returns a backend using threads goroutines per kernel (GOMAXPROCS when threads <= 0).
 func New(threads int) *Backend {
@@ -120,7 +118,7 @@ func (b *Backend) parallelGrain(total, work, grain int, fn func(lo, hi int)) {
 	wg.Wait()
 }
 
-// MatMul implements engine.Backend.
+// MatMul computes out[n, w.Rows] = x[n, w.Cols] · wᵀ, reading w once for all n rows.
 func (b *Backend) MatMul(out, x []float32, n int, w *model.Matrix) {
 	rows, cols := w.Rows, w.Cols
 	if n <= 0 {
@@ -129,7 +127,8 @@ func (b *Backend) MatMul(out, x []float32, n int, w *model.Matrix) {
 	b.parallelGrain(rows, rows*cols*n, 4, func(lo, hi int) { matRows(out, x, n, w, lo, hi, rows, cols) })
 }
 
-// MultiMatMul implements engine.MultiMatMuler: the rows of all weights form one index space.
+// MultiMatMul applies several weights with the same Cols to x in one parallel pass: the rows
+// of all weights form one index space.
 func (b *Backend) MultiMatMul(outs [][]float32, x []float32, n int, ws []*model.Matrix) {
 	if n <= 0 {
 		return
@@ -326,7 +325,8 @@ func dotF32(w, x []float32) float32 {
 // them, disjoint per goroutine by construction, and race instrumentation of every element
 // access would make -race test runs an order of magnitude slower.
 
-// RMSNorm implements engine.Backend.
+// RMSNorm computes out[n, d] = x / sqrt(mean(x²) + eps) · weight, d = len(weight); out may
+// alias x.
 func (b *Backend) RMSNorm(out, x []float32, n int, weight []float32, eps float32) {
 	d := len(weight)
 	b.parallel(n, n*d*4, func(lo, hi int) {
@@ -348,7 +348,7 @@ func rmsRow(out, x, weight []float32, eps float32) {
 	}
 }
 
-// RoPE implements engine.Backend.
+// RoPE rotates x[n, heads·headDim] in place at positions pos[n] (rotate-half convention).
 func (b *Backend) RoPE(x []float32, n, heads, headDim int, pos []int, invFreq []float32) {
 	var t *ropeTable
 	if len(invFreq) == headDim/2 {
@@ -382,7 +382,7 @@ func ropeRow(x []float32, heads, headDim, pos int, invFreq []float32) {
 	}
 }
 
-// SiLUMul implements engine.Backend.
+// SiLUMul computes gate[i] = silu(gate[i]) · up[i].
 func (b *Backend) SiLUMul(gate, up []float32) {
 	b.parallel(len(gate), len(gate)*16, func(lo, hi int) { siluMul(gate[lo:hi], up[lo:hi]) })
 }
@@ -407,16 +407,16 @@ func siluMul(gate, up []float32) {
 	}
 }
 
-// Attention implements engine.Backend: one task per (job, head).
-func (b *Backend) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, scale float32) {
+// Attention computes causal grouped-query attention for each job, one task per (job, head).
+func (b *Backend) Attention(jobs []host.AttnJob, heads, kvHeads, headDim int, scale float32) {
 	work, maxN := 0, 0
-	for _, j := range jobs {
-		work += j.N * heads * headDim * 2
-		maxN = max(maxN, j.N)
+	for i := range jobs {
+		n := jobs[i].N()
+		work += n * heads * headDim * 2
+		maxN = max(maxN, n)
 	}
 	b.parallel(len(jobs)*heads, work, func(lo, hi int) {
-		// One scratch row per chunk, with room to pad to 16 lanes (see attnHead): prefill's
-		// jobs grow one position at a time, and growing per job was most of its garbage.
+		// One scratch row per chunk, with room to pad to 16 lanes (see attnHead).
 		var stack [512]float32
 		scores := stack[:]
 		if maxN+15 > len(stack) {
@@ -424,70 +424,90 @@ func (b *Backend) Attention(jobs []engine.AttnJob, heads, kvHeads, headDim int, 
 		}
 		for t := lo; t < hi; t++ {
 			j := &jobs[t/heads]
-			attnHead(j, t%heads, heads/kvHeads, kvHeads*headDim, headDim, scale, scores[:j.N])
+			attnHead(j, t%heads, heads/kvHeads, kvHeads*headDim, headDim, scale, scores)
 		}
 	})
 }
 
+// attnHead computes head h of job j, over its runs in position order: the scores of every
+// position, one softmax, then the values, run by run. scores has room for N+15 positions.
+//
 //go:norace
-func attnHead(j *engine.AttnJob, h, group, kvDim, headDim int, scale float32, scores []float32) {
+func attnHead(j *host.AttnJob, h, group, kvDim, headDim int, scale float32, scores []float32) {
 	q := j.Q[h*headDim : (h+1)*headDim]
 	off := (h / group) * headDim
-	if attnAVX512 && j.K16 == nil && headDim%16 == 0 && headDim > 0 && j.N > 0 &&
-		len(j.K) >= (j.N-1)*kvDim+off+headDim && len(j.V) >= (j.N-1)*kvDim+off+headDim {
+	out := j.Out[h*headDim : (h+1)*headDim]
+	N := j.N()
+	half := len(j.Runs) > 0 && j.Runs[0].K16 != nil
+	if attnAVX512 && !half && headDim%16 == 0 && headDim > 0 && N > 0 {
 		// Whole loops in assembly: at head width 16 a call per position costs more than its
 		// arithmetic.
-		mx := attnScoresAVX512(&q[0], &j.K[off], 4*kvDim, j.N, headDim, scale, &scores[0])
+		mx := float32(math.Inf(-1))
+		p := 0
+		for _, r := range j.Runs {
+			mx = max(mx, attnScoresAVX512(&q[0], &r.K[off], 4*kvDim, r.N, headDim, scale, &scores[p]))
+			p += r.N
+		}
 		// Pad to whole vectors so no position takes the scalar exp: a padding score of
 		// -MaxFloat32 becomes ~1e-38, which leaves a sum of at least 1 (e^0 at the maximum)
 		// unchanged.
-		padded := scores[:(j.N+15)&^15]
-		for p := j.N; p < len(padded); p++ {
+		padded := scores[:(N+15)&^15]
+		for p := N; p < len(padded); p++ {
 			padded[p] = -math.MaxFloat32
 		}
 		inv := 1 / expShift(padded, mx)
-		attnMixAVX512(&j.Out[h*headDim], &scores[0], inv, &j.V[off], 4*kvDim, j.N, headDim)
+		p = 0
+		for i, r := range j.Runs {
+			attnMixAVX512(&out[0], &scores[p], inv, &r.V[off], 4*kvDim, r.N, headDim, i > 0)
+			p += r.N
+		}
 		return
 	}
 	vec := attnAVX2 && headDim%16 == 0 && headDim > 0
-	half := j.K16 != nil
 	mx := float32(math.Inf(-1))
-	for p := 0; p < j.N; p++ {
-		lo := p*kvDim + off
-		var s float32
-		switch {
-		case half && vec:
-			s = dotBF16F32AVX2(&j.K16[lo], &q[0], headDim)
-		case half:
-			s = dotBF16(j.K16[lo:lo+headDim], q)
-		case vec:
-			s = dotF32AVX2(&q[0], &j.K[lo], headDim)
-		default:
-			s = dotF32(q, j.K[lo:lo+headDim])
+	p := 0
+	for _, r := range j.Runs {
+		for i := 0; i < r.N; i++ {
+			lo := i*kvDim + off
+			var s float32
+			switch {
+			case half && vec:
+				s = dotBF16F32AVX2(&r.K16[lo], &q[0], headDim)
+			case half:
+				s = dotBF16(r.K16[lo:lo+headDim], q)
+			case vec:
+				s = dotF32AVX2(&q[0], &r.K[lo], headDim)
+			default:
+				s = dotF32(q, r.K[lo:lo+headDim])
+			}
+			s *= scale
+			scores[p] = s
+			mx = max(mx, s)
+			p++
 		}
-		s *= scale
-		scores[p] = s
-		mx = max(mx, s)
 	}
-	sum := expShift(scores, mx)
-	out := j.Out[h*headDim : (h+1)*headDim]
+	sum := expShift(scores[:N], mx)
 	clear(out)
 	inv := 1 / sum
-	for p, e := range scores {
-		wgt := e * inv
-		lo := p*kvDim + off
-		switch {
-		case half && vec:
-			axpyBF16AVX2(&out[0], wgt, &j.V16[lo], headDim)
-		case half:
-			for d, u := range j.V16[lo : lo+headDim] {
-				out[d] += wgt * bf(u)
-			}
-		case vec:
-			axpyF32AVX2(&out[0], wgt, &j.V[lo], headDim)
-		default:
-			for d, v := range j.V[lo : lo+headDim] {
-				out[d] += wgt * v
+	p = 0
+	for _, r := range j.Runs {
+		for i := 0; i < r.N; i++ {
+			wgt := scores[p] * inv
+			p++
+			lo := i*kvDim + off
+			switch {
+			case half && vec:
+				axpyBF16AVX2(&out[0], wgt, &r.V16[lo], headDim)
+			case half:
+				for d, u := range r.V16[lo : lo+headDim] {
+					out[d] += wgt * bf(u)
+				}
+			case vec:
+				axpyF32AVX2(&out[0], wgt, &r.V[lo], headDim)
+			default:
+				for d, v := range r.V[lo : lo+headDim] {
+					out[d] += wgt * v
+				}
 			}
 		}
 	}

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/loopserve/loopserve/runtime/backend/cpu"
-	"github.com/loopserve/loopserve/runtime/engine"
+	"github.com/loopserve/loopserve/runtime/backend/host"
 	"github.com/loopserve/loopserve/runtime/model"
 )
 
@@ -120,12 +120,12 @@ func TestKernelsMatchReference(t *testing.T) {
 	// Head widths 16 and 128 take the vector loops (where the CPU has them), 12 the plain ones.
 	for _, hd := range []int{16, 12, 128} {
 		heads, kvHeads := 8, 2
-		var jobs, refJobs []engine.AttnJob
+		var jobs, refJobs []host.AttnJob
 		for _, n := range []int{1, 2, 17, 90} {
 			q := randVec(r, heads*hd)
 			k, v := randVec(r, n*kvHeads*hd), randVec(r, n*kvHeads*hd)
-			jobs = append(jobs, engine.AttnJob{Q: q, K: k, V: v, N: n, Out: make([]float32, heads*hd)})
-			refJobs = append(refJobs, engine.AttnJob{Q: q, K: k, V: v, N: n, Out: make([]float32, heads*hd)})
+			jobs = append(jobs, host.AttnJob{Q: q, Runs: host.Contiguous(k, v, n), Out: make([]float32, heads*hd)})
+			refJobs = append(refJobs, host.AttnJob{Q: q, Runs: host.Contiguous(k, v, n), Out: make([]float32, heads*hd)})
 		}
 		scale := float32(1 / math.Sqrt(float64(hd)))
 		be.Attention(jobs, heads, kvHeads, hd, scale)
@@ -135,10 +135,9 @@ func TestKernelsMatchReference(t *testing.T) {
 		}
 		// bfloat16 keys and values.
 		for i := range jobs {
-			k16, v16 := toBF16(jobs[i].K), toBF16(jobs[i].V)
-			for _, jj := range []*engine.AttnJob{&jobs[i], &refJobs[i]} {
-				jj.K16, jj.V16, jj.K, jj.V = k16, v16, nil, nil
-			}
+			run := jobs[i].Runs[0]
+			half := []host.Run{{K16: toBF16(run.K), V16: toBF16(run.V), N: run.N}}
+			jobs[i].Runs, refJobs[i].Runs = half, half
 		}
 		be.Attention(jobs, heads, kvHeads, hd, scale)
 		ref.Attention(refJobs, heads, kvHeads, hd, scale)
@@ -153,7 +152,7 @@ func TestKernelsMatchReference(t *testing.T) {
 func BenchmarkAttention(b *testing.B) {
 	r := rand.New(rand.NewPCG(1, 2))
 	const heads, hd, n = 16, 128, 1024
-	jobs := []engine.AttnJob{{Q: randVec(r, heads*hd), K: randVec(r, n*heads*hd), V: randVec(r, n*heads*hd), N: n, Out: make([]float32, heads*hd)}}
+	jobs := []host.AttnJob{{Q: randVec(r, heads*hd), Runs: host.Contiguous(randVec(r, n*heads*hd), randVec(r, n*heads*hd), n), Out: make([]float32, heads*hd)}}
 	be := cpu.New(0)
 	for b.Loop() {
 		be.Attention(jobs, heads, heads, hd, 0.088)

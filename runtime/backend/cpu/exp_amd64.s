@@ -325,10 +325,11 @@ scoredone:
 	VZEROUPPER
 	RET
 
-// func attnMixAVX512(out *float32, w *float32, inv float32, v *float32, stride int, n int, hd int)
-// out[d] = Σ_p (w[p]·inv)·v[p·stride/4 + d] for d < hd; stride in bytes, n > 0, hd a positive
-// multiple of 16. Two accumulator chains (even and odd p) hide the FMA latency.
-TEXT ·attnMixAVX512(SB), NOSPLIT, $0-56
+// func attnMixAVX512(out *float32, w *float32, inv float32, v *float32, stride int, n int, hd int, add bool)
+// out[d] = Σ_p (w[p]·inv)·v[p·stride/4 + d] for d < hd (with add, out[d] + that sum, the even
+// chain starting at out[d]); stride in bytes, n > 0, hd a positive multiple of 16. Two
+// accumulator chains (even and odd p) hide the FMA latency.
+TEXT ·attnMixAVX512(SB), NOSPLIT, $0-57
 	MOVQ out+0(FP), DI
 	MOVQ w+8(FP), R8
 	VBROADCASTSS inv+16(FP), Z5
@@ -336,10 +337,16 @@ TEXT ·attnMixAVX512(SB), NOSPLIT, $0-56
 	MOVQ stride+32(FP), BX
 	MOVQ n+40(FP), R9
 	MOVQ hd+48(FP), DX
+	MOVBLZX add+56(FP), R12
 	XORQ AX, AX
 
 mixchunk:
 	VPXORD Z0, Z0, Z0
+	TESTQ R12, R12
+	JZ   mixzero
+	VMOVUPS (DI)(AX*4), Z0
+
+mixzero:
 	VPXORD Z1, Z1, Z1
 	MOVQ R8, R10
 	LEAQ (SI)(AX*4), R11

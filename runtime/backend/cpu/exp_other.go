@@ -12,6 +12,6 @@ func attnScoresAVX512(q *float32, k *float32, stride int, n int, hd int, scale f
 	panic("cpu: no AVX-512 on this architecture")
 }
 
-func attnMixAVX512(out *float32, w *float32, inv float32, v *float32, stride int, n int, hd int) {
+func attnMixAVX512(out *float32, w *float32, inv float32, v *float32, stride int, n int, hd int, add bool) {
 	panic("cpu: no AVX-512 on this architecture")
 }

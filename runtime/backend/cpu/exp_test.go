@@ -5,7 +5,7 @@ import (
 	"math/rand/v2"
 	"testing"
 
-	"github.com/loopserve/loopserve/runtime/engine"
+	"github.com/loopserve/loopserve/runtime/backend/host"
 )
 
 // TestExpfMatchesMathExp sweeps the float32 range where e^x is a normal float and checks expf
@@ -142,12 +142,13 @@ func TestAttentionPathsMatchReference(t *testing.T) {
 		attnAVX512 = vec
 		for _, hd := range []int{16, 32, 12} {
 			heads, kvHeads := 4, 2
-			var jobs, refJobs []engine.AttnJob
+			var jobs, refJobs []host.AttnJob
 			for _, n := range []int{1, 2, 3, 16, 33, 128} {
 				q := fastRandVec(r, heads*hd)
 				k, v := fastRandVec(r, n*kvHeads*hd), fastRandVec(r, n*kvHeads*hd)
-				jobs = append(jobs, engine.AttnJob{Q: q, K: k, V: v, N: n, Out: make([]float32, heads*hd)})
-				refJobs = append(refJobs, engine.AttnJob{Q: q, K: k, V: v, N: n, Out: make([]float32, heads*hd)})
+				// Paged as in a cache (runs of 16 positions), and the oracle on one run.
+				jobs = append(jobs, host.AttnJob{Q: q, Runs: pages(k, v, n, kvHeads*hd), Out: make([]float32, heads*hd)})
+				refJobs = append(refJobs, host.AttnJob{Q: q, Runs: host.Contiguous(k, v, n), Out: make([]float32, heads*hd)})
 			}
 			scale := float32(1 / math.Sqrt(float64(hd)))
 			be.Attention(jobs, heads, kvHeads, hd, scale)
@@ -155,7 +156,7 @@ func TestAttentionPathsMatchReference(t *testing.T) {
 			for i := range jobs {
 				for d, got := range jobs[i].Out {
 					if want := refJobs[i].Out[d]; math.Abs(float64(got-want)) > 1e-5 {
-						t.Errorf("vector %v hd %d n %d: out[%d] = %g, want %g", vec, hd, jobs[i].N, d, got, want)
+						t.Errorf("vector %v hd %d n %d: out[%d] = %g, want %g", vec, hd, jobs[i].N(), d, got, want)
 					}
 				}
 			}
@@ -199,4 +200,14 @@ func TestAttnScoresBlocks(t *testing.T) {
 			}
 		}
 	}
+}
+
+// pages splits keys and values [n, kvDim] into runs of host.Block positions, as a cache holds them.
+func pages(k, v []float32, n, kvDim int) []host.Run {
+	var runs []host.Run
+	for p := 0; p < n; p += host.Block {
+		m := min(host.Block, n-p)
+		runs = append(runs, host.Run{K: k[p*kvDim : (p+m)*kvDim], V: v[p*kvDim : (p+m)*kvDim], N: m})
+	}
+	return runs
 }
