@@ -6,7 +6,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/loopserve/loopserve/runtime/backend/cpu"
 	"github.com/loopserve/loopserve/runtime/engine"
 	"github.com/loopserve/loopserve/runtime/model"
 	"github.com/loopserve/loopserve/runtime/tokenizer"
@@ -14,7 +13,7 @@ import (
 
 func newForwardCmd() *cobra.Command {
 	var dir, prompt, idList, dump string
-	var threads int
+	var bf backendFlags
 	var hidden bool
 	cmd := &cobra.Command{
 		Use:   "forward --model DIR (--prompt TEXT | --ids 1,2,3) --dump FILE",
@@ -46,8 +45,10 @@ final_hidden (F32 [R,S,H]) with --hidden. The layout is the goldens' (testdata/g
 				return err
 			}
 			defer m.Close()
-			be := cpu.New(threads)
-			defer be.Close()
+			be, err := bf.backend()
+			if err != nil {
+				return err
+			}
 			tr, err := engine.Forward(cmd.Context(), m, be, ids)
 			if err != nil {
 				return err
@@ -79,6 +80,6 @@ final_hidden (F32 [R,S,H]) with --hidden. The layout is the goldens' (testdata/g
 	f.StringVar(&idList, "ids", "", "token ids instead of a prompt: 1,2,3 or [1, 2, 3]")
 	f.StringVar(&dump, "dump", "", "safetensors file to write")
 	f.BoolVar(&hidden, "hidden", false, "also write final_hidden (norm(h) after every step)")
-	f.IntVar(&threads, "threads", 0, "kernel goroutines; 0 for GOMAXPROCS")
+	bf.register(cmd)
 	return cmd
 }

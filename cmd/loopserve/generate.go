@@ -10,7 +10,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/loopserve/loopserve/internal/progress"
-	"github.com/loopserve/loopserve/runtime/backend/cpu"
 	"github.com/loopserve/loopserve/runtime/engine"
 	"github.com/loopserve/loopserve/runtime/model"
 	"github.com/loopserve/loopserve/runtime/tokenizer"
@@ -22,7 +21,8 @@ func newGenerateCmd() *cobra.Command {
 		maxTokens, exitStep, topK   int
 		threshold, temp, topP       float64
 		seed                        uint64
-		threads, draft, draftDepth  int
+		draft, draftDepth           int
+		bf                          backendFlags
 		chat, ignoreEOS, kvBF16     bool
 		stops                       []string
 	)
@@ -66,12 +66,15 @@ computes every step and selects (the reference semantics); --mode fast stops at 
 				}
 			}
 			ids := tok.Encode(text)
-			be := cpu.New(threads)
-			defer be.Close()
+			be, err := bf.backend()
+			if err != nil {
+				return err
+			}
 			e, err := engine.New(m, engine.Options{Backend: be, Mode: md, KVPolicy: kv, KVBF16: kvBF16, MaxBatch: 1, Decode: tok.Decode})
 			if err != nil {
 				return err
 			}
+			defer e.Close()
 			req := engine.Request{Prompt: ids, MaxTokens: maxTokens, IgnoreEOS: ignoreEOS, StopStrings: stops,
 				Sampling:    engine.Sampling{Temperature: temp, TopK: topK, TopP: topP, Seed: seed},
 				Exit:        engine.Exit{Threshold: threshold},
@@ -135,7 +138,7 @@ computes every step and selects (the reference semantics); --mode fast stops at 
 	f.BoolVar(&ignoreEOS, "ignore-eos", false, "keep generating past the end-of-sequence token")
 	f.IntVar(&draft, "speculative", 0, "self-speculative decoding: draft this many tokens per verification (greedy only)")
 	f.IntVar(&draftDepth, "draft-depth", 1, "loop steps for speculative drafts")
-	f.IntVar(&threads, "threads", 0, "kernel goroutines; 0 for GOMAXPROCS")
+	bf.register(cmd)
 	return cmd
 }
 

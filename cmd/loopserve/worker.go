@@ -26,12 +26,14 @@ import (
 
 // serveEngineFlags are the engine settings shared by worker, up and bench serve.
 type serveEngineFlags struct {
-	threshold     float64
-	mode          string
-	kvPolicy      string
-	probeFraction float64
-	capacity      int
-	threads       int
+	threshold        float64
+	mode             string
+	kvPolicy         string
+	probeFraction    float64
+	capacity         int
+	maxBatchedTokens int
+	kvMemory         string
+	backend          backendFlags
 }
 
 func (f *serveEngineFlags) register(cmd *cobra.Command, defaultThreshold float64) {
@@ -41,7 +43,9 @@ func (f *serveEngineFlags) register(cmd *cobra.Command, defaultThreshold float64
 	fl.StringVar(&f.kvPolicy, "kv-policy", "full", "decode KV cache policy: full (per-step caches) or last (one per layer, R× less memory)")
 	fl.Float64Var(&f.probeFraction, "probe-fraction", 0.02, "fraction of tokens that run every loop step for unbiased depth statistics")
 	fl.IntVar(&f.capacity, "capacity", 8, "requests generated at once (the engine's batch; the queue's MaxAckPending)")
-	fl.IntVar(&f.threads, "threads", 0, "CPU backend goroutines per kernel (0: GOMAXPROCS)")
+	fl.IntVar(&f.maxBatchedTokens, "max-batched-tokens", 0, "rows of one engine iteration, prompt chunks and decode rows together; decode rows come first, so a long prompt never stalls them (0: 256 + --capacity)")
+	fl.StringVar(&f.kvMemory, "kv-memory", "", "KV cache budget, e.g. 8GiB (empty: from the container's memory limit — cgroup memory.max — less the weights and headroom)")
+	f.backend.register(cmd)
 }
 
 func (f *serveEngineFlags) options() (engine.Options, error) {
@@ -59,7 +63,24 @@ func (f *serveEngineFlags) options() (engine.Options, error) {
 	if f.threshold < 0 || f.threshold > 1 {
 		return engine.Options{}, fmt.Errorf("--threshold must be in [0, 1]")
 	}
-	return engine.Options{Mode: mode, KVPolicy: kv, MaxBatch: f.capacity, Threshold: f.threshold, ProbeFraction: f.probeFraction}, nil
+	if f.maxBatchedTokens < 0 {
+		return engine.Options{}, fmt.Errorf("--max-batched-tokens must not be negative")
+	}
+	var kvBytes int64
+	if f.kvMemory != "" {
+		if kvBytes, err = parseBytes(f.kvMemory); err != nil {
+			return engine.Options{}, fmt.Errorf("--kv-memory: %w", err)
+		}
+		if kvBytes == 0 {
+			return engine.Options{}, fmt.Errorf("--kv-memory must be positive (leave it empty for the container's limit)")
+		}
+	}
+	be, err := f.backend.backend()
+	if err != nil {
+		return engine.Options{}, err
+	}
+	return engine.Options{Backend: be, Mode: mode, KVPolicy: kv, MaxBatch: f.capacity, Threshold: f.threshold, ProbeFraction: f.probeFraction,
+		MaxBatchedTokens: f.maxBatchedTokens, MaxKVBytes: kvBytes}, nil
 }
 
 // runEngine starts a loaded model's batching loop; stop waits for it and closes the model.

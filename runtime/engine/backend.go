@@ -131,10 +131,11 @@ type Row struct {
 // the row's exit is decided (AtExit) or at every step (Every); then RowOut reports the argmax,
 // and the log-probabilities asked for.
 type Head struct {
-	AtExit bool
-	Every  bool
-	Logits bool // also the raw logits [vocab] (the engine samples on the host)
-	Top    int  // also the Top most likely tokens with their log-probabilities
+	AtExit   bool
+	Every    bool
+	Logits   bool // also the raw logits [vocab] (the engine samples on the host)
+	Logprobs bool // also the log-probability of Argmax
+	Top      int  // also the Top most likely tokens with their log-probabilities
 	Score  bool // also the log-probability of token ScoreID (prompt scoring)
 	// ScoreID is the token whose log-probability Score reports.
 	ScoreID int
@@ -147,7 +148,7 @@ type RowOut struct {
 	// Head results, when the LM head ran at this step (Ran).
 	Ran     bool
 	Argmax  int       // the most likely token (the lowest id among equal logits)
-	Logprob float32   // log-softmax of Argmax
+	Logprob float32   // log-softmax of Argmax (with Head.Logprobs, Top or Score)
 	Score   float32   // log-softmax of Head.ScoreID (with Head.Score)
 	Top     []Logprob // with Head.Top: most likely first, ties by id (stream memory)
 	Logits  []float32 // with Head.Logits: [vocab] (stream memory)

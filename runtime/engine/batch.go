@@ -397,7 +397,7 @@ func (b *batcher) iterate(seqs []*sequence) int {
 		}
 		h := Head{AtExit: row.head(), Every: row.probe, Logits: row.sample}
 		if row.wantLogits && !row.sample && s.req.Logprobs && row.kind != rowDraft {
-			h.Top = s.req.TopLogprobs
+			h.Logprobs, h.Top = true, s.req.TopLogprobs
 		}
 		if row.scores {
 			h.Score, h.ScoreID, h.Top = true, s.req.Prompt[row.pos+1], s.req.TopLogprobs

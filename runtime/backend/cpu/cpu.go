@@ -4,6 +4,7 @@
 package cpu
 
 import (
+	"fmt"
 	"math"
 	"runtime"
 	"sync"
@@ -18,8 +19,9 @@ import (
 // per-call state and is safe for concurrent use. Its worker goroutines stop at Close, or
 // when the Backend becomes unreachable.
 type Backend struct {
-	threads int
-	pool    *pool
+	threads  int
+	numerics Numerics
+	pool     *pool
 	rope    atomic.Pointer[ropeTable] // the latest rotation table, see rotations
 }
 
@@ -71,18 +73,40 @@ func (b *Backend) Close() error {
 
 var _ engine.Backend = (*Backend)(nil)
 
-// New returns a backend using threads goroutines per kernel (GOMAXPROCS when threads <= 0).
+// Options configure a Backend.
+type Options struct {
+	Threads  int      // goroutines per step (GOMAXPROCS when <= 0)
+	Numerics Numerics // Exact (the default) or BF16
+}
+
+// New returns an Exact backend using threads goroutines (GOMAXPROCS when threads <= 0).
 func New(threads int) *Backend {
+	b, _ := NewWith(Options{Threads: threads})
+	return b
+}
+
+// NewWith returns a backend configured by o; BF16 numerics need AVX-512 BF16.
+func NewWith(o Options) (*Backend, error) {
+	switch {
+	case o.Numerics != Exact && o.Numerics != BF16:
+		return nil, fmt.Errorf("cpu backend: numerics %d", o.Numerics)
+	case o.Numerics == BF16 && !haveBF16:
+		return nil, fmt.Errorf("cpu backend: bf16 numerics need a CPU with AVX-512 BF16 (VDPBF16PS); this one has none")
+	}
+	threads := o.Threads
 	if threads <= 0 {
 		threads = runtime.GOMAXPROCS(0)
 	}
-	b := &Backend{threads: threads}
+	b := &Backend{threads: threads, numerics: o.Numerics}
 	if threads > 1 {
 		b.pool = newPool(threads - 1)
 		runtime.AddCleanup(b, func(p *pool) { p.stop() }, b.pool)
 	}
-	return b
+	return b, nil
 }
+
+// Numerics is the backend's arithmetic.
+func (b *Backend) Numerics() Numerics { return b.numerics }
 
 // minWork is the multiply-adds below which a kernel runs on the calling goroutine: spawning
 // costs about a microsecond, which a few thousand FMAs do not repay.

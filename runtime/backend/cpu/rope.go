@@ -72,3 +72,25 @@ func ropeRowTable(x []float32, heads, headDim, pos int, t *ropeTable) {
 		}
 	}
 }
+
+// ropeHeads rotates heads [h0, h1) of one row x [heads·headDim] at position pos, from the table
+// t when it covers pos (as ropeRowTable), else computing the angles (as ropeRow).
+//
+//go:norace
+func ropeHeads(x []float32, h0, h1, headDim, pos int, t *ropeTable, invFreq []float32) {
+	half := headDim / 2
+	if t != nil && pos < t.n {
+		cs, sn := t.cos[pos*half:(pos+1)*half], t.sin[pos*half:(pos+1)*half]
+		for h := h0; h < h1; h++ {
+			v := x[h*headDim : (h+1)*headDim]
+			lo, hi := v[:half], v[half:2*half]
+			for k := range lo {
+				a, bb, c, s := lo[k], hi[k], cs[k], sn[k]
+				lo[k] = a*c - bb*s
+				hi[k] = bb*c + a*s
+			}
+		}
+		return
+	}
+	ropeRow(x[h0*headDim:h1*headDim], h1-h0, headDim, pos, invFreq)
+}

@@ -132,21 +132,27 @@ func (cs *Caches) Runs(dst []Run, kv engine.KV, slot, layer, n int) []Run {
 // Put stores one position's key and value rows [kvDim] in (slot, layer) of kv, rounding to
 // bfloat16 in a bfloat16 cache.
 func (cs *Caches) Put(kv engine.KV, slot, layer, pos int, k, v []float32) {
+	cs.PutCols(kv, slot, layer, pos, 0, k[:cs.kvDim], v[:cs.kvDim])
+}
+
+// PutCols stores columns [c0, c0+len(k)) of one position's key and value rows: a part of the
+// heads, so that goroutines writing disjoint heads of a position may run at once.
+func (cs *Caches) PutCols(kv engine.KV, slot, layer, pos, c0 int, k, v []float32) {
 	c := cs.get(kv)
 	d := cs.kvDim
 	b, p := pos/Block, pos%Block
-	ko, vo := cs.offset(slot, layer, 0)+p*d, cs.offset(slot, layer, 1)+p*d
+	ko, vo := cs.offset(slot, layer, 0)+p*d+c0, cs.offset(slot, layer, 1)+p*d+c0
 	if cs.bf16 {
 		blk := c.blk16[b]
-		for i := range d {
+		for i := range k {
 			blk[ko+i] = model.F32ToBF16(k[i])
 			blk[vo+i] = model.F32ToBF16(v[i])
 		}
 		return
 	}
 	blk := c.blocks[b]
-	copy(blk[ko:ko+d], k[:d])
-	copy(blk[vo:vo+d], v[:d])
+	copy(blk[ko:ko+len(k)], k)
+	copy(blk[vo:vo+len(v)], v)
 }
 
 // Copy performs the copies in order.

@@ -1,0 +1,51 @@
+package cpu
+
+import "golang.org/x/sys/cpu"
+
+// haveBF16 reports AVX-512 BF16 (VDPBF16PS), which the BF16 numerics need.
+var haveBF16 = cpu.X86.HasAVX512BF16 && cpu.X86.HasAVX512F
+
+// Assembly tiles of matmulbf16_amd64.s: 4 bf16 weight rows × m bf16 activation rows, summed
+// into out.
+//
+//go:noescape
+func dpTile4x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTile4x2(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTile4x3(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTile4x4(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTile4x5(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTile4x6(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+var dpTiles = [...]func(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int){
+	dpTile4x1, dpTile4x2, dpTile4x3, dpTile4x4, dpTile4x5, dpTile4x6}
+
+// Assembly tiles of matmulpair_amd64.s: 4 bf16 weight rows × m float32 activation rows
+// (permuted by permutePairs), summed into out.
+//
+//go:noescape
+func pairTile4x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTile4x2(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTile4x3(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTile4x4(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTile4x5(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+var pairTiles = [...]func(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int){
+	pairTile4x1, pairTile4x2, pairTile4x3, pairTile4x4, pairTile4x5}
