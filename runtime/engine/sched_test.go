@@ -226,3 +226,30 @@ func waitUntil(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// capBackend is the recording test backend with a KV capacity (engine.KVCapacitor).
+type capBackend struct {
+	*recorder
+	capacity int64
+}
+
+func (b capBackend) Load(*model.Model, LoadOptions) (Executor, error) { return b, nil }
+func (b capBackend) KVCapacity() (int64, error)                       { return b.capacity, nil }
+
+// TestKVBudgetFromBackend: without Options.MaxKVBytes the budget is the backend's KV capacity
+// (for the CPU, the container's memory limit less the weights); the option overrides it.
+func TestKVBudgetFromBackend(t *testing.T) {
+	m := loadTiny(t)
+	be := capBackend{newRecorder(m), 123 << 20}
+	for _, tc := range []struct {
+		opt, want int64
+	}{{0, 123 << 20}, {5 << 20, 5 << 20}} {
+		e, err := New(m, Options{Backend: be, MaxKVBytes: tc.opt})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := e.KVLimit(); got != tc.want {
+			t.Errorf("MaxKVBytes %d: budget %d, want %d", tc.opt, got, tc.want)
+		}
+	}
+}
