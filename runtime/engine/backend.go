@@ -136,7 +136,7 @@ type Head struct {
 	Logits   bool // also the raw logits [vocab] (the engine samples on the host)
 	Logprobs bool // also the log-probability of Argmax
 	Top      int  // also the Top most likely tokens with their log-probabilities
-	Score  bool // also the log-probability of token ScoreID (prompt scoring)
+	Score    bool // also the log-probability of token ScoreID (prompt scoring)
 	// ScoreID is the token whose log-probability Score reports.
 	ScoreID int
 }

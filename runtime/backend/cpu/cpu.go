@@ -22,7 +22,7 @@ type Backend struct {
 	threads  int
 	numerics Numerics
 	pool     *pool
-	rope    atomic.Pointer[ropeTable] // the latest rotation table, see rotations
+	rope     atomic.Pointer[ropeTable] // the latest rotation table, see rotations
 }
 
 // pool is a fixed set of goroutines taking kernel chunks: handing a chunk to a parked worker
