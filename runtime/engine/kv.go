@@ -93,9 +93,6 @@ func newKVCache(st Stream, ex Executor, slots int, budget *kvBudget) *kvCache {
 	return &kvCache{st: st, slots: slots, block: ex.KVBlock(), blockBytes: ex.KVBlockBytes(slots), budget: budget}
 }
 
-// capacity is the positions the cache holds.
-func (c *kvCache) capacity() int { return c.blocks * c.block }
-
 // bytes is the memory the cache holds.
 func (c *kvCache) bytes() int64 { return int64(c.blocks) * c.blockBytes }
 

@@ -1,6 +1,9 @@
-// Package cpu is the pure-Go Backend: kernels split their rows over GOMAXPROCS goroutines and
-// read bfloat16 weights directly (widening in registers), so a decode step streams each weight
-// byte once. Reference holds plain single-threaded loops used as the numerical oracle.
+// Package cpu is the CPU backend: pure Go plus Go assembly, no cgo. A loop step runs as a few
+// phases per layer, each one hand-off to a fixed pool of worker goroutines (see stream), with
+// product kernels chosen at start-up from the CPU's features: AVX-512 pair tiles (exact float32
+// activations against bf16 weights read in place) or AVX-512 BF16 dot products (bf16
+// activations, Options.Numerics), else AVX2/FMA tiles, else portable loops. Reference is the
+// plain reference backend (package ref) the kernels and steps are tested against.
 package cpu
 
 import (

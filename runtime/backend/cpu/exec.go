@@ -75,8 +75,8 @@ type acts struct {
 	b []uint16
 }
 
-// stream runs a loop step as five phases per layer group, each one hand-off to the backend's
-// workers and one wait:
+// stream runs a loop step as four phases per layer and one after the last, each one hand-off
+// to the backend's workers and one wait:
 //
 //	attention: norm, q/k/v for the worker's key/value heads, RoPE, cache write, attention
 //	project:   the output projection, split by output columns

@@ -198,6 +198,25 @@ func TestStreamMatchesReference(t *testing.T) {
 	}
 }
 
+// TestStreamWithoutAVX512 runs the reference comparison with the AVX-512 kernels off: the
+// AVX2 (or portable) path of CPUs without AVX-512.
+func TestStreamWithoutAVX512(t *testing.T) {
+	defer cpu.WithoutAVX512()()
+	m := tinyModel(t, "ouro-tiny-arith")
+	got := newScript(t, cpu.New(2), m, false).history(m.Config.VocabSize)
+	want := newScript(t, ref.Backend{}, m, false).history(m.Config.VocabSize)
+	for k := range want {
+		for i := range want[k].rows {
+			if d, ok := relClose(got[k].states[i], want[k].states[i], 2e-4); !ok {
+				t.Errorf("step %d row %d: state differs by %.3g (relative)", k, i, d)
+			}
+			if d, ok := relClose(got[k].logits[i], want[k].logits[i], 2e-4); !ok {
+				t.Errorf("step %d row %d: logits differ by %.3g (relative)", k, i, d)
+			}
+		}
+	}
+}
+
 // TestStreamInvariance: a stream's results are bit for bit the same whatever the number of
 // threads (which splits the heads, columns and vocabulary differently), and a row's results do
 // not depend on the other rows of its step: under both numerics.
