@@ -88,12 +88,13 @@ func dpRows(out []float32, ldo int, x []uint16, n int, w *model.Matrix, lo, hi i
 }
 
 // blocking chooses how a product of n activation rows of cols elements (elem bytes each)
-// walks tiles of at most maxM rows: m activation rows per tile, as many as fit L1 (48 KB)
-// beside the weight rows streaming through, while the weights of rb rows at a time (half a
-// megabyte) stay in L2 and serve every activation tile before the next rows stream in. Tiles
-// sum every output alike whatever m is, so the blocking never changes a result.
+// walks tiles of at most maxM rows: m activation rows per tile (up to 128 KB of them: from L2
+// they cost less than the shorter tiles' extra weight conversions), while the weights of rb
+// rows at a time (half a megabyte) stay in L2 and serve every activation tile before the next
+// rows stream in. Tiles sum every output alike whatever m is, so the blocking never changes a
+// result.
 func blocking(n, cols, elem, maxM int) (m, rb int) {
-	m = max(1, min(maxM, n, (48<<10)/(cols*elem)))
+	m = max(1, min(maxM, n, (128<<10)/(cols*elem)))
 	rb = max(4, (512<<10)/(cols*2)&^3)
 	return m, rb
 }
