@@ -49,3 +49,9 @@ func pairTile4x5(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, l
 
 var pairTiles = [...]func(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int){
 	pairTile4x1, pairTile4x2, pairTile4x3, pairTile4x4, pairTile4x5}
+
+//go:noescape
+func sumSquaresAVX512(x *float32, n int) float64
+
+//go:noescape
+func scaleAVX512(out, x, w *float32, inv float32, n int, add bool)

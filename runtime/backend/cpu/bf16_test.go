@@ -288,3 +288,40 @@ func FuzzPairRows(f *testing.F) {
 		checkPair(t, fastRandMatrix(r, rows, cols), fastRandVec(r, m*cols), m, 0, rows)
 	})
 }
+
+// TestNormVectorMatchesScalar: the vector sum of squares agrees with the scalar float64 sum
+// (another order of exact squares: within a few float64 ulps), and the vector scaling is bit
+// for bit the scalar loop.
+func TestNormVectorMatchesScalar(t *testing.T) {
+	if !haveAVX512 {
+		t.Skip("no AVX-512")
+	}
+	r := rand.New(rand.NewPCG(15, 16))
+	for _, n := range []int{16, 64, 2048} {
+		x, w := fastRandVec(r, n), fastRandVec(r, n)
+		var want float64
+		for _, v := range x {
+			want += float64(v) * float64(v)
+		}
+		if got := sumSquaresAVX512(&x[0], n); math.Abs(got-want) > 1e-12*want {
+			t.Errorf("n %d: sum of squares %g, scalar %g", n, got, want)
+		}
+		for _, add := range []bool{false, true} {
+			got, ref := fastRandVec(r, n), make([]float32, n)
+			copy(ref, got)
+			scaleAVX512(&got[0], &x[0], &w[0], 0.37, n, add)
+			for j, v := range x {
+				if add {
+					ref[j] += w[j] * (v * 0.37)
+				} else {
+					ref[j] = w[j] * (v * 0.37)
+				}
+			}
+			for j := range got {
+				if got[j] != ref[j] {
+					t.Fatalf("n %d add %v: out[%d] = %g, scalar %g", n, add, j, got[j], ref[j])
+				}
+			}
+		}
+	}
+}

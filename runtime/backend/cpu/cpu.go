@@ -365,13 +365,41 @@ func (b *Backend) RMSNorm(out, x []float32, n int, weight []float32, eps float32
 
 //go:norace
 func rmsRow(out, x, weight []float32, eps float32) {
+	scaleRow(out, x, weight, rmsInv(x, eps), false)
+}
+
+// rmsInv is 1/sqrt(mean(x²) + eps), the sum of squares in float64 (vector lanes where the
+// rows are whole 16-element groups: a fixed order per width, so a row's norm never depends on
+// the batch).
+//
+//go:norace
+func rmsInv(x []float32, eps float32) float32 {
 	var ss float64
-	for _, v := range x {
-		ss += float64(v) * float64(v)
+	if haveAVX512 && len(x)%16 == 0 && len(x) > 0 {
+		ss = sumSquaresAVX512(&x[0], len(x))
+	} else {
+		for _, v := range x {
+			ss += float64(v) * float64(v)
+		}
 	}
-	inv := float32(1 / math.Sqrt(float64(float32(ss/float64(len(x))))+float64(eps)))
+	return float32(1 / math.Sqrt(float64(float32(ss/float64(len(x))))+float64(eps)))
+}
+
+// scaleRow sets out[j] = weight[j]·(x[j]·inv), or adds it to out[j].
+//
+//go:norace
+func scaleRow(out, x, weight []float32, inv float32, add bool) {
+	if haveAVX512 && len(x)%16 == 0 && len(x) > 0 {
+		scaleAVX512(&out[0], &x[0], &weight[0], inv, len(x), add)
+		return
+	}
+	out, weight = out[:len(x)], weight[:len(x)]
 	for j, v := range x {
-		out[j] = weight[j] * (v * inv)
+		if add {
+			out[j] += weight[j] * (v * inv)
+		} else {
+			out[j] = weight[j] * (v * inv)
+		}
 	}
 }
 

@@ -281,23 +281,8 @@ func addNormed(dst, src, weight []float32, eps float32) {
 	d := len(weight)
 	for i := 0; i < len(dst); i += d {
 		row := src[i : i+d]
-		inv := rmsInv(row, eps)
-		out := dst[i : i+d]
-		for j, v := range row {
-			out[j] += weight[j] * (v * inv)
-		}
+		scaleRow(dst[i:i+d], row, weight, rmsInv(row, eps), true)
 	}
-}
-
-// rmsInv is 1/sqrt(mean(x²) + eps) as rmsRow computes it.
-//
-//go:norace
-func rmsInv(x []float32, eps float32) float32 {
-	var ss float64
-	for _, v := range x {
-		ss += float64(v) * float64(v)
-	}
-	return float32(1 / math.Sqrt(float64(float32(ss/float64(len(x))))+float64(eps)))
 }
 
 // norm writes rmsnorm(h) into a's float32 form and prepares the form the products of width
