@@ -167,12 +167,17 @@ func newActs(n int) acts {
 	return acts{f: make([]float32, n), p: make([]float32, n), b: make([]uint16, n)}
 }
 
-// threads is how many workers a step of n rows uses: one below minWork multiply-adds per
-// worker and phase (a hand-off costs about a microsecond).
+// threads is how many workers a step of n rows uses: one per phaseWork multiply-adds of a
+// phase, at most the backend's threads.
 func (s *stream) threads(n int) int {
 	per := int64(n) * s.x.stepMACs / int64(5*len(s.x.m.Layers))
-	return int(max(1, min(int64(len(s.wk)), per/minWork)))
+	return int(max(1, min(int64(len(s.wk)), per/phaseWork)))
 }
+
+// phaseWork is the multiply-adds per worker and phase below which a step runs on fewer workers:
+// each worker also recomputes the phase's norms and the hand-off costs microseconds, which
+// small products do not repay (ouro-tiny-arith decodes faster on one thread at batch 1).
+const phaseWork = 128 << 10
 
 // run hands phase p to workers 1..t-1 and runs worker 0 on the calling goroutine.
 func (s *stream) run(t, p int) {
