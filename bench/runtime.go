@@ -111,6 +111,7 @@ func Runtime(ctx context.Context, m *model.Model, be engine.Backend, o RuntimeOp
 	if err != nil {
 		return RuntimeResult{}, err
 	}
+	defer e.Close()
 	runCtx, stop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	var runErr error

@@ -282,3 +282,64 @@ func TestLogprobsValidated(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// FuzzLogprobOptions: any combination of the log-probability options is refused with
+// ErrInvalidRequest or yields tokens with exactly the asked-for alternatives, and prompt
+// scores once, one per prompt token.
+func FuzzLogprobOptions(f *testing.F) {
+	m := loadModel(f, "ouro-tiny-random")
+	e := newEngine(f, m, engine.Options{Mode: engine.Fast, Threshold: 0.5, MaxBatch: 2, PrefillChunk: 3})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	f.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	f.Add(true, 3, true, uint8(5), 0.0)
+	f.Add(false, 2, false, uint8(1), 0.9)
+	f.Add(true, 25, true, uint8(9), 1.2)
+	f.Fuzz(func(t *testing.T, logprobs bool, top int, prompt bool, n uint8, temp float64) {
+		ids := make([]int, 1+int(n%12))
+		for i := range ids {
+			ids[i] = (int(n)*7 + 13*i) % m.Config.VocabSize
+		}
+		r := engine.Request{ID: "fz", Prompt: ids, MaxTokens: 3, IgnoreEOS: true, Logprobs: logprobs, TopLogprobs: top,
+			PromptLogprobs: prompt, Sampling: engine.Sampling{Temperature: temp}}
+		ch, err := e.Submit(context.Background(), r)
+		if err != nil {
+			if !errors.Is(err, engine.ErrInvalidRequest) {
+				t.Fatalf("error %v is not ErrInvalidRequest", err)
+			}
+			return
+		}
+		prompts := 0
+		for ev := range ch {
+			if ev.Err != nil {
+				t.Fatalf("request failed: %v", ev.Err)
+			}
+			if ev.Prompt != nil {
+				prompts++
+				if len(ev.Prompt) != len(ids) {
+					t.Fatalf("%d prompt scores for %d tokens", len(ev.Prompt), len(ids))
+				}
+			}
+			if ev.Done {
+				continue
+			}
+			if want := top * btoi(logprobs); len(ev.Token.Top) != want || (logprobs && ev.Token.Logprob > 0) {
+				t.Fatalf("token %+v: want %d alternatives and a log-probability ≤ 0", ev.Token, want)
+			}
+		}
+		if want := btoi(prompt); prompts != want {
+			t.Fatalf("prompt scores sent %d times, want %d", prompts, want)
+		}
+	})
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -80,5 +80,6 @@ func LoadProgress(dir string, opts engine.Options, progress func(model.Progress)
 // Run runs the engine's batching loop until ctx ends.
 func (l *Loaded) Run(ctx context.Context) error { return l.Engine.Run(ctx) }
 
-// Close releases the model's mapped weights; call it after Run returned.
-func (l *Loaded) Close() error { return l.model.Close() }
+// Close releases the engine's backend copy of the model and the mapped weights; call it after
+// Run returned.
+func (l *Loaded) Close() error { return errors.Join(l.Engine.Close(), l.model.Close()) }
