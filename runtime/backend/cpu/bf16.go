@@ -79,8 +79,13 @@ func dpRows(out []float32, ldo int, x []uint16, n int, w *model.Matrix, lo, hi i
 	for r0 := lo; r0 < hi; r0 += rb {
 		r1 := min(r0+rb, hi)
 		for i := 0; i < n; i += m {
-			t := dpTiles[min(m, n-i)-1]
-			for r := r0; r < r1; r += 4 {
+			h := min(m, n-i)
+			t := dpTiles[h-1]
+			r := r0
+			for ; h == 1 && r+8 <= r1; r += 8 {
+				dpTile8x1(&w.BF16[r*cols], 2*cols, &x[i*cols], 2*cols, cols, &out[i*ldo+r], 4*ldo)
+			}
+			for ; r < r1; r += 4 {
 				t(&w.BF16[r*cols], 2*cols, &x[i*cols], 2*cols, cols, &out[i*ldo+r], 4*ldo)
 			}
 		}
@@ -156,8 +161,13 @@ func pairRows(out []float32, ldo int, xp []float32, n int, w *model.Matrix, lo, 
 	for r0 := lo; r0 < hi; r0 += rb {
 		r1 := min(r0+rb, hi)
 		for i := 0; i < n; i += m {
-			t := pairTiles[min(m, n-i)-1]
-			for r := r0; r < r1; r += 4 {
+			h := min(m, n-i)
+			t := pairTiles[h-1]
+			r := r0
+			for ; h == 1 && r+8 <= r1; r += 8 {
+				pairTile8x1(&w.BF16[r*cols], 2*cols, &xp[i*cols], 4*cols, cols, &out[i*ldo+r], 4*ldo)
+			}
+			for ; r < r1; r += 4 {
 				t(&w.BF16[r*cols], 2*cols, &xp[i*cols], 4*cols, cols, &out[i*ldo+r], 4*ldo)
 			}
 		}

@@ -55,3 +55,9 @@ func sumSquaresAVX512(x *float32, n int) float64
 
 //go:noescape
 func scaleAVX512(out, x, w *float32, inv float32, n int, add bool)
+
+//go:noescape
+func dpTile8x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTile8x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
