@@ -130,6 +130,14 @@ func (b *batcher) endUnit(u *unit) {
 	u.inFlight = false
 }
 
+// drop ends s with err between iterations (a cancelled request), returning its rows' slots.
+func (b *batcher) drop(s *sequence, err error) {
+	if s.unit.inFlight {
+		b.endUnit(&s.unit)
+	}
+	s.finish("", err)
+}
+
 // maxRows is the most rows a decoding sequence puts in one iteration.
 func (s *sequence) maxRows() int { return s.req.Speculative.Draft + 1 }
 

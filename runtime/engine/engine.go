@@ -394,7 +394,7 @@ func (e *Engine) Run(ctx context.Context) error {
 		live := running[:0]
 		for _, s := range running {
 			if err := s.ctx.Err(); err != nil {
-				s.finish("", err)
+				b.drop(s, err)
 				e.count(func(c *Counters) { c.Finished++ })
 				continue
 			}

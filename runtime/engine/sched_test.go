@@ -253,3 +253,37 @@ func TestKVBudgetFromBackend(t *testing.T) {
 		}
 	}
 }
+
+// TestCancelledRowsFreeTheirSlots: requests cancelled while their rows are in flight give the
+// rows' hidden-state slots back, so slot numbers stay bounded by the batch however many
+// requests come and go.
+func TestCancelledRowsFreeTheirSlots(t *testing.T) {
+	m := loadTiny(t)
+	rec := newRecorder(m)
+	e, err := New(m, Options{Backend: rec, Mode: Exact, MaxBatch: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	running(t, e)
+	for i := range 60 {
+		ctx, cancel := context.WithCancel(context.Background())
+		ch, err := e.Submit(ctx, Request{ID: fmt.Sprint(i), Prompt: []int{1, 2, 3}, MaxTokens: 1000, IgnoreEOS: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		<-ch // the first token: the next one's row is in flight
+		cancel()
+		for range ch {
+		}
+	}
+	top := 0
+	for _, rows := range rec.stepRows() {
+		for _, r := range rows {
+			top = max(top, r.State)
+		}
+	}
+	if top > 8 {
+		t.Errorf("state slot %d used after 60 cancelled requests of at most 3 rows, 2 at a time", top)
+	}
+	waitUntil(t, func() bool { return e.KVBytes() == 0 })
+}
