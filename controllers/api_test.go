@@ -59,6 +59,8 @@ func TestInvalidLoopModelsRejected(t *testing.T) {
 			`spec.tuning.mode: Unsupported value: "manual"`},
 		{"http NATS URL", func(lm *v1alpha1.LoopModel) { lm.Spec.NATS.URL = "http://nats:4222" },
 			"spec.nats.url in body should match"},
+		{"two NATS replicas", func(lm *v1alpha1.LoopModel) { lm.Spec.NATS.Replicas = 2 },
+			`spec.nats.replicas: Unsupported value: 2: supported values: "1", "3", "5"`},
 		{"zero steps", func(lm *v1alpha1.LoopModel) { lm.Spec.Loop.MaxSteps = -1 },
 			"spec.loop.maxSteps in body should be greater than or equal to 1"},
 		{"relative host path", func(lm *v1alpha1.LoopModel) { lm.Spec.Model.Source.HostPath.Path = "models" },
@@ -132,6 +134,7 @@ func TestDefaults(t *testing.T) {
 		Scaling: v1alpha1.ScalingSpec{Replicas: ptr.To[int32](1), MinReplicas: 1, MaxReplicas: 1,
 			ScaleDownDelay: got.Scaling.ScaleDownDelay},
 		Tuning: v1alpha1.TuningSpec{Mode: v1alpha1.TuningAuto, Interval: got.Tuning.Interval, MaxStep: ptr.To(0.05)},
+		NATS:   v1alpha1.NATSSpec{Replicas: 1},
 	}
 	if diff := cmp.Diff(got, want); diff != "" {
 		t.Errorf("defaulted spec (-got +want):\n%s", diff)

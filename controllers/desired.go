@@ -360,10 +360,14 @@ func registryEntry(lm *v1alpha1.LoopModel, tau float64, ready bool) bus.ModelEnt
 	}
 }
 
-// queueOptions sizes the work queue for the most workers the LoopModel may have.
+// queueOptions sizes the work queue for the most workers the LoopModel may have, replicated
+// as spec.nats.replicas asks.
 func queueOptions(lm *v1alpha1.LoopModel) bus.QueueOptions {
-	return bus.QueueOptions{MaxAckPending: workerBatch * int(max(lm.Spec.Scaling.MaxReplicas, 1))}
+	return bus.QueueOptions{MaxAckPending: workerBatch * int(max(lm.Spec.Scaling.MaxReplicas, 1)), Replicas: natsReplicas(lm)}
 }
+
+// natsReplicas is spec.nats.replicas, 1 when unset.
+func natsReplicas(lm *v1alpha1.LoopModel) int { return int(max(lm.Spec.NATS.Replicas, 1)) }
 
 // DesiredDeployment is the worker Deployment the operator applies for lm, given the operator's
 // default NATS URL and worker image (without owner reference). For tools and contract tests.

@@ -45,7 +45,7 @@ func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopMod
 			return fmt.Errorf("subscribing to %s: %w", ref(lm).StatsSubject(), err)
 		}
 	}
-	kv, err := bus.Registry(ctx, js)
+	kv, err := bus.EnsureRegistry(ctx, js, natsReplicas(lm))
 	if err != nil {
 		return err
 	}
@@ -135,12 +135,15 @@ func (r *LoopModelReconciler) deleteNATSState(ctx context.Context, lm *v1alpha1.
 	if err != nil {
 		return fmt.Errorf("opening JetStream on %s: %w", url, err)
 	}
-	kv, err := bus.Registry(ctx, js)
-	if err != nil {
+	kv, err := bus.OpenRegistry(ctx, js)
+	switch {
+	case errors.Is(err, bus.ErrRegistryNotFound): // nothing registered here
+	case err != nil:
 		return err
-	}
-	if err := bus.DeleteModel(ctx, kv, ref(lm)); err != nil {
-		return err
+	default:
+		if err := bus.DeleteModel(ctx, kv, ref(lm)); err != nil {
+			return err
+		}
 	}
 	switch err := checkStreamOwner(ctx, js, ref(lm)); {
 	case errors.Is(err, ErrStreamTaken):

@@ -81,7 +81,7 @@ func newCluster(t testing.TB, o clusterOptions) *cluster {
 	if _, err := bus.EnsureQueue(ctx, js, c.ref, o.queue); err != nil {
 		t.Fatal(err)
 	}
-	kv, err := bus.Registry(ctx, js)
+	kv, err := bus.EnsureRegistry(ctx, js, 1)
 	if err != nil {
 		t.Fatal(err)
 	}

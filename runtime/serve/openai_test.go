@@ -24,7 +24,7 @@ func TestRequestSeed(t *testing.T) {
 		if aerr != nil {
 			t.Fatalf("%s: %s", body, aerr.Message)
 		}
-		return j.SeedFor()
+		return j.SeedFor(0)
 	}
 	for _, seed := range []string{"0", "1", "7", "-1"} {
 		body := fmt.Sprintf(`{"model": "default/m", "prompt": "a", "temperature": 1, "seed": %s}`, seed)
