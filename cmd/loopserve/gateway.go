@@ -22,8 +22,8 @@ import (
 
 func newGatewayCmd() *cobra.Command {
 	var (
-		listen, tokenFile    string
-		nf                   natsFlags
+		listen, tokenFile                  string
+		nf                                 natsFlags
 		maxBody                            int64
 		timeout, tokenReload, publishRetry time.Duration
 	)
