@@ -305,16 +305,23 @@ func EnsureRegistry(ctx context.Context, js jetstream.JetStream, replicas int) (
 	if err != nil {
 		return nil, err
 	}
-	if _, err := ensureBucket(ctx, js, jetstream.KeyValueConfig{
-		Bucket:      GatewaysBucket,
-		Description: "loopserve gateways alive: <gateway id> -> heartbeat, forgotten after the TTL",
-		History:     1,
-		TTL:         GatewayTTL,
-		Replicas:    replicas,
-	}); err != nil {
+	if _, err := EnsureGateways(ctx, js, replicas, GatewayTTL); err != nil {
 		return nil, err
 	}
 	return kv, nil
+}
+
+// EnsureGateways creates the loopserve_gateways liveness bucket with keys forgotten ttl after
+// their last write, or sets its ttl and raises its replicas. EnsureRegistry calls it with
+// GatewayTTL; a gateway's heartbeat must stay well below ttl.
+func EnsureGateways(ctx context.Context, js jetstream.JetStream, replicas int, ttl time.Duration) (jetstream.KeyValue, error) {
+	return ensureBucket(ctx, js, jetstream.KeyValueConfig{
+		Bucket:      GatewaysBucket,
+		Description: "loopserve gateways alive: <gateway id> -> heartbeat, forgotten after the TTL",
+		History:     1,
+		TTL:         ttl,
+		Replicas:    max(replicas, 1),
+	})
 }
 
 func ensureBucket(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {

@@ -147,15 +147,19 @@ func watchTokenFile(ctx context.Context, path string, every time.Duration, curre
 	}
 }
 
-// serveGateway follows the registry and serves HTTP until ctx ends, then shuts down gracefully.
+// serveGateway follows the registry and serves HTTP until ctx ends, then shuts down gracefully:
+// requests in flight get 10s to finish while the gateway still receives their chunks, and only
+// then does it stop (answering what is left with a 503 and deleting its liveness key).
 func serveGateway(ctx context.Context, g *serve.Gateway, ln net.Listener) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	run, stopRun := context.WithCancel(context.Background())
+	defer stopRun()
 	srv := &http.Server{Handler: g, ReadHeaderTimeout: 10 * time.Second}
 	var wg sync.WaitGroup
 	errs := make(chan error, 2)
 	wg.Go(func() {
-		if err := g.Run(ctx); err != nil {
+		if err := g.Run(run); err != nil {
 			errs <- err
 			cancel()
 		}
@@ -170,8 +174,10 @@ func serveGateway(ctx context.Context, g *serve.Gateway, ln net.Listener) error 
 	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer scancel()
 	if srv.Shutdown(sctx) != nil {
+		stopRun() // the streams still open end with a 503
 		_ = srv.Close()
 	}
+	stopRun()
 	wg.Wait()
 	close(errs)
 	return <-errs

@@ -12,29 +12,26 @@ import (
 )
 
 // queueState is what admission knows of a LoopModel's work queue: requests waiting for a
-// worker, requests being generated, and how many may be generated at once.
+// worker and requests being generated.
 type queueState struct {
-	Waiting    int // stored, not yet delivered (the consumer's NumPending)
-	Running    int // delivered, not yet acked (NumAckPending)
-	MaxRunning int // the consumer's MaxAckPending: all workers' batch capacity
+	Waiting int // stored, not yet delivered (the consumer's NumPending)
+	Running int // delivered, not yet acked (NumAckPending)
 }
 
-// estimateWait is how long a request queued now waits before a worker takes it: the requests
-// ahead of it that find no free slot, served at the observed rate of Running requests per
-// service time. Zero when a slot is free; 0, false when nothing has been measured yet.
+// estimateWait is how long a request queued now waits before a worker takes it. Requests wait
+// only while every worker is full (a worker with a free slot fetches at once), so all Waiting
+// requests are ahead of it, and they leave the queue as the Running ones finish: Running per
+// service time. Zero with nobody waiting; 0, false when no service time was measured yet.
 func estimateWait(q queueState, service time.Duration) (time.Duration, bool) {
 	if service <= 0 {
 		return 0, false
 	}
-	free := max(q.MaxRunning-q.Running, 0)
-	ahead := q.Waiting - free
-	if ahead < 0 {
+	if q.Waiting <= 0 {
 		return 0, true
 	}
-	// Requests ahead of it leave the queue at Running / service per second; with nothing
-	// running (workers restarting) count one at a time.
+	// With nothing running (workers restarting) count one at a time.
 	rate := float64(max(q.Running, 1)) / service.Seconds()
-	wait := float64(ahead+1) / rate
+	wait := float64(q.Waiting) / rate
 	if wait > float64(math.MaxInt64/2)/float64(time.Second) {
 		return time.Duration(math.MaxInt64 / 2), true
 	}
@@ -81,10 +78,17 @@ func newAdmission(js jetstream.JetStream, wg *sync.WaitGroup) *admission {
 	return &admission{js: js, wg: wg, models: make(map[string]*modelLoad)}
 }
 
-// run lets refreshes start until ctx ends.
+// run lets refreshes start until ctx ends or stop is called.
 func (a *admission) run(ctx context.Context) {
 	a.mu.Lock()
 	a.ctx = ctx
+	a.mu.Unlock()
+}
+
+// stop starts no more refreshes; those running end with the context given to run.
+func (a *admission) stop() {
+	a.mu.Lock()
+	a.ctx = nil
 	a.mu.Unlock()
 }
 
@@ -134,7 +138,7 @@ func (a *admission) refresh(ctx context.Context, r bus.Ref) {
 	c, err := a.js.Consumer(ctx, r.Stream(), bus.ConsumerName)
 	if err == nil {
 		info := c.CachedInfo()
-		st = queueState{Waiting: int(info.NumPending), Running: info.NumAckPending, MaxRunning: info.Config.MaxAckPending}
+		st = queueState{Waiting: int(info.NumPending), Running: info.NumAckPending}
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -36,6 +36,7 @@ type GatewayOptions struct {
 	RequestTimeout time.Duration       // whole request, queueing included; 0 = 10 minutes
 	RetryAfter     time.Duration       // advised on 503; 0 = 1s
 	PublishRetry   time.Duration       // how long a request's publish is retried while JetStream elects a leader; 0 = 5s
+	Heartbeat      time.Duration       // liveness key rewrite period, well below the bucket's TTL; 0 = bus.GatewayHeartbeat
 	ID             string              // the gateway's id: its reply inbox and liveness key; "" = random
 	Metrics        *Metrics            // nil: no gateway metrics
 	Gatherer       prometheus.Gatherer // served at /metrics; nil: no /metrics
@@ -63,12 +64,14 @@ type Gateway struct {
 	models map[string]bus.ModelEntry // by ID "<ns>/<name>"
 	loaded atomic.Bool               // the registry's current entries are in
 	beat   atomic.Int64              // unix nanoseconds of the last liveness write
+	fresh  atomic.Int64              // how old the last write may be: the bucket's TTL less a heartbeat
 	ready  chan struct{}             // closed once loaded and beat are first true
 	once   sync.Once
 
-	wmu     sync.Mutex
-	waiters map[string]*waiter // request id -> the HTTP handler waiting for its chunks
-	bySeq   map[seqKey]string  // stream sequence -> request id, for max-deliveries advisories
+	wmu      sync.Mutex
+	waiters  map[string]*waiter // request id -> the HTTP handler waiting for its chunks
+	bySeq    map[seqKey]string  // stream sequence -> request id, for max-deliveries advisories
+	stopping bool               // Run is ending: no more background work
 
 	adm *admission
 	bg  sync.WaitGroup // background work started on behalf of requests
@@ -93,6 +96,9 @@ func NewGateway(nc *nats.Conn, o GatewayOptions) (*Gateway, error) {
 	if o.PublishRetry <= 0 {
 		o.PublishRetry = 5 * time.Second
 	}
+	if o.Heartbeat <= 0 {
+		o.Heartbeat = bus.GatewayHeartbeat
+	}
 	if o.PublishRetry > bus.DefaultDedupe/2 {
 		return nil, fmt.Errorf("gateway options: PublishRetry %s must stay well inside the %s dedupe window", o.PublishRetry, bus.DefaultDedupe)
 	}
@@ -112,6 +118,7 @@ func NewGateway(nc *nats.Conn, o GatewayOptions) (*Gateway, error) {
 	g := &Gateway{nc: nc, js: js, opt: o, log: o.Logger.With("gateway", o.ID), id: o.ID, models: make(map[string]bus.ModelEntry),
 		ready: make(chan struct{}), waiters: make(map[string]*waiter), bySeq: make(map[seqKey]string)}
 	g.adm = newAdmission(js, &g.bg)
+	g.fresh.Store(int64(bus.GatewayTTL - o.Heartbeat))
 	g.SetTokens(o.Tokens)
 	g.mux = http.NewServeMux()
 	g.mux.HandleFunc("POST /v1/completions", g.auth(func(w http.ResponseWriter, r *http.Request) { g.complete(w, r, false) }))
@@ -168,7 +175,7 @@ func (g *Gateway) notReady() string {
 	if !g.loaded.Load() {
 		return "the model registry is not loaded yet"
 	}
-	if beat := g.beat.Load(); beat == 0 || time.Since(time.Unix(0, beat)) > bus.GatewayTTL-bus.GatewayHeartbeat {
+	if beat := g.beat.Load(); beat == 0 || time.Since(time.Unix(0, beat)) > time.Duration(g.fresh.Load()) {
 		return "the gateway's liveness key in " + bus.GatewaysBucket + " is not fresh (does the bucket exist?)"
 	}
 	if !g.nc.IsConnected() {
@@ -194,22 +201,34 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("subscribing to %s: %w", bus.GatewayInbox(g.id), err)
 	}
-	defer func() { _ = inbox.Unsubscribe() }()
 	// Chunks over the limit are dropped and resent on the final chunk's answer.
 	if err := inbox.SetPendingLimits(-1, 256<<20); err != nil {
+		_ = inbox.Unsubscribe()
 		return err
 	}
 	adv, err := g.nc.Subscribe(bus.MaxDeliveriesSubject, g.maxDeliveries)
 	if err != nil {
+		_ = inbox.Unsubscribe()
 		return fmt.Errorf("subscribing to %s: %w", bus.MaxDeliveriesSubject, err)
 	}
-	defer func() { _ = adv.Unsubscribe() }()
 	g.adm.run(ctx)
-	defer g.bg.Wait()
-
 	var wg sync.WaitGroup
 	wg.Go(func() { g.heartbeat(ctx) })
-	defer wg.Wait()
+	defer func() {
+		_ = adv.Unsubscribe()
+		_ = inbox.Unsubscribe()
+		wg.Wait()
+		g.adm.stop()
+		// Requests still waiting can get no more chunks: tell their clients now.
+		g.wmu.Lock()
+		g.stopping = true
+		for _, w := range g.waiters {
+			w.fail(&apiError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: "gateway_stopping",
+				Message: "the gateway is stopping; send the request again"})
+		}
+		g.wmu.Unlock()
+		g.bg.Wait()
+	}()
 
 	status := g.nc.StatusChanged(nats.CONNECTED)
 	defer g.nc.RemoveStatusListener(status)
@@ -225,17 +244,19 @@ func (g *Gateway) Run(ctx context.Context) error {
 	}
 }
 
-// heartbeat writes the liveness key every bus.GatewayHeartbeat and deletes it when ctx ends.
+// heartbeat writes the liveness key every Heartbeat and deletes it when ctx ends.
 func (g *Gateway) heartbeat(ctx context.Context) {
 	var kv jetstream.KeyValue
 	failing := false
 	body, _ := json.Marshal(map[string]any{"inbox": bus.GatewayInbox(g.id), "started": time.Now().UTC()})
 	beat := func() {
-		bctx, cancel := context.WithTimeout(ctx, bus.GatewayHeartbeat)
+		bctx, cancel := context.WithTimeout(ctx, g.opt.Heartbeat)
 		defer cancel()
 		var err error
 		if kv == nil {
-			kv, err = bus.OpenGateways(bctx, g.js)
+			if kv, err = bus.OpenGateways(bctx, g.js); err == nil {
+				g.learnTTL(bctx, kv)
+			}
 		}
 		if err == nil {
 			_, err = kv.Put(bctx, g.id, body)
@@ -254,7 +275,7 @@ func (g *Gateway) heartbeat(ctx context.Context) {
 		}
 	}
 	beat()
-	t := time.NewTicker(bus.GatewayHeartbeat)
+	t := time.NewTicker(g.opt.Heartbeat)
 	defer t.Stop()
 	for {
 		select {
@@ -269,6 +290,19 @@ func (g *Gateway) heartbeat(ctx context.Context) {
 			beat()
 		}
 	}
+}
+
+// learnTTL sets how fresh the liveness key must be from the bucket's TTL.
+func (g *Gateway) learnTTL(ctx context.Context, kv jetstream.KeyValue) {
+	st, err := kv.Status(ctx)
+	if err != nil || st.TTL() <= 0 {
+		return
+	}
+	if st.TTL() < 2*g.opt.Heartbeat {
+		g.log.Warn("the liveness bucket forgets keys faster than twice the heartbeat: workers may take this gateway for dead",
+			"ttl", st.TTL(), "heartbeat", g.opt.Heartbeat)
+	}
+	g.fresh.Store(int64(st.TTL() - g.opt.Heartbeat))
 }
 
 var errReconnected = errors.New("reconnected to NATS")
@@ -767,13 +801,25 @@ func (g *Gateway) maxDeliveries(m *nats.Msg) {
 		return
 	}
 	g.wmu.Lock()
+	defer g.wmu.Unlock()
 	id := g.bySeq[seqKey{a.Stream, a.StreamSeq}]
 	w := g.waiters[id]
-	g.wmu.Unlock()
-	if w == nil {
+	if w == nil || g.stopping {
 		return
 	}
 	g.log.Warn("request delivered to workers its maximum number of times", "request", id, "stream", a.Stream, "deliveries", a.Deliveries)
+	// JetStream keeps it in the work queue, holding a slot until MaxAge: remove it.
+	g.bg.Go(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s, err := g.js.Stream(ctx, a.Stream)
+		if err == nil {
+			err = s.DeleteMsg(ctx, a.StreamSeq)
+		}
+		if err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+			g.log.Warn("removing a request that reached MaxDeliver from its queue", "stream", a.Stream, "seq", a.StreamSeq, "err", err)
+		}
+	})
 	w.fail(&apiError{Status: http.StatusInternalServerError, Type: "server_error", Code: "worker_failed",
 		Message: fmt.Sprintf("the request was delivered to workers %d times and none finished it (each attempt ended with the worker failing); "+
 			"it is not retried again", a.Deliveries)})
