@@ -386,8 +386,10 @@ func (r *openAIRequest) toJob(id string, e bus.ModelEntry, chat bool, now time.T
 		maxTokens = r.MaxCompletionTokens
 	}
 	switch {
+	case maxTokens != nil && *maxTokens == 0 && !chat && r.Echo:
+		j.PromptOnly = true // scoring a prompt: its text and log-probabilities, nothing generated
 	case maxTokens != nil && *maxTokens <= 0:
-		return Job{}, badRequest("max_tokens", "max_tokens must be positive, got %d", *maxTokens)
+		return Job{}, badRequest("max_tokens", "max_tokens must be positive (0 only with echo), got %d", *maxTokens)
 	case maxTokens != nil && e.ContextLength > 0 && *maxTokens >= e.ContextLength:
 		return Job{}, &apiError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "context_length_exceeded", Param: "max_tokens",
 			Message: fmt.Sprintf("max_tokens %d does not fit this model's context of %d tokens", *maxTokens, e.ContextLength)}

@@ -46,6 +46,7 @@ type Job struct {
 	N         int       `json:"n,omitempty"` // choices: independent samples of the prompt, generated side by side; 0 means 1
 
 	Echo        bool `json:"echo,omitempty"`        // the prompt's text (and its tokens' log-probabilities with Logprobs) comes first
+	PromptOnly  bool `json:"promptOnly,omitempty"`  // echo with max_tokens 0: the prompt (and its scores) only, nothing generated
 	Logprobs    bool `json:"logprobs,omitempty"`    // each token's log-probability
 	TopLogprobs int  `json:"topLogprobs,omitempty"` // and this many most likely alternatives (0..20)
 

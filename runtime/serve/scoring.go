@@ -1,32 +1,42 @@
 package serve
 
 import (
-	"errors"
+	"math"
+	"strings"
 
 	"github.com/loopserve/loopserve/runtime/engine"
 )
 
-// errNoScores reports a job asking for log-probabilities from an engine that has none.
-var errNoScores = errors.New("log-probabilities are not available from this engine")
+// scoring asks the engine request for the log-probabilities the job wants: each generated
+// token's with its alternatives, and the prompt's for an echo job.
+func scoring(r *engine.Request, job Job) {
+	r.Logprobs = job.Logprobs
+	r.TopLogprobs = min(job.TopLogprobs, engine.MaxTopLogprobs)
+	r.PromptLogprobs = job.Logprobs && job.Echo
+}
 
-// scoring asks the engine request for the log-probabilities the job wants.
-func scoring(_ *engine.Request, job Job, _ int) error {
-	if job.Logprobs {
-		return errNoScores
+// logprobFloor stands for -Inf (JSON has none), as OpenAI reports impossible tokens.
+const logprobFloor = -9999
+
+// logprob turns an engine token's score into the client's shape, with the token's text and
+// bytes and the depth of the exit step that scored it. generated is false for prompt tokens,
+// whose first has no score (Depth 0).
+func (w *Worker) logprob(t engine.Token, generated bool) Logprob {
+	lp := w.tokenLogprob(t.ID, t.Logprob)
+	lp.Depth = t.Depth
+	if !generated && t.Depth == 0 {
+		lp.None, lp.Logprob = true, 0
 	}
-	return nil
+	for _, alt := range t.Top {
+		lp.Top = append(lp.Top, w.tokenLogprob(alt.ID, alt.Logprob))
+	}
+	return lp
 }
 
-type scored struct {
-	id      int
-	logprob float32
+func (w *Worker) tokenLogprob(id int, v float32) Logprob {
+	b := w.tok.TokenBytes(id)
+	if math.IsInf(float64(v), -1) || math.IsNaN(float64(v)) || v < logprobFloor {
+		v = logprobFloor
+	}
+	return Logprob{Token: strings.ToValidUTF8(string(b), "\uFFFD"), Bytes: b, Logprob: v}
 }
-
-// tokenLogprob is the log-probability the engine reported for t.
-func tokenLogprob(engine.Token) float32 { return 0 }
-
-// tokenTop is the alternatives the engine reported at t's position.
-func tokenTop(engine.Token) []scored { return nil }
-
-// promptScores is the prompt tokens' scores carried by the first token's event.
-func promptScores(engine.Event) []engine.Token { return nil }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"net/http"
 	"os"
 	"runtime/debug"
@@ -516,6 +515,8 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 	}
 	maxTokens := job.MaxTokens
 	switch {
+	case job.PromptOnly:
+		maxTokens = 1 // the prompt's scores come with the first token, which is dropped
 	case maxTokens <= 0:
 		maxTokens = min(room, w.opt.DefaultMaxTokens)
 	case maxTokens > room:
@@ -549,14 +550,7 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 		if n > 1 {
 			req.ID = fmt.Sprintf("%s/%d", job.ID, i)
 		}
-		if err := scoring(&req, job, i); err != nil {
-			ecancel()
-			for _, s := range streams[:i] {
-				for range s {
-				}
-			}
-			return bad("unsupported_parameter", "logprobs", "%v", err)
-		}
+		scoring(&req, job)
 		cctx, cancel := context.WithCancel(ectx)
 		events, err := w.gen.Submit(cctx, req)
 		if err != nil {
@@ -620,6 +614,9 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 	for _, e := range ends {
 		total += e.Tokens
 	}
+	if job.PromptOnly {
+		total = 0 // the one chunk of each choice holds the prompt, no token
+	}
 	return Chunk{ID: job.ID, Done: true, Ends: ends,
 		Usage: &Usage{PromptTokens: len(prompt), CompletionTokens: total, TotalTokens: len(prompt) + total}}
 }
@@ -658,6 +655,18 @@ func (w *Worker) runChoice(ctx context.Context, job Job, choice int, events <-ch
 		}
 		last = now
 		w.observeToken(ev.Token)
+		if job.PromptOnly {
+			c := Chunk{ID: job.ID, Choice: choice, Echo: &Echo{Text: echo}}
+			if job.Logprobs {
+				for _, p := range ev.Prompt {
+					c.Echo.Logprobs = append(c.Echo.Logprobs, w.logprob(p, false))
+				}
+			}
+			w.send(reply, c)
+			n, finish, ended = 1, "length", true
+			stop()
+			continue
+		}
 		text := ""
 		if !isStop(ev.Token.ID, w.opt.StopTokens) {
 			text = dec.Add(ev.Token.ID)
@@ -670,7 +679,7 @@ func (w *Worker) runChoice(ctx context.Context, job Job, choice int, events <-ch
 		if n == 0 && job.Echo {
 			c.Echo = &Echo{Text: echo}
 			if job.Logprobs {
-				for _, p := range promptScores(ev) {
+				for _, p := range ev.Prompt {
 					c.Echo.Logprobs = append(c.Echo.Logprobs, w.logprob(p, false))
 				}
 			}
@@ -700,31 +709,6 @@ func (w *Worker) runChoice(ctx context.Context, job Job, choice int, events <-ch
 		}
 	}
 	return End{Tokens: n, Finish: finish, Text: tail}, nil
-}
-
-// logprobFloor stands for -Inf (JSON has none), as OpenAI reports impossible tokens.
-const logprobFloor = -9999
-
-// logprob turns an engine token's score into the client's shape, with the token's text and
-// bytes. generated selects a generated token's depth (the exit step that chose it).
-func (w *Worker) logprob(t engine.Token, generated bool) Logprob {
-	lp := w.tokenLogprob(t.ID, tokenLogprob(t))
-	lp.Depth = t.Depth
-	if !generated && t.Depth == 0 {
-		lp.None, lp.Logprob = true, 0 // the first prompt token: nothing scored it
-	}
-	for _, alt := range tokenTop(t) {
-		lp.Top = append(lp.Top, w.tokenLogprob(alt.id, alt.logprob))
-	}
-	return lp
-}
-
-func (w *Worker) tokenLogprob(id int, v float32) Logprob {
-	b := w.tok.TokenBytes(id)
-	if math.IsInf(float64(v), -1) || math.IsNaN(float64(v)) || v < logprobFloor {
-		v = logprobFloor
-	}
-	return Logprob{Token: strings.ToValidUTF8(string(b), "\uFFFD"), Bytes: b, Logprob: v}
 }
 
 func isStop(id int, stops []int) bool {
