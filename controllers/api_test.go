@@ -134,7 +134,6 @@ func TestDefaults(t *testing.T) {
 		Scaling: v1alpha1.ScalingSpec{Replicas: ptr.To[int32](1), MinReplicas: 1, MaxReplicas: 1,
 			ScaleDownDelay: got.Scaling.ScaleDownDelay},
 		Tuning: v1alpha1.TuningSpec{Mode: v1alpha1.TuningAuto, Interval: got.Tuning.Interval, MaxStep: ptr.To(0.05)},
-		NATS:   v1alpha1.NATSSpec{Replicas: 1},
 	}
 	if diff := cmp.Diff(got, want); diff != "" {
 		t.Errorf("defaulted spec (-got +want):\n%s", diff)
