@@ -132,14 +132,14 @@ var ErrInvalidReply = errors.New("invalid reply subject")
 var subjectToken = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
 
 // ParseReply checks that subject is loopserve.inbox.<gateway id>.<request id>, with tokens of
-// letters, digits, '-' and '_' only (no wildcards), and returns the gateway id.
-func ParseReply(subject string) (gateway string, err error) {
+// letters, digits, '-' and '_' only (no wildcards), and returns both ids.
+func ParseReply(subject string) (gateway, request string, err error) {
 	rest, ok := strings.CutPrefix(subject, InboxPrefix)
 	gw, req, ok2 := strings.Cut(rest, ".")
 	if !ok || !ok2 || !subjectToken.MatchString(gw) || !subjectToken.MatchString(req) {
-		return "", fmt.Errorf("%w %q: want %s<gateway>.<request>", ErrInvalidReply, subject, InboxPrefix)
+		return "", "", fmt.Errorf("%w %q: want %s<gateway>.<request>", ErrInvalidReply, subject, InboxPrefix)
 	}
-	return gw, nil
+	return gw, req, nil
 }
 
 // ValidGatewayID reports whether id can name a gateway (a single subject token and KV key).

@@ -200,12 +200,12 @@ func TestParseReply(t *testing.T) {
 		{in: "loopserve.req.default.m"},
 		{in: ""},
 	} {
-		gw, err := ParseReply(tc.in)
+		gw, req, err := ParseReply(tc.in)
 		switch {
 		case tc.gateway == "" && !errors.Is(err, ErrInvalidReply):
 			t.Errorf("ParseReply(%q) = %q, %v; want ErrInvalidReply", tc.in, gw, err)
-		case tc.gateway != "" && (err != nil || gw != tc.gateway):
-			t.Errorf("ParseReply(%q) = %q, %v; want %q", tc.in, gw, err, tc.gateway)
+		case tc.gateway != "" && (err != nil || gw != tc.gateway || tc.in != ReplySubject(gw, req)):
+			t.Errorf("ParseReply(%q) = %q, %q, %v; want gateway %q", tc.in, gw, req, err, tc.gateway)
 		}
 	}
 }

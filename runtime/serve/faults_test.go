@@ -138,8 +138,8 @@ func publishJob(t testing.TB, c *cluster, job Job, reply string) {
 }
 
 // TestReplySubjectOutsideInboxRefused: a job whose reply subject is not under a gateway inbox
-// (here JetStream's API, to delete the stream) is refused and counted; the worker publishes
-// nothing there and generates nothing.
+// (here JetStream's API, to delete the stream), or is missing, or names another request, is
+// refused and counted; the worker publishes nothing there and generates nothing.
 func TestReplySubjectOutsideInboxRefused(t *testing.T) {
 	c := newCluster(t, clusterOptions{})
 	c.startWorker("w1", newGenerator(t), WorkerOptions{})
@@ -159,7 +159,8 @@ func TestReplySubjectOutsideInboxRefused(t *testing.T) {
 	defer sub.Unsubscribe()
 	publishJob(t, c, Job{ID: "cmpl-evil", Prompt: arithPrompt, MaxTokens: 4}, "$JS.API.STREAM.DELETE."+c.ref.Stream())
 	publishJob(t, c, Job{ID: "cmpl-noreply", Prompt: arithPrompt, MaxTokens: 4}, "")
-	awaitCond(t, func() bool { return counter(t, c, "loopserve_worker_refused_replies_total") == 2 })
+	publishJob(t, c, Job{ID: "cmpl-mine", Prompt: arithPrompt, MaxTokens: 4}, bus.ReplySubject("gw-1", "cmpl-someone-else"))
+	awaitCond(t, func() bool { return counter(t, c, "loopserve_worker_refused_replies_total") == 3 })
 	awaitCond(t, func() bool { return streamMsgs(t, c) == 0 })
 	if n := tokensGenerated(t, c); n != 0 {
 		t.Errorf("generated %v tokens for refused requests", n)

@@ -333,7 +333,7 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.Duration) {
 	taken := time.Now()
 	reply := msg.Headers().Get(HeaderReply)
-	gateway, err := bus.ParseReply(reply)
+	gateway, request, err := bus.ParseReply(reply)
 	if err != nil {
 		// Publishing there could reach JetStream's API or another model's subjects.
 		w.log.Warn("refusing a request whose reply subject is outside the gateway inbox", "err", err)
@@ -345,8 +345,17 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 	}
 	job, err := decodeJob(msg.Data())
 	if err != nil {
-		w.log.Warn("dropping malformed request", "err", err)
-		w.finish(ctx, reply, gateway, Chunk{Done: true, Error: &ChunkError{Status: http.StatusBadRequest, Type: "invalid_request_error", Message: err.Error()}})
+		w.log.Warn("dropping malformed request", "request", request, "err", err)
+		w.finish(ctx, reply, gateway, Chunk{ID: request, Done: true, Error: &ChunkError{Status: http.StatusBadRequest, Type: "invalid_request_error", Message: err.Error()}})
+		_ = msg.Term()
+		return
+	}
+	if job.ID != request {
+		// Its chunks would land in another request's stream, or be dropped there.
+		w.log.Warn("refusing a request whose id does not match its reply subject", "request", job.ID, "reply", reply)
+		if w.met != nil {
+			w.met.refusedReplies.Inc()
+		}
 		_ = msg.Term()
 		return
 	}
