@@ -695,6 +695,7 @@ type waiter struct {
 	size   int
 	failed *apiError
 	signal chan struct{} // one pending wake-up
+	seq    seqKey        // where the request is stored, once published (guarded by the gateway's wmu)
 }
 
 const waiterMaxBytes = 64 << 20
@@ -757,20 +758,21 @@ func (g *Gateway) register(id string) *waiter {
 }
 
 func (g *Gateway) track(id string, ack *jetstream.PubAck) {
+	k := seqKey{ack.Stream, ack.Sequence}
 	g.wmu.Lock()
-	g.bySeq[seqKey{ack.Stream, ack.Sequence}] = id
+	g.bySeq[k] = id
+	if w := g.waiters[id]; w != nil {
+		w.seq = k
+	}
 	g.wmu.Unlock()
 }
 
 func (g *Gateway) unregister(id string) {
 	g.wmu.Lock()
-	delete(g.waiters, id)
-	for k, v := range g.bySeq {
-		if v == id {
-			delete(g.bySeq, k)
-			break
-		}
+	if w := g.waiters[id]; w != nil {
+		delete(g.bySeq, w.seq)
 	}
+	delete(g.waiters, id)
 	g.wmu.Unlock()
 }
 
@@ -861,11 +863,11 @@ func (g *Gateway) collect(ctx context.Context, wt *waiter, id string, out *respo
 			if !gotFirst {
 				first()
 			}
-			served(c.Elapsed)
 			if c.Error != nil {
 				out.fail(&apiError{Status: c.Error.Status, Type: c.Error.Type, Code: c.Error.Code, Param: c.Error.Param, Message: c.Error.Message})
 				return nil
 			}
+			served(c.Elapsed) // the service time of answers only: refusals take none
 			out.finish(c)
 			return nil
 		}
