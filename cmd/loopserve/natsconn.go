@@ -50,6 +50,13 @@ func (f *natsFlags) connect(ctx context.Context, name string, log *slog.Logger) 
 			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("NATS reconnected", "server", nc.ConnectedUrlRedacted()) }),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			subject := ""
+			if sub != nil {
+				subject = sub.Subject
+			}
+			log.Warn("NATS", "err", err, "subscription", subject)
+		}),
 	}
 	if f.creds != "" {
 		if _, err := os.Stat(f.creds); err != nil {

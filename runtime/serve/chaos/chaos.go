@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -77,17 +78,18 @@ type Options struct {
 
 // Report is what the clients saw.
 type Report struct {
-	Requests      int           `json:"requests"`       // answered, in any way
-	Accepted      int           `json:"accepted"`       // queued by the gateway
-	Completed     int           `json:"completed"`      // full output, equal to the reference
-	FailedCleanly int           `json:"failed_cleanly"` // a clean error: refused before queueing (429/503 with Retry-After), or an error answer after
-	Refused       int           `json:"refused"`        // of FailedCleanly: not queued
-	Lost          int           `json:"lost"`           // accepted but no answer: timeout, broken stream
-	Duplicated    int           `json:"duplicated"`     // more tokens than the request produces
-	Corrupted     int           `json:"corrupted"`      // different output
-	Faults        []FaultRecord `json:"faults"`
-	Elapsed       time.Duration `json:"elapsed_ns"`
-	Problems      []string      `json:"problems,omitempty"` // the first few lost/duplicated/corrupted answers, for the log
+	Requests      int            `json:"requests"`            // answered, in any way
+	Accepted      int            `json:"accepted"`            // queued by the gateway
+	Completed     int            `json:"completed"`           // full output, equal to the reference
+	FailedCleanly int            `json:"failed_cleanly"`      // a clean error: refused before queueing (429/503 with Retry-After), or an error answer after
+	Refused       int            `json:"refused"`             // of FailedCleanly: not queued
+	FailedBy      map[string]int `json:"failed_by,omitempty"` // FailedCleanly by HTTP status and OpenAI error code
+	Lost          int            `json:"lost"`                // accepted but no answer: timeout, broken stream
+	Duplicated    int            `json:"duplicated"`          // more tokens than the request produces
+	Corrupted     int            `json:"corrupted"`           // different output
+	Faults        []FaultRecord  `json:"faults"`
+	Elapsed       time.Duration  `json:"elapsed_ns"`
+	Problems      []string       `json:"problems,omitempty"` // the first few lost/duplicated/corrupted answers, for the log
 }
 
 // FaultRecord is one injected fault: what, on which target, when (since the load started), and
@@ -275,14 +277,21 @@ func classify(rep *Report, want, got answer, i int) {
 				kind, i, got.status, got.code, got.err, got.sseErr, got.text, want.text, got.depths, want.depths, got.done))
 		}
 	}
+	failed := func() {
+		rep.FailedCleanly++
+		if rep.FailedBy == nil {
+			rep.FailedBy = make(map[string]int)
+		}
+		rep.FailedBy[fmt.Sprintf("%d %s", got.status, got.code)]++
+	}
 	switch {
 	case got.err == nil && got.status != http.StatusOK && preQueue(got.code) && got.retry != "":
-		rep.FailedCleanly++
+		failed()
 		rep.Refused++
 		return
 	case got.err == nil && got.status != http.StatusOK && got.status != http.StatusGatewayTimeout:
 		rep.Accepted++
-		rep.FailedCleanly++ // an error answer the client can act on
+		failed() // an error answer the client can act on
 		return
 	}
 	rep.Accepted++
@@ -291,7 +300,7 @@ func classify(rep *Report, want, got answer, i int) {
 		rep.Lost++
 		problem("lost")
 	case got.sseErr != "" && !strings.Contains(got.sseErr, "no complete answer"):
-		rep.FailedCleanly++
+		failed()
 	case got.sseErr != "":
 		rep.Lost++ // the gateway timed out waiting
 		problem("lost")
@@ -357,11 +366,12 @@ type workerProc struct {
 
 func connect(url, name string) (*nats.Conn, error) {
 	return nats.Connect(url, nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond),
-		nats.ReconnectJitter(100*time.Millisecond, 100*time.Millisecond))
+		nats.ReconnectJitter(100*time.Millisecond, 100*time.Millisecond),
+		nats.ErrorHandler(func(*nats.Conn, *nats.Subscription, error) {})) // killed nodes break pipes; the counts tell what matters
 }
 
-func start(ctx context.Context, o Options) (h *harness, err error) {
-	h = &harness{rng: rand.New(rand.NewPCG(o.Seed, 1)), capacity: o.Capacity}
+func start(ctx context.Context, o Options) (_ *harness, err error) {
+	h := &harness{rng: rand.New(rand.NewPCG(o.Seed, 1)), capacity: o.Capacity}
 	defer func() {
 		if err != nil {
 			h.close()
@@ -424,10 +434,18 @@ func start(ctx context.Context, o Options) (h *harness, err error) {
 	h.http = &http.Server{Handler: h.gateway, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = h.http.Serve(ln) }()
 	h.client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: o.Clients + 4}, Timeout: o.RequestTimeout + 30*time.Second}
+	rctx, rcancel := context.WithTimeout(ctx, time.Minute)
+	defer rcancel()
 	select {
 	case <-h.gateway.Ready():
-	case <-sctx.Done():
-		return nil, fmt.Errorf("gateway not ready: %w", sctx.Err())
+	case <-rctx.Done():
+		why := ""
+		if resp, err := h.client.Get(h.url + "/readyz"); err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			why = strings.TrimSpace(string(b))
+		}
+		return nil, fmt.Errorf("gateway not ready within a minute: %s", why)
 	}
 	return h, nil
 }
@@ -726,6 +744,9 @@ func (h *harness) close() {
 func (r *Report) Print(w io.Writer) {
 	fmt.Fprintf(w, "requests %d: accepted %d, completed %d, failed cleanly %d (refused before queueing %d), lost %d, duplicated %d, corrupted %d, in %s\n",
 		r.Requests, r.Accepted, r.Completed, r.FailedCleanly, r.Refused, r.Lost, r.Duplicated, r.Corrupted, r.Elapsed.Round(time.Millisecond))
+	for _, k := range slices.Sorted(maps.Keys(r.FailedBy)) {
+		fmt.Fprintf(w, "  failed cleanly: %d × %s\n", r.FailedBy[k], k)
+	}
 	for _, f := range r.Faults {
 		fmt.Fprintf(w, "  %7.1fs  %-18s %-8s recovered (settle) in %s\n", f.At.Seconds(), f.Fault, f.Target, f.Recovered.Round(time.Millisecond))
 	}
