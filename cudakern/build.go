@@ -46,6 +46,10 @@ func Build(ctx context.Context, nv *NVRTC, cache *Cache, spec Spec, t Target) ([
 				return
 			}
 			defer func() { <-sem }()
+			if err := ctx.Err(); err != nil {
+				errs[k] = err
+				return
+			}
 			start := time.Now()
 			key := CacheKey(major, minor, u, headers, t, opts)
 			if img, ok := cache.Load(key); ok {

@@ -139,3 +139,15 @@ func (s Spec) String() string {
 	}
 	return fmt.Sprintf("head dim %d, KV page %d, activations %s, KV %s", s.HeadDim, s.KVPage, act, kv)
 }
+
+// lookupKernel finds a kernel's signature in the table.
+func lookupKernel(name string) (Kernel, bool) {
+	for _, u := range unitTable {
+		for _, k := range u.kernels {
+			if k.Name == name {
+				return k, true
+			}
+		}
+	}
+	return Kernel{}, false
+}

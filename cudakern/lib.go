@@ -39,7 +39,9 @@ func searchDirs(getenv func(string) string) []string {
 		dirs = append(dirs, d)
 	}
 	for _, d := range filepath.SplitList(getenv("LD_LIBRARY_PATH")) {
-		add(filepath.Clean(d))
+		if d != "" { // the loader reads an empty entry as the working folder; cudakern does not look there
+			add(filepath.Clean(d))
+		}
 	}
 	if h := getenv("CUDA_HOME"); h != "" {
 		add(filepath.Join(h, "targets", "x86_64-linux", "lib"))
