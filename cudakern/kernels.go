@@ -40,7 +40,8 @@ var unitTable = []struct {
 		{"rope_kv", []Param{ptrP("q"), intP("ldq"), ptrP("k"), intP("ldk"), ptrP("v"), intP("ldv"), ptrP("pos"), ptrP("tab_off"),
 			ptrP("page_tab"), intP("layer_off"), ptrP("k_pool"), ptrP("v_pool"), ptrP("rope_cs"), intP("rope_len"), ptrP("inv_freq"),
 			intP("n"), intP("nh"), intP("nkv")}},
-		{"kv_copy", []Param{ptrP("k_pool"), ptrP("v_pool"), ptrP("page_tab"), ptrP("src_off"), ptrP("dst_off"), ptrP("pos"), intP("m"), intP("kv_dim")}},
+		{"kv_copy", []Param{ptrP("k_pool"), ptrP("v_pool"), ptrP("page_tab"), ptrP("src_off"), ptrP("src_pos"),
+			ptrP("dst_off"), ptrP("dst_pos"), intP("m"), intP("kv_dim")}},
 	}},
 	{"attention.cu", []Kernel{
 		{"attn_decode", []Param{ptrP("part_o"), ptrP("part_ml"), ptrP("q"), intP("ldq"), ptrP("k_pool"), ptrP("v_pool"),
@@ -56,7 +57,8 @@ var unitTable = []struct {
 	}},
 	{"select.cu", []Kernel{
 		{"exit_decide", []Param{ptrP("st"), ptrP("slot"), ptrP("step"), ptrP("gate_logit"), ptrP("cum_out"), ptrP("chosen_out"), intP("n"), intP("R")}},
-		{"topk", []Param{ptrP("ids"), ptrP("vals"), ptrP("lse"), ptrP("logits"), intP("ld"), intP("n"), intP("vocab"), intP("k")}},
+		{"topk", []Param{ptrP("ids"), ptrP("vals"), ptrP("lse"), ptrP("score_id"), ptrP("score_out"), ptrP("logits"),
+			intP("ld"), intP("n"), intP("vocab"), intP("k")}},
 		{"gather_rows", []Param{ptrP("dst"), ptrP("src"), ptrP("idx"), intP("m"), intP("cols")}},
 		{"scatter_rows", []Param{ptrP("dst"), ptrP("src"), ptrP("idx"), intP("m"), intP("cols")}},
 	}},

@@ -193,13 +193,14 @@ func (p Planner) RoPEKV(a RoPEKV, n, nh, nkv int) (Launch, error) {
 	return l, nil
 }
 
-// KVCopy plans m position copies between caches: kv_copy (src/dst offsets include the layer).
-func (p Planner) KVCopy(kPool, vPool, pageTab, srcOff, dstOff, pos DevicePtr, m, kvDim int) (Launch, error) {
+// KVCopy plans m position copies between caches (kv_copy; KVCopies builds the job arrays,
+// whose offsets include the layer).
+func (p Planner) KVCopy(kPool, vPool, pageTab, srcOff, srcPos, dstOff, dstPos DevicePtr, m, kvDim int) (Launch, error) {
 	if err := rows("kv_copy", m, math.MaxInt32); err != nil {
 		return Launch{}, err
 	}
 	l := Launch{Kernel: "kv_copy", Grid: Dim3{uint32(m), 1, 1}, Block: Dim3{copyThreads, 1, 1}}
-	l.Args.Ptr(kPool).Ptr(vPool).Ptr(pageTab).Ptr(srcOff).Ptr(dstOff).Ptr(pos).Int(m).Int(kvDim)
+	l.Args.Ptr(kPool).Ptr(vPool).Ptr(pageTab).Ptr(srcOff).Ptr(srcPos).Ptr(dstOff).Ptr(dstPos).Int(m).Int(kvDim)
 	return l, nil
 }
 
@@ -358,8 +359,9 @@ func (p Planner) ExitDecide(st, slot, step, gateLogit, cumOut, chosenOut DeviceP
 }
 
 // TopK plans the k best ids and logits of each row of logits [n, ld] (ids/vals [n, k]) and,
-// with lse non-zero, each row's log-sum-exp [n].
-func (p Planner) TopK(ids, vals, lse, logits DevicePtr, ld, n, vocab, k int) (Launch, error) {
+// with lse non-zero, each row's log-sum-exp [n]; with scoreID [n] also the log-probability of
+// token scoreID[r] in scoreOut [n].
+func (p Planner) TopK(ids, vals, lse, scoreID, scoreOut, logits DevicePtr, ld, n, vocab, k int) (Launch, error) {
 	const name = "topk"
 	if err := rows(name, n, math.MaxInt32); err != nil {
 		return Launch{}, err
@@ -367,8 +369,11 @@ func (p Planner) TopK(ids, vals, lse, logits DevicePtr, ld, n, vocab, k int) (La
 	if k < 1 || k > MaxTopK || k > vocab || ld < vocab {
 		return Launch{}, errShape(name, "k %d of vocab %d (at most %d), stride %d", k, vocab, MaxTopK, ld)
 	}
+	if (scoreID == 0) != (scoreOut == 0) || (scoreID != 0 && lse == 0) {
+		return Launch{}, errShape(name, "score_id, score_out and lse go together")
+	}
 	l := Launch{Kernel: name, Grid: Dim3{uint32(n), 1, 1}, Block: Dim3{topkThreads, 1, 1}}
-	l.Args.Ptr(ids).Ptr(vals).Ptr(lse).Ptr(logits).Int(ld).Int(n).Int(vocab).Int(k)
+	l.Args.Ptr(ids).Ptr(vals).Ptr(lse).Ptr(scoreID).Ptr(scoreOut).Ptr(logits).Int(ld).Int(n).Int(vocab).Int(k)
 	return l, nil
 }
 
@@ -420,18 +425,33 @@ func (c CacheLayout) TabOff(seq, slot int) int32 {
 // LayerOff is the offset a layer's launches add to every row's tab_off.
 func (c CacheLayout) LayerOff(layer int) int { return layer * c.MaxPages }
 
-// AppendFill appends the kv_copy jobs that copy position pos of sequence seq from cache slot
-// from to each slot of to, in every layer (the full KV policy's fill of the later steps of a
-// token that exited at step from).
-func (c CacheLayout) AppendFill(src, dst, posOut []int32, seq, pos, from int, to []int) (s, d, ps []int32) {
+// KVCopies is kv_copy's job list: per position copied, the source list offset and
+// position, the destination list offset and position.
+type KVCopies struct {
+	SrcOff, SrcPos, DstOff, DstPos []int32
+}
+
+// Len is the number of jobs.
+func (j *KVCopies) Len() int { return len(j.SrcOff) }
+
+// Reset empties the list, keeping its memory.
+func (j *KVCopies) Reset() {
+	j.SrcOff, j.SrcPos, j.DstOff, j.DstPos = j.SrcOff[:0], j.SrcPos[:0], j.DstOff[:0], j.DstPos[:0]
+}
+
+// AppendCopies appends the jobs copying n positions from srcPos of (srcSeq, srcSlot) to dstPos
+// of (dstSeq, dstSlot), in every layer: the engine's KV copies (the full policy's fill of the
+// steps a token skipped, probes, chunked prefill), expressed in this layout.
+func (c CacheLayout) AppendCopies(j *KVCopies, srcSeq, srcSlot, srcPos, dstSeq, dstSlot, dstPos, n int) {
 	for l := 0; l < c.Layers; l++ {
-		for _, t := range to {
-			src = append(src, c.TabOff(seq, from)+int32(c.LayerOff(l)))
-			dst = append(dst, c.TabOff(seq, t)+int32(c.LayerOff(l)))
-			posOut = append(posOut, int32(pos))
+		so, do := c.TabOff(srcSeq, srcSlot)+int32(c.LayerOff(l)), c.TabOff(dstSeq, dstSlot)+int32(c.LayerOff(l))
+		for i := range n {
+			j.SrcOff = append(j.SrcOff, so)
+			j.SrcPos = append(j.SrcPos, int32(srcPos+i))
+			j.DstOff = append(j.DstOff, do)
+			j.DstPos = append(j.DstPos, int32(dstPos+i))
 		}
 	}
-	return src, dst, posOut
 }
 
 // RoPETable is rope_kv's rotation table for positions [0, n): [n, len(invFreq), 2] f32 (cos,

@@ -59,7 +59,7 @@ func TestPlannedLaunches(t *testing.T) {
 		{"rope_kv", func() (Launch, error) {
 			return p.RoPEKV(RoPEKV{Q: ptr, K: ptr, V: ptr, LdQ: 6144, LdK: 6144, LdV: 6144, Pos: ptr, Cache: cache, RopeCS: ptr, RopeLen: 4096, InvFreq: ptr}, 9, 16, 16)
 		}, shape{Dim3{9, 1, 1}, Dim3{128, 1, 1}, 0}},
-		{"kv_copy", func() (Launch, error) { return p.KVCopy(ptr, ptr, ptr, ptr, ptr, ptr, 72, 2048) }, shape{Dim3{72, 1, 1}, Dim3{128, 1, 1}, 0}},
+		{"kv_copy", func() (Launch, error) { return p.KVCopy(ptr, ptr, ptr, ptr, ptr, ptr, ptr, 72, 2048) }, shape{Dim3{72, 1, 1}, Dim3{128, 1, 1}, 0}},
 		{"attn_decode", func() (Launch, error) { return p.AttnDecode(attn, ptr, ptr, 0, 4, 16, 16, DecodeSplits(1000), 0.088) }, shape{Dim3{16, 4, 8}, Dim3{128, 1, 1}, 4 * (128 + 128 + 2)}},
 		{"attn_decode GQA", func() (Launch, error) { return p.AttnDecode(attn, ptr, ptr, ptr, 2, 16, 4, 1, 0.088) }, shape{Dim3{4, 2, 1}, Dim3{128, 1, 1}, 4 * (4*128 + 4*128 + 8)}},
 		{"attn_combine", func() (Launch, error) { return p.AttnCombine(ptr, 2048, ptr, ptr, 0, 4, 16, 8) }, shape{Dim3{16, 4, 1}, Dim3{128, 1, 1}, 0}},
@@ -68,7 +68,7 @@ func TestPlannedLaunches(t *testing.T) {
 		{"matmul_rows batch", func() (Launch, error) { return p.MatmulRows(ptr, 2048, ptr, 5632, ptr, 17, 2048, 5632) }, shape{Dim3{256, 3, 1}, Dim3{256, 1, 1}, 0}},
 		{"swiglu", func() (Launch, error) { return p.SwiGLU(ptr, ptr, 11264, ptr, 11264, 3, 5632) }, shape{Dim3{22, 3, 1}, Dim3{256, 1, 1}, 0}},
 		{"exit_decide", func() (Launch, error) { return p.ExitDecide(ptr, ptr, ptr, ptr, ptr, ptr, 300, 4) }, shape{Dim3{3, 1, 1}, Dim3{128, 1, 1}, 0}},
-		{"topk", func() (Launch, error) { return p.TopK(ptr, ptr, ptr, ptr, 49152, 8, 49152, 20) }, shape{Dim3{8, 1, 1}, Dim3{256, 1, 1}, 0}},
+		{"topk", func() (Launch, error) { return p.TopK(ptr, ptr, ptr, ptr, ptr, ptr, 49152, 8, 49152, 20) }, shape{Dim3{8, 1, 1}, Dim3{256, 1, 1}, 0}},
 		{"gather_rows", func() (Launch, error) { return p.GatherRows(ptr, ptr, ptr, 5, 2048) }, shape{Dim3{8, 5, 1}, Dim3{256, 1, 1}, 0}},
 		{"scatter_rows", func() (Launch, error) { return p.ScatterRows(ptr, ptr, ptr, 5, 100) }, shape{Dim3{1, 5, 1}, Dim3{256, 1, 1}, 0}},
 	} {
@@ -112,8 +112,10 @@ func TestPlanRejectsShapes(t *testing.T) {
 		"K not a multiple of 8":   func() (Launch, error) { return p.MatmulRows(1, 64, 1, 100, 1, 1, 64, 100) },
 		"x stride not aligned":    func() (Launch, error) { return p.MatmulRows(1, 64, 1, 68, 1, 1, 64, 64) },
 		"out stride short":        func() (Launch, error) { return p.MatmulRows(1, 32, 1, 64, 1, 1, 64, 64) },
-		"top-k too large":         func() (Launch, error) { return p.TopK(1, 1, 0, 1, 1024, 1, 1024, MaxTopK+1) },
-		"top-k past vocab":        func() (Launch, error) { return p.TopK(1, 1, 0, 1, 8, 1, 8, 9) },
+		"top-k too large":         func() (Launch, error) { return p.TopK(1, 1, 0, 0, 0, 1, 1024, 1, 1024, MaxTopK+1) },
+		"top-k past vocab":        func() (Launch, error) { return p.TopK(1, 1, 0, 0, 0, 1, 8, 1, 8, 9) },
+		"score without lse":       func() (Launch, error) { return p.TopK(1, 1, 0, 1, 1, 1, 8, 1, 8, 1) },
+		"score without output":    func() (Launch, error) { return p.TopK(1, 1, 1, 1, 0, 1, 8, 1, 8, 1) },
 		"swiglu stride":           func() (Launch, error) { return p.SwiGLU(1, 1, 10, 1, 100, 1, 100) },
 		"residual without x_out": func() (Launch, error) {
 			return p.ResidualNorm(ResidualNorm{H: 1, O: 1, WPost: 1, WNext: 1}, 1, 64, 1e-6)
@@ -284,11 +286,18 @@ func TestCacheLayout(t *testing.T) {
 			}
 		}
 	}
-	src, dst, pos := c.AppendFill(nil, nil, nil, 1, 37, 1, []int{2, 3})
-	wantSrc := []int32{c.TabOff(1, 1), c.TabOff(1, 1), c.TabOff(1, 1) + 10, c.TabOff(1, 1) + 10}
-	wantDst := []int32{c.TabOff(1, 2), c.TabOff(1, 3), c.TabOff(1, 2) + 10, c.TabOff(1, 3) + 10}
-	if diff := cmp.Diff([][]int32{src, dst, pos}, [][]int32{wantSrc, wantDst, {37, 37, 37, 37}}); diff != "" {
-		t.Errorf("AppendFill (-got +want):\n%s", diff)
+	var j KVCopies
+	c.AppendCopies(&j, 1, 1, 37, 2, 3, 5, 2) // positions 37, 38 of (1, 1) to 5, 6 of (2, 3), both layers
+	s, d := c.TabOff(1, 1), c.TabOff(2, 3)
+	want := KVCopies{
+		SrcOff: []int32{s, s, s + 10, s + 10}, SrcPos: []int32{37, 38, 37, 38},
+		DstOff: []int32{d, d, d + 10, d + 10}, DstPos: []int32{5, 6, 5, 6},
+	}
+	if diff := cmp.Diff(j, want); diff != "" {
+		t.Errorf("AppendCopies (-got +want):\n%s", diff)
+	}
+	if j.Reset(); j.Len() != 0 {
+		t.Errorf("Reset left %d jobs", j.Len())
 	}
 	if err := (CacheLayout{Seqs: 1 << 12, Slots: 96, Layers: 24, MaxPages: 4096}).Validate(); err == nil {
 		t.Error("a table past int32 offsets validated")

@@ -61,17 +61,20 @@ extern "C" __global__ void rope_kv(float* __restrict__ q, int ldq, const float* 
     for (int e = threadIdx.x; e < kv_dim; e += blockDim.x) store(vd + e, vr[e]);
 }
 
-// kv_copy copies the keys and values at position pos[j] from the cache page_tab + src_off[j]
-// to the cache page_tab + dst_off[j], for m jobs: the full KV policy fills the later loop
-// steps' caches of a token that exited early from its exit step's cache.
-// grid (m), block 128. pools [pages, KV_PAGE, kv_dim] kv_t; src_off/dst_off/pos [m].
+// kv_copy copies the keys and values at position src_pos[j] of the cache page_tab + src_off[j]
+// to position dst_pos[j] of the cache page_tab + dst_off[j], for m jobs (offsets include the
+// layer): the full KV policy fills the later loop steps' caches of a token that exited early
+// from its exit step's cache; probes and chunked prefill move positions between caches. The
+// jobs' destinations must be distinct positions.
+// grid (m), block 128. pools [pages, KV_PAGE, kv_dim] kv_t; src_off/dst_off/src_pos/dst_pos [m].
 extern "C" __global__ void kv_copy(kv_t* __restrict__ k_pool, kv_t* __restrict__ v_pool,
                                    const int* __restrict__ page_tab, const int* __restrict__ src_off,
-                                   const int* __restrict__ dst_off, const int* __restrict__ pos, int m, int kv_dim) {
+                                   const int* __restrict__ src_pos, const int* __restrict__ dst_off,
+                                   const int* __restrict__ dst_pos, int m, int kv_dim) {
     int j = blockIdx.x;
     if (j >= m) return;
-    i64 src = kv_slot(page_tab + src_off[j], pos[j]) * kv_dim;
-    i64 dst = kv_slot(page_tab + dst_off[j], pos[j]) * kv_dim;
+    i64 src = kv_slot(page_tab + src_off[j], src_pos[j]) * kv_dim;
+    i64 dst = kv_slot(page_tab + dst_off[j], dst_pos[j]) * kv_dim;
     for (int e = threadIdx.x; e < kv_dim; e += blockDim.x) {
         k_pool[dst + e] = k_pool[src + e];
         v_pool[dst + e] = v_pool[src + e];

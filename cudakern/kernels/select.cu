@@ -51,11 +51,14 @@ __device__ __forceinline__ bool ranks_before(float v, int i, float bv, int bi) {
 
 // topk writes each row's k most likely ids and their logits, most likely first, ties to the
 // smaller id (the host sampler's order), and with lse non-null log Σ_c e^logit[c] (so a
-// log-probability is logit − lse). NaN logits never rank; a row with fewer than k ranked
-// logits gets id −1 after them. k = 1 is argmax. Pass j finds the best logit ranking after
-// pass j−1's pick: k passes over the row, no sorting state.
-// grid (n), block TK_THREADS. logits [n, ld] f32; ids/vals [n, k]; lse [n].
+// log-probability is logit − lse) and, with score_id non-null too, the log-probability of token
+// score_id[r] in score_out[r] (prompt scoring; an id outside the vocabulary scores NaN). NaN
+// logits never rank; a row with fewer than k ranked logits gets id −1 after them. k = 1 is
+// argmax. Pass j finds the best logit ranking after pass j−1's pick: k passes over the row,
+// no sorting state.
+// grid (n), block TK_THREADS. logits [n, ld] f32; ids/vals [n, k]; lse, score_id, score_out [n].
 extern "C" __global__ void topk(int* __restrict__ ids, float* __restrict__ vals, float* __restrict__ lse,
+                                const int* __restrict__ score_id, float* __restrict__ score_out,
                                 const float* __restrict__ logits, int ld, int n, int vocab, int k) {
     __shared__ float wv[TK_THREADS / 32];
     __shared__ int wi[TK_THREADS / 32];
@@ -123,7 +126,14 @@ extern "C" __global__ void topk(int* __restrict__ ids, float* __restrict__ vals,
             }
         }
         s = block_sum(s, red);
-        if (threadIdx.x == 0) lse[r] = m == -LS_INF ? -LS_INF : m + logf(s);
+        if (threadIdx.x == 0) {
+            float z = m == -LS_INF ? -LS_INF : m + logf(s);
+            lse[r] = z;
+            if (score_id != nullptr) {
+                int id = score_id[r];
+                score_out[r] = id >= 0 && id < vocab ? x[id] - z : __int_as_float(0x7fc00000);
+            }
+        }
     }
 }
 
