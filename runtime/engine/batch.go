@@ -23,7 +23,8 @@ type rowState struct {
 	maxDepth   int     // the token's exit is at most this deep
 	forced     bool    // exit exactly at maxDepth, ignoring the gate
 	tau        float32 // Q-exit threshold
-	wantLogits bool
+	wantLogits bool    // the row yields a token: its exit step's logits choose it
+	scores     bool    // a prompt row whose exit logits score the next prompt token (PromptLogprobs)
 	probe      bool
 
 	rest, cum float32
@@ -34,8 +35,11 @@ type rowState struct {
 	stepArg   []int     // probes: argmax after each step
 	saveK     []float32 // probes under KVLast: [layers, kvDim] keys of the exit step
 	saveV     []float32
-	hIdx      int // row of the LM head batch when wantLogits
+	hIdx      int // row of the LM head batch when head()
 }
+
+// head reports whether the row's exit state goes through the LM head.
+func (r *rowState) head() bool { return r.wantLogits || r.scores }
 
 // unit is the rows a sequence has in flight: a prefill chunk, one decode or draft token, or a
 // verification pass. Its rows advance one loop step per iteration, all at step t.
@@ -143,6 +147,7 @@ func (b *batcher) plan(s *sequence) {
 			r := base
 			r.kind, r.id, r.pos, r.runAll = rowPrefill, s.tokens[i], i, true
 			r.wantLogits = i == len(s.tokens)-1
+			r.scores = s.req.PromptLogprobs && !r.wantLogits
 			if s.req.Speculative.Draft > 0 {
 				r.maxDepth, r.forced = R, true
 			}
@@ -246,7 +251,7 @@ func (b *batcher) iterate(seqs []*sequence) int {
 			decodeSteps++
 		}
 		b.gate(row, t, hi)
-		if row.chosen == t && row.wantLogits {
+		if row.chosen == t && row.head() {
 			copy(u.exitH[rf.i*H:(rf.i+1)*H], hi)
 		}
 		if row.chosen == t && row.probe && e.opts.Mode == Fast && e.opts.KVPolicy == KVLast {
@@ -284,7 +289,7 @@ func (b *batcher) iterate(seqs []*sequence) int {
 		}
 		b.done = append(b.done, s)
 		for i := range u.rows {
-			if u.rows[i].wantLogits {
+			if u.rows[i].head() {
 				u.rows[i].hIdx = nWant
 				nWant++
 			}
@@ -294,7 +299,7 @@ func (b *batcher) iterate(seqs []*sequence) int {
 	for _, s := range b.done {
 		u := &s.unit
 		for i := range u.rows {
-			if u.rows[i].wantLogits {
+			if u.rows[i].head() {
 				copy(b.headH[u.rows[i].hIdx*H:(u.rows[i].hIdx+1)*H], u.exitH[i*H:(i+1)*H])
 			}
 		}
@@ -404,16 +409,19 @@ func (b *batcher) finish(done []*sequence, logits []float32) {
 		case rowPrefill:
 			e.count(func(cn *Counters) { cn.PrefillTokens += uint64(len(rows)) })
 			s.prefillPos = last.pos + 1
+			if s.req.PromptLogprobs {
+				s.scorePrompt(rows, lg)
+			}
 			if last.wantLogits {
 				s.prefilled = true
-				s.emit(b.token(last, s.smp.pick(lg(last)), last.ran))
+				s.emit(b.token(s, last, s.smp.pick(lg(last)), last.ran, lg(last)))
 			}
 		case rowDecode:
 			e.count(func(cn *Counters) {
 				cn.DecodeTokens++
 				cn.DecodeDepth += uint64(last.chosen + 1)
 			})
-			s.emit(b.token(last, s.smp.pick(lg(last)), last.ran))
+			s.emit(b.token(s, last, s.smp.pick(lg(last)), last.ran, lg(last)))
 		case rowDraft:
 			s.drafts = append(s.drafts, argmax(lg(last)))
 			s.draftSteps += last.ran
@@ -426,7 +434,7 @@ func (b *batcher) finish(done []*sequence, logits []float32) {
 			accepted := 0
 			for k := range rows {
 				v := argmax(lg(&rows[k]))
-				tok := b.token(&rows[k], v, 0)
+				tok := b.token(s, &rows[k], v, 0, lg(&rows[k]))
 				if k == 0 {
 					tok.Steps = steps
 				}
@@ -445,9 +453,12 @@ func (b *batcher) finish(done []*sequence, logits []float32) {
 	}
 }
 
-// token builds the Token a row yields.
-func (b *batcher) token(row *rowState, id, steps int) Token {
+// token builds the Token a row yields from its exit logits [vocab].
+func (b *batcher) token(s *sequence, row *rowState, id, steps int, logits []float32) Token {
 	t := Token{ID: id, Depth: row.chosen + 1, Cum: row.cums, Probe: row.probe, Steps: steps}
+	if s.req.Logprobs {
+		scoreToken(&t, logits, s.req.TopLogprobs)
+	}
 	if row.probe {
 		full := row.stepArg[len(row.stepArg)-1]
 		t.Agree = make([]bool, len(row.stepArg))

@@ -248,6 +248,10 @@ func (e *Engine) validate(r *Request) error {
 		return bad("speculative draft depth %d not in 0..%d", r.Speculative.DraftDepth, R)
 	case r.Speculative.Draft > 0 && r.Sampling.Temperature != 0:
 		return bad("speculative decoding needs greedy sampling")
+	case r.TopLogprobs < 0 || r.TopLogprobs > MaxTopLogprobs:
+		return bad("top logprobs %d not in 0..%d", r.TopLogprobs, MaxTopLogprobs)
+	case r.TopLogprobs > 0 && !r.Logprobs:
+		return bad("top logprobs %d need logprobs", r.TopLogprobs)
 	}
 	for _, s := range r.StopStrings {
 		if s == "" {
@@ -380,10 +384,15 @@ func (e *Engine) Run(ctx context.Context) error {
 // Generate runs one request synchronously on the calling goroutine (its own scratch, so it may
 // run beside Run), calling fn for each token; fn returning false stops generation. It returns
 // the finish reason ("stop", "length", or "cancelled" when fn stopped it), or an error: one
-// wrapping ErrInvalidRequest, ErrKVFull, or ctx's.
+// wrapping ErrInvalidRequest (also for Request.PromptLogprobs, which only Submit delivers),
+// ErrKVFull, or ctx's.
 func (e *Engine) Generate(ctx context.Context, r Request, fn func(Token) bool) (string, error) {
 	if err := e.validate(&r); err != nil {
 		return "", err
+	}
+	if r.PromptLogprobs {
+		// fn receives tokens only: Event.Prompt has no way out of Generate.
+		return "", fmt.Errorf("prompt logprobs are delivered on Submit's events, not Generate's tokens: %w", ErrInvalidRequest)
 	}
 	s := e.newSequence(ctx, r)
 	s.direct = fn

@@ -15,6 +15,19 @@ type Request struct {
 	IgnoreEOS   bool        // do not stop at the model's eos id (benchmarks, golden checks)
 	Deadline    time.Time   // anytime generation: lower depth to finish by then (saves time in Fast mode); zero = none
 	Speculative Speculative // self-speculative decoding; zero = off
+
+	Logprobs       bool // report each generated token's log-probability (Token.Logprob)
+	TopLogprobs    int  // 0..MaxTopLogprobs: also the most likely alternatives at each position (Token.Top); needs Logprobs
+	PromptLogprobs bool // the prompt tokens' log-probabilities too (Event.Prompt, on the first token's event); Submit only
+}
+
+// MaxTopLogprobs bounds Request.TopLogprobs.
+const MaxTopLogprobs = 20
+
+// Logprob is one token id with its log-probability.
+type Logprob struct {
+	ID      int
+	Logprob float32
 }
 
 // Sampling picks the next token. Temperature 0 is greedy; TopK 0 and TopP 0 (or 1) disable
@@ -56,6 +69,12 @@ type Token struct {
 	// Steps is the loop steps this token cost (drafts and verification included for speculative
 	// requests, where it is attributed to the tokens a verify pass accepted).
 	Steps int
+	// Logprob (with Request.Logprobs, or for prompt tokens with PromptLogprobs) is the
+	// log-softmax of the raw logits of the exit step that scored this token, before
+	// temperature, top-k and top-p (as vLLM reports by default). Top holds the
+	// Request.TopLogprobs most likely tokens at that position, most likely first (ties by id).
+	Logprob float32
+	Top     []Logprob
 }
 
 // Event is what a running request yields: one token, or its end (Done with a finish reason or Err).
@@ -64,4 +83,9 @@ type Event struct {
 	Done   bool
 	Finish string // "stop" (stop token or string) or "length" (MaxTokens or context) when Done without Err
 	Err    error
+	// Prompt (with Request.PromptLogprobs) holds one Token per prompt token, sent once, on the
+	// event of the first generated token. Token i is scored by the logits of prompt position
+	// i-1 at that row's exit step, and its Depth is that step (1..R); the first prompt token
+	// has Logprob 0, Depth 0 and no Top: nothing precedes it.
+	Prompt []Token
 }

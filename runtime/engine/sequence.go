@@ -26,9 +26,10 @@ type sequence struct {
 	stops      map[int]bool
 	maxStop    int // longest stop string in bytes
 
-	unit         unit  // the rows in flight
-	drafts       []int // speculative drafts awaiting verification
-	draftSteps   int   // loop steps spent drafting since the last verification
+	prompt       []Token // PromptLogprobs: the prompt's scores so far, sent with the first token
+	unit         unit    // the rows in flight
+	drafts       []int   // speculative drafts awaiting verification
+	draftSteps   int     // loop steps spent drafting since the last verification
 	done         bool
 	finishReason string
 	err          error
@@ -83,7 +84,11 @@ func (s *sequence) emit(tok Token) bool {
 			return false
 		}
 	} else {
-		s.out.push(Event{Token: tok})
+		ev := Event{Token: tok}
+		if s.generated == 1 && s.req.PromptLogprobs {
+			ev.Prompt, s.prompt = s.prompt, nil
+		}
+		s.out.push(ev)
 	}
 	switch {
 	case s.stops[tok.ID]:
@@ -94,6 +99,23 @@ func (s *sequence) emit(tok Token) bool {
 		s.finish("length", nil)
 	}
 	return !s.done
+}
+
+// scorePrompt records the prompt tokens that a completed prefill chunk's rows score: row i's
+// exit logits give prompt token i+1 its log-probability.
+func (s *sequence) scorePrompt(rows []rowState, logits func(*rowState) []float32) {
+	if len(s.prompt) == 0 {
+		s.prompt = append(make([]Token, 0, len(s.req.Prompt)), Token{ID: s.req.Prompt[0]})
+	}
+	for k := range rows {
+		row := &rows[k]
+		if !row.scores {
+			continue
+		}
+		tok := Token{ID: s.req.Prompt[row.pos+1], Depth: row.chosen + 1}
+		scoreToken(&tok, logits(row), s.req.TopLogprobs)
+		s.prompt = append(s.prompt, tok)
+	}
 }
 
 // hitStopString decodes only the tail that could hold a stop string: each token is at least
