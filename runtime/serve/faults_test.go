@@ -412,3 +412,41 @@ func TestBearerCaseInsensitive(t *testing.T) {
 		}
 	}
 }
+
+// TestPublishRetriedThroughOutage: a request sent while NATS is down is not refused at once:
+// the gateway retries its publish (with the same Nats-Msg-Id) until the server is back, and the
+// request is stored once and answered in full.
+func TestPublishRetriedThroughOutage(t *testing.T) {
+	c := newCluster(t, clusterOptions{gateway: GatewayOptions{PublishRetry: 20 * time.Second}})
+	c.startWorker("w1", newGenerator(t), WorkerOptions{})
+	ctx := context.Background()
+	body := map[string]any{"model": "ouro-tiny-arith", "prompt": arithPrompt, "max_tokens": 6, "stream": true}
+	want, err := post(ctx, c.gw.URL, "/v1/completions", body)
+	if err != nil || want.Status != http.StatusOK {
+		t.Fatalf("before the outage: %v %+v", err, want)
+	}
+	c.srv.Shutdown()
+	c.srv.WaitForShutdown()
+	done := make(chan result, 1)
+	go func() {
+		r, err := post(ctx, c.gw.URL, "/v1/completions", body)
+		if err != nil {
+			r.Error = err.Error()
+		}
+		done <- r
+	}()
+	awaitCond(t, func() bool { return counter(t, c, "loopserve_gateway_publish_retries_total") > 1 })
+	c.startServer()
+	got := <-done
+	if d := cmp.Diff(got, want, cmpIgnoreChunks); d != "" {
+		t.Errorf("request sent during the outage (-got +want):\n%s", d)
+	}
+	js, _ := jetstream.New(c.connect("check"))
+	s, err := js.Stream(ctx, c.ref.Stream())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seq := s.CachedInfo().State.LastSeq; seq != 2 {
+		t.Errorf("the stream stored %d requests, want 2: the retried publish was queued more than once", seq)
+	}
+}

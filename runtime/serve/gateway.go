@@ -168,18 +168,27 @@ func (g *Gateway) markReady() {
 	}
 }
 
-// notReady says why the gateway cannot take requests now, or "" when it can: the registry must
-// be loaded, the liveness key fresh (workers cancel the requests of a gateway without one) and
-// NATS connected.
+// notReady says why the gateway should not be sent requests now, or "" when it can take them:
+// the registry must be loaded, the liveness key fresh (workers cancel the requests of a gateway
+// without one) and, for the readiness probe only, NATS connected. A request arriving while NATS
+// reconnects is not refused: its publish is retried for PublishRetry.
 func (g *Gateway) notReady() string {
+	if why := g.cannotServe(); why != "" {
+		return why
+	}
+	if !g.nc.IsConnected() {
+		return "NATS is " + g.nc.Status().String()
+	}
+	return ""
+}
+
+// cannotServe says why the gateway cannot take a request now, or "".
+func (g *Gateway) cannotServe() string {
 	if !g.loaded.Load() {
 		return "the model registry is not loaded yet"
 	}
 	if beat := g.beat.Load(); beat == 0 || time.Since(time.Unix(0, beat)) > time.Duration(g.fresh.Load()) {
 		return "the gateway's liveness key in " + bus.GatewaysBucket + " is not fresh (does the bucket exist?)"
-	}
-	if !g.nc.IsConnected() {
-		return "NATS is " + g.nc.Status().String()
 	}
 	return ""
 }
@@ -519,7 +528,7 @@ func (g *Gateway) complete(rw http.ResponseWriter, r *http.Request, chat bool) {
 		badRequest("model", "model is required").write(w)
 		return
 	}
-	if why := g.notReady(); why != "" {
+	if why := g.cannotServe(); why != "" {
 		w.Header().Set("Retry-After", g.retryAfter(0))
 		(&apiError{Status: http.StatusServiceUnavailable, Type: "server_error", Code: codeUnavailable, Message: "the gateway is not ready: " + why}).write(w)
 		return
@@ -575,7 +584,7 @@ func (g *Gateway) complete(rw http.ResponseWriter, r *http.Request, chat bool) {
 
 	wt := g.register(id)
 	defer g.unregister(id)
-	ack, err := g.publish(ctx, msg)
+	ack, err := g.publish(ctx, msg, gm)
 	if err != nil {
 		g.refuse(w, entry, id, err)
 		return
@@ -618,7 +627,7 @@ func msgSize(m *nats.Msg) int {
 // publish queues a request, retrying for up to PublishRetry while JetStream cannot take it
 // (a stream leader being elected, a reconnection): always with the same Nats-Msg-Id, so a
 // publish that was stored but whose answer was lost is not queued twice.
-func (g *Gateway) publish(ctx context.Context, msg *nats.Msg) (*jetstream.PubAck, error) {
+func (g *Gateway) publish(ctx context.Context, msg *nats.Msg, gm *gatewayMetrics) (*jetstream.PubAck, error) {
 	deadline := time.Now().Add(g.opt.PublishRetry)
 	pause := 50 * time.Millisecond
 	for {
@@ -636,6 +645,9 @@ func (g *Gateway) publish(ctx context.Context, msg *nats.Msg) (*jetstream.PubAck
 			return nil, err
 		}
 		g.log.Debug("retrying a publish", "err", err)
+		if gm != nil {
+			gm.retries.Inc()
+		}
 		sleepCtx(ctx, pause/2+rnd.N(pause))
 		pause = min(2*pause, 500*time.Millisecond)
 	}

@@ -31,6 +31,7 @@ type Metrics struct {
 	panics        *prometheus.CounterVec
 	gwInflight    *prometheus.GaugeVec
 	gwTTFT        *prometheus.HistogramVec
+	gwRetries     *prometheus.CounterVec
 	mu            sync.Mutex
 	models        map[string]*modelMetrics
 	gatewayModels map[string]*gatewayMetrics
@@ -83,12 +84,14 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Requests the gateway is waiting on."}, lm),
 		gwTTFT: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "loopserve_gateway_time_to_first_token_seconds",
 			Help: "Gateway time from receiving a request to its first token, queueing included.", Buckets: latencyBuckets}, lm),
+		gwRetries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "loopserve_gateway_publish_retries_total",
+			Help: "Publishes of requests retried because JetStream could not take them (a leader election, a reconnection)."}, lm),
 		models:        make(map[string]*modelMetrics),
 		gatewayModels: make(map[string]*gatewayMetrics),
 	}
 	for _, c := range []prometheus.Collector{m.exitDepth, m.cum, m.probeTokens, m.probeAgree, m.tokens, m.loopSteps, m.tokensPerSec,
 		m.stepsPerSec, m.queueWait, m.ttft, m.itl, m.batch, m.inflight, m.threshold, m.requests, m.refused, m.expired, m.panics,
-		m.gwInflight, m.gwTTFT} {
+		m.gwInflight, m.gwTTFT, m.gwRetries} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -153,6 +156,7 @@ func (m *Metrics) model(lm string, steps int) *modelMetrics {
 type gatewayMetrics struct {
 	inflight prometheus.Gauge
 	ttft     prometheus.Observer
+	retries  prometheus.Counter
 	requests *prometheus.CounterVec
 	lm       string
 }
@@ -163,7 +167,8 @@ func (m *Metrics) gateway(lm string) *gatewayMetrics {
 	if g := m.gatewayModels[lm]; g != nil {
 		return g
 	}
-	g := &gatewayMetrics{inflight: m.gwInflight.WithLabelValues(lm), ttft: m.gwTTFT.WithLabelValues(lm), requests: m.requests, lm: lm}
+	g := &gatewayMetrics{inflight: m.gwInflight.WithLabelValues(lm), ttft: m.gwTTFT.WithLabelValues(lm), retries: m.gwRetries.WithLabelValues(lm),
+		requests: m.requests, lm: lm}
 	m.gatewayModels[lm] = g
 	return g
 }
