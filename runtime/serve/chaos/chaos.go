@@ -344,6 +344,7 @@ type harness struct {
 	gwConn  *nats.Conn
 	gwStop  func()
 	http    *http.Server
+	served  chan struct{} // closed when Serve returned
 	url     string
 	client  *http.Client
 
@@ -432,7 +433,8 @@ func start(ctx context.Context, o Options) (_ *harness, err error) {
 	}
 	h.url = "http://" + ln.Addr().String()
 	h.http = &http.Server{Handler: h.gateway, ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = h.http.Serve(ln) }()
+	h.served = make(chan struct{})
+	go func() { defer close(h.served); _ = h.http.Serve(ln) }()
 	h.client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: o.Clients + 4}, Timeout: o.RequestTimeout + 30*time.Second}
 	rctx, rcancel := context.WithTimeout(ctx, time.Minute)
 	defer rcancel()
@@ -716,6 +718,7 @@ func (h *harness) close() {
 			_ = h.http.Close()
 		}
 		cancel()
+		<-h.served
 	}
 	if h.gwStop != nil {
 		h.gwStop()
