@@ -88,4 +88,3 @@ func FuzzDecodeChat(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, body []byte) { fuzzRequest(t, body, true) })
 }
-
