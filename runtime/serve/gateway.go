@@ -1076,12 +1076,12 @@ func (o *responder) event(choice int, text string, depths []int, lp *logprobsOut
 }
 
 func (o *responder) write(v any) {
-	b, _ := json.Marshal(v)
 	var buf bytes.Buffer
-	buf.Grow(len(b) + 8)
 	buf.WriteString("data: ")
-	buf.Write(b)
-	buf.WriteString("\n\n")
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // special tokens such as <|im_end|> stay as they are
+	_ = enc.Encode(v)        // ends with one "\n"
+	buf.WriteString("\n")
 	_, _ = o.w.Write(buf.Bytes())
 	_ = http.NewResponseController(o.w).Flush()
 }
@@ -1121,7 +1121,9 @@ func (o *responder) finish(c Chunk) {
 		}
 	}
 	o.w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(o.w).Encode(resp)
+	enc := json.NewEncoder(o.w)
+	enc.SetEscapeHTML(false)
+	_ = enc.Encode(resp)
 }
 
 func (o *responder) streamObject() string {
