@@ -90,8 +90,18 @@ func TestEnsureQueueIdempotentAndBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := c.CachedInfo().Config
-	if cfg.MaxAckPending != 3 || cfg.AckWait != 5*time.Second || cfg.Durable != ConsumerName {
+	if cfg.MaxAckPending != 3 || cfg.AckWait != 5*time.Second || cfg.Durable != ConsumerName || cfg.MaxDeliver != DefaultMaxDeliver {
 		t.Errorf("consumer config = %+v", cfg)
+	}
+	if s, err := js.Stream(ctx, r.Stream()); err != nil || s.CachedInfo().Config.MaxAge != DefaultMaxAge {
+		t.Errorf("stream MaxAge: %v %v, want %v", err, s.CachedInfo().Config.MaxAge, DefaultMaxAge)
+	}
+	bound, err := BindQueue(ctx, js, r)
+	if err != nil || bound.CachedInfo().Name != ConsumerName {
+		t.Errorf("BindQueue: %v", err)
+	}
+	if _, err := BindQueue(ctx, js, Ref{Namespace: "default", Name: "absent"}); !errors.Is(err, ErrQueueNotFound) {
+		t.Errorf("BindQueue of a missing queue: err = %v, want ErrQueueNotFound", err)
 	}
 	// A full queue refuses new requests instead of dropping old ones.
 	for i := range 2 {
@@ -119,8 +129,30 @@ func TestEnsureQueueIdempotentAndBounded(t *testing.T) {
 func TestRegistryRoundTrip(t *testing.T) {
 	ctx := context.Background()
 	js := startJS(t)
-	kv, err := Registry(ctx, js)
+	// Gateways and workers never create the buckets: binding before the operator made them fails.
+	for _, open := range []func(context.Context, jetstream.JetStream) (jetstream.KeyValue, error){OpenRegistry, OpenGateways} {
+		if _, err := open(ctx, js); !errors.Is(err, ErrRegistryNotFound) {
+			t.Errorf("binding to a missing bucket: err = %v, want ErrRegistryNotFound", err)
+		}
+	}
+	if _, err := js.KeyValue(ctx, RegistryBucket); !errors.Is(err, jetstream.ErrBucketNotFound) {
+		t.Errorf("a bind created the bucket: %v", err)
+	}
+	kv, err := EnsureRegistry(ctx, js, 1)
 	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := EnsureRegistry(ctx, js, 0); err != nil { // idempotent
+		t.Fatal(err)
+	}
+	gw, err := OpenGateways(ctx, js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := gw.Status(ctx); err != nil || st.TTL() != GatewayTTL {
+		t.Errorf("gateways bucket: %v, TTL %v, want %v", err, st.TTL(), GatewayTTL)
+	}
+	if _, err := OpenRegistry(ctx, js); err != nil {
 		t.Fatal(err)
 	}
 	e := ModelEntry{Namespace: "default", Name: "m", ContextLength: 2048, ExitThreshold: 0.9, MaxSteps: 4, Ready: true,
@@ -148,6 +180,49 @@ func TestRegistryRoundTrip(t *testing.T) {
 	}
 	if _, err := kv.Get(ctx, "default.m"); !errors.Is(err, jetstream.ErrKeyNotFound) {
 		t.Errorf("after delete: %v", err)
+	}
+}
+
+func TestParseReply(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		gateway string
+	}{
+		{in: ReplySubject("gw1", "cmpl-0a1b"), gateway: "gw1"},
+		{in: "loopserve.inbox.g_2-x.chatcmpl-ff", gateway: "g_2-x"},
+		{in: "loopserve.inbox.gw1"},
+		{in: "loopserve.inbox.gw1.req.extra"},
+		{in: "loopserve.inbox.*.req"},
+		{in: "loopserve.inbox.gw1.>"},
+		{in: "loopserve.inbox..req"},
+		{in: "$JS.API.STREAM.DELETE.LOOPSERVE_DEFAULT_M"},
+		{in: "_INBOX.abc.def"},
+		{in: "loopserve.req.default.m"},
+		{in: ""},
+	} {
+		gw, req, err := ParseReply(tc.in)
+		switch {
+		case tc.gateway == "" && !errors.Is(err, ErrInvalidReply):
+			t.Errorf("ParseReply(%q) = %q, %v; want ErrInvalidReply", tc.in, gw, err)
+		case tc.gateway != "" && (err != nil || gw != tc.gateway || tc.in != ReplySubject(gw, req)):
+			t.Errorf("ParseReply(%q) = %q, %q, %v; want gateway %q", tc.in, gw, req, err, tc.gateway)
+		}
+	}
+}
+
+func TestDecodeMaxDeliveries(t *testing.T) {
+	in := `{"type":"io.nats.jetstream.advisory.v1.max_deliver","id":"x","timestamp":"2026-01-02T03:04:05Z","stream":"LOOPSERVE_DEFAULT_M","consumer":"workers","stream_seq":42,"deliveries":5}`
+	got, err := DecodeMaxDeliveries([]byte(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(got, MaxDeliveries{Stream: "LOOPSERVE_DEFAULT_M", Consumer: "workers", StreamSeq: 42, Deliveries: 5}); d != "" {
+		t.Errorf("advisory (-got +want):\n%s", d)
+	}
+	for _, bad := range []string{`{}`, `{"stream":"S"}`, `nope`} {
+		if _, err := DecodeMaxDeliveries([]byte(bad)); err == nil {
+			t.Errorf("DecodeMaxDeliveries(%s) succeeded", bad)
+		}
 	}
 }
 

@@ -59,6 +59,8 @@ func TestInvalidLoopModelsRejected(t *testing.T) {
 			`spec.tuning.mode: Unsupported value: "manual"`},
 		{"http NATS URL", func(lm *v1alpha1.LoopModel) { lm.Spec.NATS.URL = "http://nats:4222" },
 			"spec.nats.url in body should match"},
+		{"two NATS replicas", func(lm *v1alpha1.LoopModel) { lm.Spec.NATS.Replicas = 2 },
+			`spec.nats.replicas: Unsupported value: 2: supported values: "1", "3", "5"`},
 		{"zero steps", func(lm *v1alpha1.LoopModel) { lm.Spec.Loop.MaxSteps = -1 },
 			"spec.loop.maxSteps in body should be greater than or equal to 1"},
 		{"relative host path", func(lm *v1alpha1.LoopModel) { lm.Spec.Model.Source.HostPath.Path = "models" },

@@ -142,22 +142,45 @@ func TestChartRendersValidObjects(t *testing.T) {
 		{"defaults", nil, []string{"ClusterRole", "ClusterRoleBinding", "Deployment", "Deployment", "Role", "RoleBinding", "Service", "Service", "ServiceAccount"}},
 		{"gateway auth", map[string]any{"gateway": map[string]any{"tokenSecret": "gw-tokens"}}, nil},
 		{"no gateway", map[string]any{"gateway": map[string]any{"enabled": false}}, []string{"ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"}},
+		{"watch namespaces", nil, []string{"Deployment", "Deployment", "Role", "Role", "Role", "RoleBinding", "RoleBinding", "RoleBinding", "Service", "Service", "ServiceAccount"}},
+		{"three NATS replicas", map[string]any{"nats": map[string]any{"replicas": 3}}, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ns := newNamespace(t)
+			var wantArgs []string // operator flags the values must produce
+			switch tt.name {
+			case "watch namespaces":
+				a, b := newNamespace(t), newNamespace(t)
+				tt.overrides = map[string]any{"operator": map[string]any{"watchNamespaces": []any{a, b}}}
+				wantArgs = []string{"--watch-namespaces=" + a, "--watch-namespaces=" + b}
+			case "three NATS replicas":
+				wantArgs = []string{"--nats-replicas=3"}
+			}
 			objs := renderChart(t, ns, tt.overrides)
+			for _, obj := range objs {
+				if obj.GetKind() != "Deployment" || obj.GetName() != "ls-operator" {
+					continue
+				}
+				cs, _, _ := unstructured.NestedSlice(obj.Object, "spec", "template", "spec", "containers")
+				args, _, _ := unstructured.NestedStringSlice(cs[0].(map[string]any), "args")
+				for _, a := range wantArgs {
+					if !slices.Contains(args, a) {
+						t.Errorf("operator args %q lack %s", args, a)
+					}
+				}
+			}
 			var kinds []string
 			for _, obj := range objs {
 				kinds = append(kinds, obj.GetKind())
 				if err := k8s.Create(context.Background(), obj, client.DryRunAll); err != nil {
 					t.Errorf("API server refused %s %s: %v", obj.GetKind(), obj.GetName(), err)
 				}
-				if obj.GetKind() == "ClusterRole" {
+				if obj.GetKind() == "ClusterRole" || obj.GetKind() == "Role" && !strings.HasSuffix(obj.GetName(), "-leader-election") {
 					var generated map[string]any
 					readYAML(t, filepath.Join("..", "config", "rbac", "role.yaml"), &generated)
 					if diff := cmp.Diff(obj.Object["rules"], generated["rules"]); diff != "" {
-						t.Errorf("chart ClusterRole rules differ from config/rbac/role.yaml (-chart +generated):\n%s", diff)
+						t.Errorf("chart %s %s/%s rules differ from config/rbac/role.yaml (-chart +generated):\n%s", obj.GetKind(), obj.GetNamespace(), obj.GetName(), diff)
 					}
 				}
 			}

@@ -41,6 +41,10 @@ const (
 	EventRolledOut          = "RolledOut"
 	EventThresholdPublished = "ThresholdPublished"
 	EventQueueDeleted       = "QueueDeleted"
+	// EventCleanupAbandoned (Warning) says a deleted LoopModel's stream and registry entry were
+	// left on NATS: its credentials Secret was gone, or NATS stayed unreachable for the
+	// finalizer timeout. Deletion (and its namespace's) goes on.
+	EventCleanupAbandoned = "NATSCleanupAbandoned"
 )
 
 // Finalizer holds a LoopModel until its JetStream stream and registry entry are deleted.

@@ -263,9 +263,9 @@ func desiredDeployment(lm *v1alpha1.LoopModel, d defaults) (*appsv1.Deployment, 
 		corev1.EnvVar{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
 	)
 
-	probe := func(period, failures int32) *corev1.Probe {
+	probe := func(path string, period, failures int32) *corev1.Probe {
 		return &corev1.Probe{
-			ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz", Port: intstr.FromString(metricsName)}},
+			ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromString(metricsName)}},
 			PeriodSeconds:    period,
 			FailureThreshold: failures,
 			TimeoutSeconds:   5,
@@ -280,10 +280,12 @@ func desiredDeployment(lm *v1alpha1.LoopModel, d defaults) (*appsv1.Deployment, 
 		Ports:           []corev1.ContainerPort{{Name: metricsName, ContainerPort: metricsPort, Protocol: corev1.ProtocolTCP}},
 		Resources:       *rt.Resources.DeepCopy(),
 		VolumeMounts:    mounts,
-		// Loading weights can take minutes: the startup probe allows 10, then liveness takes over.
-		StartupProbe:             probe(5, 120),
-		LivenessProbe:            probe(10, 3),
-		ReadinessProbe:           probe(5, 2),
+		// /healthz answers from the start (waiting for the queue, loading weights can take
+		// minutes: the startup probe allows 10, then liveness takes over); /readyz once the
+		// worker takes requests, and not while NATS is disconnected or the worker drains.
+		StartupProbe:             probe("/healthz", 5, 120),
+		LivenessProbe:            probe("/healthz", 10, 3),
+		ReadinessProbe:           probe("/readyz", 5, 2),
 		SecurityContext:          restrictedContainerSecurity(),
 		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
 	}
@@ -360,9 +362,19 @@ func registryEntry(lm *v1alpha1.LoopModel, tau float64, ready bool) bus.ModelEnt
 	}
 }
 
-// queueOptions sizes the work queue for the most workers the LoopModel may have.
-func queueOptions(lm *v1alpha1.LoopModel) bus.QueueOptions {
-	return bus.QueueOptions{MaxAckPending: workerBatch * int(max(lm.Spec.Scaling.MaxReplicas, 1))}
+// queueOptions sizes the work queue for the most workers the LoopModel may have, with the
+// given JetStream replicas.
+func queueOptions(lm *v1alpha1.LoopModel, replicas int) bus.QueueOptions {
+	return bus.QueueOptions{MaxAckPending: workerBatch * int(max(lm.Spec.Scaling.MaxReplicas, 1)), Replicas: replicas}
+}
+
+// natsReplicas is spec.nats.replicas, or def (the operator's --nats-replicas) when unset, and
+// at least 1. Workers do not depend on it: changing it updates the stream, never the pods.
+func natsReplicas(lm *v1alpha1.LoopModel, def int) int {
+	if n := lm.Spec.NATS.Replicas; n > 0 {
+		return int(n)
+	}
+	return max(def, 1)
 }
 
 // DesiredDeployment is the worker Deployment the operator applies for lm, given the operator's

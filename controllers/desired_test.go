@@ -202,7 +202,11 @@ func TestDesiredDeploymentRuntime(t *testing.T) {
 		t.Errorf("container security context = %+v, want read-only root, no escalation, all capabilities dropped", sc)
 	}
 	if c.StartupProbe == nil || c.LivenessProbe == nil || c.ReadinessProbe == nil {
-		t.Error("worker container lacks a startup, liveness or readiness probe")
+		t.Fatal("worker container lacks a startup, liveness or readiness probe")
+	}
+	// Alive while it waits for its queue and loads weights; ready only once it takes requests.
+	if got := []string{c.StartupProbe.HTTPGet.Path, c.LivenessProbe.HTTPGet.Path, c.ReadinessProbe.HTTPGet.Path}; !cmp.Equal(got, []string{"/healthz", "/healthz", "/readyz"}) {
+		t.Errorf("probe paths (startup, liveness, readiness) = %q", got)
 	}
 	if ru := dep.Spec.Strategy.RollingUpdate; ru.MaxUnavailable.IntValue() != 0 || ru.MaxSurge.IntValue() != 1 {
 		t.Errorf("rolling update = %+v, want maxUnavailable 0 (keep capacity), maxSurge 1", ru)

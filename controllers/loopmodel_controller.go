@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -39,8 +40,9 @@ type LoopModelReconciler struct {
 	Events    events.EventRecorder // events.k8s.io recorder
 	NATS      *NATSPool
 
-	NATSURL     string // NATS URL for LoopModels that set none
-	WorkerImage string // worker image for LoopModels that set none
+	NATSURL      string // NATS URL for LoopModels that set none
+	WorkerImage  string // worker image for LoopModels that set none
+	NATSReplicas int    // JetStream replicas for LoopModels that set none (1 when zero)
 
 	PollInterval time.Duration // recheck period while workers roll out (10s when zero)
 	Resync       time.Duration // recheck period once Ready, to repair NATS state (5m when zero)
@@ -52,7 +54,13 @@ type LoopModelReconciler struct {
 	// StatsInterval is the least time between two status updates caused by stats (15s when zero).
 	StatsWindow, StatsInterval time.Duration
 
+	// FinalizerTimeout is how long a deleted LoopModel waits for NATS to be reachable for its
+	// cleanup before it is released anyway, with a Warning event (2m when zero): a NATS outage
+	// never blocks a namespace's deletion for good.
+	FinalizerTimeout time.Duration
+
 	stats *statsBook // set up by SetupWithManager
+	creds sync.Map   // bus.Ref -> []byte: the NATS credentials last used, for cleanup after the Secret is gone
 }
 
 // +kubebuilder:rbac:groups=loopserve.io,resources=loopmodels,verbs=get;list;watch;update;patch
@@ -74,7 +82,8 @@ func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		return ctrl.Result{}, r.finalize(ctx, &lm)
 	}
 	if !controllerutil.ContainsFinalizer(&lm, Finalizer) {
-		patch := client.MergeFrom(lm.DeepCopy())
+		// The optimistic lock keeps the patch from replacing a finalizer list changed meanwhile.
+		patch := client.MergeFromWithOptions(lm.DeepCopy(), client.MergeFromWithOptimisticLock{})
 		controllerutil.AddFinalizer(&lm, Finalizer)
 		if err := r.Client.Patch(ctx, &lm, patch); err != nil {
 			return ctrl.Result{}, fmt.Errorf("adding finalizer: %w", err)
@@ -134,14 +143,23 @@ func (r *LoopModelReconciler) SetupWithManager(mgr ctrl.Manager) error {
 }
 
 // CacheOptions limit the manager's cache of Deployments, Services and ConfigMaps to the ones
-// the operator manages, so it does not hold every object of the cluster in memory.
-func CacheOptions() cache.Options {
+// the operator manages, so it does not hold every object of the cluster in memory, and every
+// cached kind to namespaces when some are given (the operator then lists and watches only
+// there, and Roles in them suffice).
+func CacheOptions(namespaces ...string) cache.Options {
 	managed := cache.ByObject{Label: labels.SelectorFromSet(labels.Set{labelManagedBy: managedBy})}
-	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+	o := cache.Options{ByObject: map[client.Object]cache.ByObject{
 		&appsv1.Deployment{}: managed,
 		&corev1.Service{}:    managed,
 		&corev1.ConfigMap{}:  managed,
 	}}
+	if len(namespaces) > 0 {
+		o.DefaultNamespaces = make(map[string]cache.Config, len(namespaces))
+		for _, ns := range namespaces {
+			o.DefaultNamespaces[ns] = cache.Config{}
+		}
+	}
+	return o
 }
 
 // plan is what one reconcile wants to exist, computed before any write.
@@ -187,6 +205,7 @@ func (r *LoopModelReconciler) plan(ctx context.Context, lm *v1alpha1.LoopModel) 
 		return nil, err
 	}
 	p.creds = creds
+	r.creds.Store(ref(lm), creds)
 
 	if p.configMap, err = desiredConfigMap(lm, p.tau); err != nil {
 		return nil, err
@@ -318,25 +337,41 @@ func (r *LoopModelReconciler) patchStatus(ctx context.Context, before, lm *v1alp
 }
 
 // finalize deletes the LoopModel's stream and registry entry, then releases the object. While
-// NATS is unreachable the deletion waits (status says why) unless the skip annotation is set.
+// NATS is unreachable the deletion waits (status says why) for FinalizerTimeout, then goes on
+// with a Warning event; it skips the cleanup at once when the skip annotation is set, and
+// cleans up best effort when the credentials Secret is gone (a namespace being deleted removes
+// it first): with the credentials last used, else not at all, with a Warning event.
 func (r *LoopModelReconciler) finalize(ctx context.Context, lm *v1alpha1.LoopModel) error {
 	if !controllerutil.ContainsFinalizer(lm, Finalizer) {
 		return nil
 	}
-	if err := r.cleanupNATS(ctx, lm); err != nil {
+	err := r.cleanupNATS(ctx, lm)
+	waited := time.Since(lm.DeletionTimestamp.Time)
+	switch {
+	case err == nil:
+	case errors.Is(err, errCredentialsGone) || waited >= r.finalizerTimeout():
+		r.Events.Eventf(lm, nil, corev1.EventTypeWarning, EventCleanupAbandoned, "Cleanup",
+			"left stream %s and registry entry %s on NATS after %s: %v", ref(lm).Stream(), ref(lm).Key(), waited.Round(time.Second), err)
+	default:
 		before := lm.DeepCopy()
-		r.setCondition(lm, degraded(lm, ReasonNATSUnreachable, "deletion waits for NATS cleanup: "+err.Error()))
+		r.setCondition(lm, degraded(lm, ReasonNATSUnreachable, fmt.Sprintf("deletion waits for NATS cleanup (at most %s more): %v",
+			(r.finalizerTimeout()-waited).Round(time.Second), err)))
 		return errors.Join(err, r.patchStatus(ctx, before, lm))
 	}
 	if r.stats != nil {
 		r.stats.forget(ref(lm))
 	}
-	patch := client.MergeFrom(lm.DeepCopy())
+	r.creds.Delete(ref(lm))
+	patch := client.MergeFromWithOptions(lm.DeepCopy(), client.MergeFromWithOptimisticLock{})
 	controllerutil.RemoveFinalizer(lm, Finalizer)
 	if err := r.Client.Patch(ctx, lm, patch); err != nil {
 		return client.IgnoreNotFound(fmt.Errorf("removing finalizer: %w", err))
 	}
 	return nil
+}
+
+func (r *LoopModelReconciler) finalizerTimeout() time.Duration {
+	return cmp.Or(r.FinalizerTimeout, 2*time.Minute)
 }
 
 func (r *LoopModelReconciler) pollInterval() time.Duration {

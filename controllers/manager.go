@@ -21,8 +21,9 @@ import (
 // ManagerOptions configure the operator process: leader election, probe and metrics endpoints,
 // and the reconciler's defaults and periods (zero periods take the reconciler's defaults).
 type ManagerOptions struct {
-	NATSURL     string // default NATS URL for LoopModels that set none
-	WorkerImage string // default worker image
+	NATSURL      string // default NATS URL for LoopModels that set none
+	WorkerImage  string // default worker image
+	NATSReplicas int    // default JetStream replicas of work queues and registry buckets (1 when zero)
 
 	MetricsAddr string // Prometheus metrics ("0" disables)
 	ProbeAddr   string // /healthz and /readyz ("0" disables)
@@ -31,7 +32,12 @@ type ManagerOptions struct {
 	LeaderElectionID        string // Lease name
 	LeaderElectionNamespace string // "" means the pod's namespace
 
+	// WatchNamespaces limits the operator to LoopModels (and the objects it owns) in these
+	// namespaces, so Roles there suffice instead of a ClusterRole; empty watches every namespace.
+	WatchNamespaces []string
+
 	PollInterval, Resync, NATSTimeout, RetryBase, RetryMax time.Duration
+	FinalizerTimeout                                       time.Duration
 	StatsWindow, StatsInterval                             time.Duration
 	NATSReconnectWait                                      time.Duration
 
@@ -67,7 +73,7 @@ func NewManager(cfg *rest.Config, o ManagerOptions) (ctrl.Manager, *NATSPool, er
 		LeaderElectionID:              o.LeaderElectionID,
 		LeaderElectionNamespace:       o.LeaderElectionNamespace,
 		LeaderElectionReleaseOnCancel: true,
-		Cache:                         CacheOptions(),
+		Cache:                         CacheOptions(o.WatchNamespaces...),
 		Controller:                    config.Controller{SkipNameValidation: &o.SkipNameValidation},
 	})
 	if err != nil {
@@ -81,6 +87,7 @@ func NewManager(cfg *rest.Config, o ManagerOptions) (ctrl.Manager, *NATSPool, er
 		NATS:          pool,
 		NATSURL:       o.NATSURL,
 		WorkerImage:   o.WorkerImage,
+		NATSReplicas:  o.NATSReplicas,
 		PollInterval:  o.PollInterval,
 		Resync:        o.Resync,
 		NATSTimeout:   o.NATSTimeout,
@@ -88,6 +95,8 @@ func NewManager(cfg *rest.Config, o ManagerOptions) (ctrl.Manager, *NATSPool, er
 		RetryMax:      o.RetryMax,
 		StatsWindow:   o.StatsWindow,
 		StatsInterval: o.StatsInterval,
+
+		FinalizerTimeout: o.FinalizerTimeout,
 	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return nil, nil, fmt.Errorf("setting up the LoopModel controller: %w", err)

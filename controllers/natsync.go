@@ -37,7 +37,8 @@ func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopMod
 	if err := checkStreamOwner(ctx, js, ref(lm)); err != nil {
 		return err
 	}
-	if _, err := bus.EnsureQueue(ctx, js, ref(lm), queueOptions(lm)); err != nil {
+	replicas := natsReplicas(lm, r.NATSReplicas)
+	if _, err := bus.EnsureQueue(ctx, js, ref(lm), queueOptions(lm, replicas)); err != nil {
 		return err
 	}
 	if r.stats != nil {
@@ -45,7 +46,7 @@ func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopMod
 			return fmt.Errorf("subscribing to %s: %w", ref(lm).StatsSubject(), err)
 		}
 	}
-	kv, err := bus.Registry(ctx, js)
+	kv, err := bus.EnsureRegistry(ctx, js, replicas)
 	if err != nil {
 		return err
 	}
@@ -102,8 +103,13 @@ func (r *LoopModelReconciler) retire(ctx context.Context, lm *v1alpha1.LoopModel
 		"deleted stream %s and registry entry %s on %s after the NATS URL changed", ref(lm).Stream(), ref(lm).Key(), url)
 }
 
+// errCredentialsGone reports a deleted LoopModel whose credentials Secret is gone too, with no
+// credentials remembered from an earlier reconcile: its NATS state cannot be reached.
+var errCredentialsGone = errors.New("the NATS credentials Secret is gone")
+
 // cleanupNATS deletes the stream and registry entry of a LoopModel being deleted, on the
-// server that holds them.
+// server that holds them. When the credentials Secret is gone it uses the credentials the
+// operator last used for the LoopModel, if it has them.
 func (r *LoopModelReconciler) cleanupNATS(ctx context.Context, lm *v1alpha1.LoopModel) error {
 	if lm.Annotations[AnnotationSkipNATSCleanup] == "true" {
 		return nil
@@ -113,6 +119,13 @@ func (r *LoopModelReconciler) cleanupNATS(ctx context.Context, lm *v1alpha1.Loop
 		return nil // never had a queue
 	}
 	creds, err := r.credentials(ctx, lm)
+	if se := (*specError)(nil); errors.As(err, &se) {
+		kept, ok := r.creds.Load(ref(lm))
+		if !ok {
+			return fmt.Errorf("%w: %s", errCredentialsGone, se.msg)
+		}
+		creds, err = kept.([]byte), nil
+	}
 	if err != nil {
 		return err
 	}
@@ -135,12 +148,15 @@ func (r *LoopModelReconciler) deleteNATSState(ctx context.Context, lm *v1alpha1.
 	if err != nil {
 		return fmt.Errorf("opening JetStream on %s: %w", url, err)
 	}
-	kv, err := bus.Registry(ctx, js)
-	if err != nil {
+	kv, err := bus.OpenRegistry(ctx, js)
+	switch {
+	case errors.Is(err, bus.ErrRegistryNotFound): // nothing registered here
+	case err != nil:
 		return err
-	}
-	if err := bus.DeleteModel(ctx, kv, ref(lm)); err != nil {
-		return err
+	default:
+		if err := bus.DeleteModel(ctx, kv, ref(lm)); err != nil {
+			return err
+		}
 	}
 	switch err := checkStreamOwner(ctx, js, ref(lm)); {
 	case errors.Is(err, ErrStreamTaken):

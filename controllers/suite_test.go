@@ -90,6 +90,9 @@ const (
 	leaseName         = "loopserve-operator.loopserve.io"
 )
 
+// finalizerTimeout is the suite operator's: how long a deletion waits for NATS.
+const finalizerTimeout = 10 * time.Second
+
 // probeAddr and metricsAddr are where the suite's operator serves its endpoints.
 var probeAddr, metricsAddr string
 
@@ -129,6 +132,7 @@ func startOperator() (func(), error) {
 		NATSReconnectWait:       100 * time.Millisecond,
 		StatsWindow:             time.Minute,
 		StatsInterval:           200 * time.Millisecond,
+		FinalizerTimeout:        finalizerTimeout,
 	})
 	if err != nil {
 		return nil, err

@@ -374,6 +374,15 @@ type NATSSpec struct {
 	// and mounted into the workers.
 	// +optional
 	CredentialsSecret *SecretKey `json:"credentialsSecret,omitempty"`
+
+	// replicas is the JetStream replication of the LoopModel's work-queue stream and of the
+	// registry buckets: 1 for a single NATS server, 3 (or 5) for a cluster, so the queue survives
+	// the loss of a node (of two with 5). Unset, the operator's --nats-replicas applies (1 unless
+	// the chart's nats.replicas says otherwise). The registry buckets, shared by every LoopModel
+	// on the server, keep the largest replicas any LoopModel asked for.
+	// +kubebuilder:validation:Enum=1;3;5
+	// +optional
+	Replicas int32 `json:"replicas,omitempty"`
 }
 
 // SecretKey selects a key of a Secret in the LoopModel's namespace.

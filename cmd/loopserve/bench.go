@@ -31,6 +31,7 @@ and the serving path (requests/s, TTFT, inter-token latency) side by side, repor
 	}
 	cmd.AddCommand(newBenchRuntimeCmd())
 	cmd.AddCommand(newBenchServeCmd())
+	cmd.AddCommand(newBenchChaosCmd())
 	return cmd
 }
 

@@ -22,10 +22,10 @@ import (
 
 func newGatewayCmd() *cobra.Command {
 	var (
-		listen, tokenFile    string
-		nf                   natsFlags
-		maxBody              int64
-		timeout, tokenReload time.Duration
+		listen, tokenFile                  string
+		nf                                 natsFlags
+		maxBody                            int64
+		timeout, tokenReload, publishRetry time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "gateway",
@@ -33,9 +33,20 @@ func newGatewayCmd() *cobra.Command {
 		Long: `Serves /v1/completions, /v1/chat/completions and /v1/models for every LoopModel found in the
 loopserve_models JetStream KV registry, forwarding requests through NATS JetStream.
 
-It needs no Kubernetes access: the registry is followed live. Besides the OpenAI fields, requests
-take exit_threshold, max_depth and deadline_ms (anytime generation), and answers carry the loop
-depth of every token in loop_depths. /metrics serves Prometheus metrics.
+It needs no Kubernetes access: the registry is followed live. It only binds to the buckets and
+streams the operator created, never creates or changes them. Besides the OpenAI fields (those it
+does not implement are refused with a 400 naming them), requests take top_k, exit_threshold,
+max_depth and deadline_ms (anytime generation), and answers carry the loop depth of every token
+in loop_depths.
+
+Replies come back on loopserve.inbox.<gateway id>.*, and the gateway keeps its liveness key in
+the loopserve_gateways bucket fresh, so workers stop generating for it once it is gone. While a
+stream's leader is re-elected, a publish is retried for --publish-retry with the same
+Nats-Msg-Id. A request whose estimated queue wait exceeds --request-timeout is answered 429 with
+Retry-After; one that made its workers fail MaxDeliver times, 500.
+
+/healthz says the process is alive; /readyz is ready once the registry is loaded and the liveness
+key written, and not while NATS is disconnected. /metrics serves Prometheus metrics.
 
 Run the NATS servers with "jetstream { sync_interval: always }": with the default two-minute
 fsync, Jepsen's analysis of NATS 2.12.1 lost acknowledged messages on crashes, and a request the
@@ -47,7 +58,7 @@ gateway accepted must not vanish.`,
 				return err
 			}
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-			nc, err := nf.connect("loopserve-gateway")
+			nc, err := nf.connect(cmd.Context(), "loopserve-gateway", log)
 			if err != nil {
 				return err
 			}
@@ -59,7 +70,7 @@ gateway accepted must not vanish.`,
 				return err
 			}
 			g, err := serve.NewGateway(nc, serve.GatewayOptions{MaxBodyBytes: maxBody, Tokens: tokens, RequestTimeout: timeout,
-				Metrics: m, Gatherer: reg, Logger: log})
+				PublishRetry: publishRetry, Metrics: m, Gatherer: reg, Logger: log})
 			if err != nil {
 				return err
 			}
@@ -67,7 +78,7 @@ gateway accepted must not vanish.`,
 			if err != nil {
 				return fmt.Errorf("listening on %s: %w", listen, err)
 			}
-			log.Info("gateway listening", "addr", ln.Addr().String(), "nats", nf.url, "auth", len(tokens) > 0)
+			log.Info("gateway listening", "addr", ln.Addr().String(), "nats", nc.ConnectedUrlRedacted(), "id", g.ID(), "auth", len(tokens) > 0)
 			ctx, cancel := context.WithCancel(cmd.Context())
 			var wg sync.WaitGroup
 			defer func() { cancel(); wg.Wait() }()
@@ -83,7 +94,8 @@ gateway accepted must not vanish.`,
 	fl.StringVar(&tokenFile, "token-file", "", "file of accepted bearer tokens, one per line (e.g. a mounted Secret); empty: no authentication")
 	fl.DurationVar(&tokenReload, "token-reload", 30*time.Second, "how often the token file is re-read, so a rotated Secret applies without a restart; 0: never")
 	fl.Int64Var(&maxBody, "max-body", 1<<20, "request body limit in bytes")
-	fl.DurationVar(&timeout, "request-timeout", 10*time.Minute, "longest a request may take, queueing included")
+	fl.DurationVar(&timeout, "request-timeout", 10*time.Minute, "longest a request may take, queueing included (jobs carry it as their expiry; keep the queue's MaxAge, 10m, above it)")
+	fl.DurationVar(&publishRetry, "publish-retry", 5*time.Second, "how long a request's publish is retried while JetStream cannot take it (a stream leader election, a reconnection) before answering 503")
 	return cmd
 }
 
@@ -135,15 +147,19 @@ func watchTokenFile(ctx context.Context, path string, every time.Duration, curre
 	}
 }
 
-// serveGateway follows the registry and serves HTTP until ctx ends, then shuts down gracefully.
+// serveGateway follows the registry and serves HTTP until ctx ends, then shuts down gracefully:
+// requests in flight get 10s to finish while the gateway still receives their chunks, and only
+// then does it stop (answering what is left with a 503 and deleting its liveness key).
 func serveGateway(ctx context.Context, g *serve.Gateway, ln net.Listener) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	run, stopRun := context.WithCancel(context.Background())
+	defer stopRun()
 	srv := &http.Server{Handler: g, ReadHeaderTimeout: 10 * time.Second}
 	var wg sync.WaitGroup
 	errs := make(chan error, 2)
 	wg.Go(func() {
-		if err := g.Run(ctx); err != nil {
+		if err := g.Run(run); err != nil {
 			errs <- err
 			cancel()
 		}
@@ -158,8 +174,10 @@ func serveGateway(ctx context.Context, g *serve.Gateway, ln net.Listener) error 
 	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer scancel()
 	if srv.Shutdown(sctx) != nil {
+		stopRun() // the streams still open end with a 503
 		_ = srv.Close()
 	}
+	stopRun()
 	wg.Wait()
 	close(errs)
 	return <-errs

@@ -1,10 +1,14 @@
 package main
 
 import (
+	"context"
+	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/loopserve/loopserve/internal/natstest"
 )
@@ -43,7 +47,7 @@ func TestNATSCredentials(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			f := natsFlags{url: url, creds: tt.creds}
-			nc, err := f.connect("test")
+			nc, err := f.connect(context.Background(), "test", slog.New(slog.DiscardHandler))
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Fatalf("connect: %v", err)
@@ -62,5 +66,34 @@ func TestNATSCredentials(t *testing.T) {
 				t.Errorf("error %q, want it to contain %q", err, tt.wantErr)
 			}
 		})
+	}
+}
+
+// TestNATSConnectWaitsForAServer: with no server up yet the connection keeps being retried
+// (no crash loop) and succeeds once one starts; a cancelled context ends the wait with an error.
+func TestNATSConnectWaitsForAServer(t *testing.T) {
+	port := freePort(t)
+	f := natsFlags{url: fmt.Sprintf("nats://127.0.0.1:%d", port)}
+	got := make(chan error, 1)
+	go func() {
+		nc, err := f.connect(context.Background(), "test", slog.New(slog.DiscardHandler))
+		if err == nil {
+			nc.Close()
+		}
+		got <- err
+	}()
+	startTestNATS(t, port)
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Errorf("connect after the server started: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("connect did not succeed within 30s of the server starting")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := (&natsFlags{url: fmt.Sprintf("nats://127.0.0.1:%d", freePort(t))}).connect(ctx, "test", slog.New(slog.DiscardHandler)); err == nil {
+		t.Error("connect with no server and a cancelled context succeeded")
 	}
 }

@@ -31,6 +31,9 @@ type operatorFlags struct {
 	jsonLogs        bool
 	leaderElectID   string
 	reconcilePeriod time.Duration
+	watchNamespaces []string
+	finalizerWait   time.Duration
+	natsReplicas    int
 }
 
 func newOperatorCmd() *cobra.Command {
@@ -62,6 +65,9 @@ Runs with leader election (one active replica), serves Prometheus metrics on --m
 	fl.DurationVar(&f.natsTimeout, "nats-timeout", 5*time.Second, "bound on one reconcile's NATS calls")
 	fl.DurationVar(&f.retryMax, "retry-max", 2*time.Minute, "longest backoff between retries after errors, e.g. while NATS is down")
 	fl.BoolVar(&f.jsonLogs, "json-logs", true, "log JSON lines (false: text)")
+	fl.IntVar(&f.natsReplicas, "nats-replicas", 1, "JetStream replicas (1, 3 or 5) of the work queues and registry buckets of LoopModels that set no spec.nats.replicas: 3 on a 3-node cluster")
+	fl.StringSliceVar(&f.watchNamespaces, "watch-namespaces", nil, "reconcile LoopModels in these namespaces only (comma-separated or repeated), so Roles there suffice instead of a ClusterRole; empty: all namespaces")
+	fl.DurationVar(&f.finalizerWait, "finalizer-timeout", 2*time.Minute, "how long a deleted LoopModel waits for NATS to clean up its stream before it is released anyway (with a Warning event)")
 	return cmd
 }
 
@@ -74,6 +80,9 @@ func runOperator(cmd *cobra.Command, f operatorFlags) error {
 	ctrl.SetLogger(log)
 	klog.SetLogger(log)
 
+	if f.natsReplicas != 1 && f.natsReplicas != 3 && f.natsReplicas != 5 {
+		return fmt.Errorf("--nats-replicas must be 1, 3 or 5, got %d", f.natsReplicas)
+	}
 	cfg, err := kubeConfig(f.kubeconfig)
 	if err != nil {
 		return err
@@ -96,12 +105,15 @@ func runOperator(cmd *cobra.Command, f operatorFlags) error {
 		Resync:                  f.resync,
 		NATSTimeout:             f.natsTimeout,
 		RetryMax:                f.retryMax,
+		WatchNamespaces:         f.watchNamespaces,
+		NATSReplicas:            f.natsReplicas,
+		FinalizerTimeout:        f.finalizerWait,
 	})
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	log.Info("operator starting", "natsURL", f.natsURL, "workerImage", f.workerImage, "leaderElection", f.leaderElect)
+	log.Info("operator starting", "natsURL", f.natsURL, "workerImage", f.workerImage, "leaderElection", f.leaderElect, "watchNamespaces", f.watchNamespaces)
 	if err := mgr.Start(cmd.Context()); err != nil {
 		return fmt.Errorf("running manager: %w", err)
 	}

@@ -67,7 +67,7 @@ production NATS servers with "jetstream { sync_interval: always }" too.`,
 	fl := cmd.Flags()
 	fl.StringVar(&modelDir, "model", "", "model directory (default: the shipped ouro-tiny-arith)")
 	fl.StringVar(&ref, "loopmodel", "", "LoopModel name to register, <namespace>/<name> (default: default/<model directory name>)")
-	fl.StringVar(&listen, "listen", ":8080", "gateway listen address")
+	fl.StringVar(&listen, "listen", "127.0.0.1:8080", "gateway listen address (loopback only unless you say otherwise, e.g. :8080)")
 	fl.StringVar(&dataDir, "data-dir", "", "JetStream data directory (default: a temporary directory removed at exit)")
 	fl.IntVar(&natsPort, "nats-port", 0, "embedded NATS port on 127.0.0.1, for external workers (0: any free port)")
 	fl.StringVar(&tokenFile, "token-file", "", "file of accepted bearer tokens, one per line; empty: no authentication")

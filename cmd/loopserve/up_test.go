@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/loopserve/loopserve/bus"
 )
 
@@ -127,5 +129,18 @@ func TestUpServesAndStops(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "stopping") {
 		t.Errorf("output lacks the stop notice:\n%s", out.String())
+	}
+}
+
+// TestUpListensOnLoopback: up serves on 127.0.0.1 unless --listen says otherwise, and the
+// workers' and gateways' --nats takes several URLs.
+func TestUpListensOnLoopback(t *testing.T) {
+	if got := newUpCmd().Flags().Lookup("listen").DefValue; got != "127.0.0.1:8080" {
+		t.Errorf("up --listen default = %q, want 127.0.0.1:8080", got)
+	}
+	for _, cmd := range []func() *cobra.Command{newWorkerCmd, newGatewayCmd} {
+		if usage := cmd().Flags().Lookup("nats").Usage; !strings.Contains(usage, "comma-separated") {
+			t.Errorf("%s --nats: %q does not say it takes several URLs", cmd().Name(), usage)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -111,12 +112,21 @@ func newWorkerCmd() *cobra.Command {
 		Use:   "worker",
 		Short: "Run a runtime worker for one LoopModel",
 		Long: `Pulls requests from the LoopModel's JetStream work queue, generates with adaptive depth and
-publishes token chunks (with per-token loop depth) to each request's reply subject.
+publishes token chunks (with per-token loop depth) to each request's reply subject, which must lie
+under a gateway's inbox (loopserve.inbox.<gateway>.<request>; others are refused and counted).
+
+It connects to NATS and waits for the LoopModel's queue (the operator creates it; --create-queue
+for standalone use) before it loads the weights, so a missing queue never makes it reload a model
+in a crash loop. --metrics-listen serves /healthz (the process is alive) from the start, and
+/readyz once the worker takes requests; /metrics serves Prometheus metrics.
 
 It shares the durable consumer "workers" with the LoopModel's other workers, takes at most
 --capacity requests at a time, keeps them with InProgress heartbeats and acks each one only once
-the gateway holds its whole output. It publishes depth statistics on loopserve.stats.<ns>.<name>
-and applies thresholds received on loopserve.ctl.<ns>.<name> at once.
+the gateway holds its whole output, or once that gateway is known gone (its liveness key in the
+loopserve_gateways bucket expired); while the gateway is only unreachable it retries, then hands
+the request back. A request that panics gets an error and the worker keeps running. It publishes
+depth statistics on loopserve.stats.<ns>.<name> and applies thresholds received on
+loopserve.ctl.<ns>.<name> at once.
 
 Run the NATS servers with "jetstream { sync_interval: always }": with the default two-minute
 fsync, Jepsen's analysis of NATS 2.12.1 lost acknowledged messages on crashes, and a request the
@@ -139,19 +149,8 @@ gateway accepted must not vanish.`,
 			}
 			opts.MaxContext = contextLength
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-			pr := progress.New(os.Stderr, "loading "+modelDir, 64<<20)
-			l, err := serve.LoadProgress(modelDir, opts, func(p model.Progress) { pr.Update(p.Done, p.Total) })
-			if err != nil {
-				return err
-			}
-			pr.Done()
-			if maxSteps > 0 && maxSteps < l.Worker.MaxSteps {
-				l.Worker.MaxSteps = maxSteps
-			}
-			stopEngine := runEngine(l)
-			err = runWorker(cmd.Context(), log, l, workerConfig{ref: r, nats: nf, createQueue: createQueue,
-				thresholdFile: thresholdFile, metricsListen: metricsListen, name: name, capacity: ef.capacity, drain: drain})
-			return errors.Join(err, stopEngine())
+			return runWorker(cmd.Context(), log, workerConfig{ref: r, nats: nf, createQueue: createQueue, modelDir: modelDir, engine: opts,
+				maxSteps: maxSteps, thresholdFile: thresholdFile, metricsListen: metricsListen, name: name, capacity: ef.capacity, drain: drain})
 		},
 	}
 	fl := cmd.Flags()
@@ -159,9 +158,9 @@ gateway accepted must not vanish.`,
 	fl.StringVar(&modelDir, "model", "", "model directory (Hugging Face layout: config.json, safetensors, tokenizer.json)")
 	fl.StringVar(&ref, "loopmodel", "", "the LoopModel served, <namespace>/<name>")
 	fl.StringVar(&thresholdFile, "threshold-file", "", `file with the operator's threshold ({"exitThreshold": x}), read at start; overrides --threshold`)
-	fl.StringVar(&metricsListen, "metrics-listen", ":9090", "address serving /metrics and /healthz (empty: none)")
+	fl.StringVar(&metricsListen, "metrics-listen", ":9090", "address serving /metrics, /healthz (alive) and /readyz (taking requests); empty: none")
 	fl.StringVar(&name, "name", "", "worker name in stats (default: $POD_NAME or the host name)")
-	fl.BoolVar(&createQueue, "create-queue", false, "create the LoopModel's stream and consumer if missing (the operator normally does)")
+	fl.BoolVar(&createQueue, "create-queue", false, "create the LoopModel's stream and consumer if missing (the operator normally does; needs JetStream admin rights)")
 	fl.DurationVar(&drain, "drain", 25*time.Second, "on SIGTERM, let requests in flight finish this long, then hand the rest back to the queue (keep below the pod's termination grace period)")
 	fl.IntVar(&maxSteps, "max-steps", 0, "loop steps a token may run at most, below the model's total_ut_steps (0: all of them); the LoopModel's spec.loop.maxSteps")
 	fl.IntVar(&contextLength, "context-length", 0, "prompt plus completion tokens per request (0: the model's max_position_embeddings); the LoopModel's spec.model.contextLength")
@@ -173,6 +172,9 @@ gateway accepted must not vanish.`,
 type workerConfig struct {
 	ref                          bus.Ref
 	nats                         natsFlags
+	modelDir                     string
+	engine                       engine.Options
+	maxSteps                     int
 	thresholdFile, metricsListen string
 	name                         string
 	createQueue                  bool
@@ -180,18 +182,20 @@ type workerConfig struct {
 	drain                        time.Duration
 }
 
-func runWorker(ctx context.Context, log *slog.Logger, l *serve.Loaded, c workerConfig) error {
+// runWorker connects to NATS, waits for the queue, serves the probes, and only then loads the
+// model and runs the worker until ctx ends.
+func runWorker(ctx context.Context, log *slog.Logger, c workerConfig) error {
 	r, capacity, name := c.ref, c.capacity, c.name
-	nc, err := c.nats.connect("loopserve-worker " + r.String())
+	nc, err := c.nats.connect(ctx, "loopserve-worker "+r.String(), log)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("opening JetStream: %w", err)
+	}
 	if c.createQueue {
-		js, err := jetstream.New(nc)
-		if err != nil {
-			return fmt.Errorf("opening JetStream: %w", err)
-		}
 		if _, err := bus.EnsureQueue(ctx, js, r, bus.QueueOptions{MaxAckPending: capacity}); err != nil {
 			return err
 		}
@@ -202,15 +206,9 @@ func runWorker(ctx context.Context, log *slog.Logger, l *serve.Loaded, c workerC
 	if err != nil {
 		return err
 	}
-	if name == "" {
-		name = os.Getenv("POD_NAME")
-	}
-	wo := l.Worker
-	wo.Ref, wo.Name, wo.Capacity, wo.Metrics, wo.Logger, wo.ThresholdFile, wo.Drain = r, name, capacity, m, log, c.thresholdFile, c.drain
-	w, err := serve.NewWorker(nc, l.Engine, l.Tok, wo)
-	if err != nil {
-		return err
-	}
+	var worker atomic.Pointer[serve.Worker]
+	var phase atomic.Value // why /readyz says no before the worker exists
+	phase.Store("waiting for the work queue " + r.Stream())
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	if c.metricsListen != "" {
@@ -221,10 +219,45 @@ func runWorker(ctx context.Context, log *slog.Logger, l *serve.Loaded, c workerC
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+		mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+			switch wk := worker.Load(); {
+			case wk == nil:
+				http.Error(w, phase.Load().(string), http.StatusServiceUnavailable)
+			case !wk.Ready():
+				http.Error(w, "not taking requests (NATS disconnected or stopping)", http.StatusServiceUnavailable)
+			default:
+				_, _ = w.Write([]byte("ok\n"))
+			}
+		})
 		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		wg.Go(func() { _ = srv.Serve(ln) })
 		defer srv.Close()
 	}
-	log.Info("worker started", "loopmodel", r.String(), "nats", c.nats.url, "capacity", capacity, "threshold", l.Engine.Threshold())
-	return w.Run(ctx)
+	if _, err := serve.AwaitQueue(ctx, js, r, log); err != nil {
+		return nil // stopped while waiting
+	}
+
+	phase.Store("loading the weights from " + c.modelDir)
+	pr := progress.New(os.Stderr, "loading "+c.modelDir, 64<<20)
+	l, err := serve.LoadProgress(c.modelDir, c.engine, func(p model.Progress) { pr.Update(p.Done, p.Total) })
+	if err != nil {
+		return err
+	}
+	pr.Done()
+	if c.maxSteps > 0 && c.maxSteps < l.Worker.MaxSteps {
+		l.Worker.MaxSteps = c.maxSteps
+	}
+	stopEngine := runEngine(l)
+	if name == "" {
+		name = os.Getenv("POD_NAME")
+	}
+	wo := l.Worker
+	wo.Ref, wo.Name, wo.Capacity, wo.Metrics, wo.Logger, wo.ThresholdFile, wo.Drain = r, name, capacity, m, log, c.thresholdFile, c.drain
+	w, err := serve.NewWorker(nc, l.Engine, l.Tok, wo)
+	if err != nil {
+		return errors.Join(err, stopEngine())
+	}
+	worker.Store(w)
+	log.Info("worker started", "loopmodel", r.String(), "nats", nc.ConnectedUrlRedacted(), "capacity", capacity, "threshold", l.Engine.Threshold())
+	return errors.Join(w.Run(ctx), stopEngine())
 }

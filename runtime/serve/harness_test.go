@@ -54,6 +54,10 @@ type cluster struct {
 	metrics  *Metrics
 	wg       sync.WaitGroup
 	workers  map[string]*Worker
+
+	maxPayload  int32
+	gatewayConn *nats.Conn
+	stopGateway func() // ends the gateway's Run (it deletes its liveness key) and waits for it
 }
 
 type clusterOptions struct {
@@ -61,11 +65,15 @@ type clusterOptions struct {
 	tokens  []string
 	ctxLen  int
 	maxBody int64
+
+	maxPayload int32          // the NATS server's max_payload; 0 = its default
+	gateway    GatewayOptions // Tokens, MaxBodyBytes, Metrics and Gatherer are set from the fields above
+	gatewayTTL time.Duration  // the liveness bucket's TTL; 0 = bus.GatewayTTL
 }
 
 func newCluster(t testing.TB, o clusterOptions) *cluster {
 	t.Helper()
-	c := &cluster{t: t, storeDir: t.TempDir(), ref: testRef, tok: loadTokenizer(t)}
+	c := &cluster{t: t, storeDir: t.TempDir(), ref: testRef, tok: loadTokenizer(t), maxPayload: o.maxPayload}
 	c.startServer()
 	t.Cleanup(func() {
 		c.wg.Wait()
@@ -81,9 +89,14 @@ func newCluster(t testing.TB, o clusterOptions) *cluster {
 	if _, err := bus.EnsureQueue(ctx, js, c.ref, o.queue); err != nil {
 		t.Fatal(err)
 	}
-	kv, err := bus.Registry(ctx, js)
+	kv, err := bus.EnsureRegistry(ctx, js, 1)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if o.gatewayTTL > 0 {
+		if _, err := bus.EnsureGateways(ctx, js, 1, o.gatewayTTL); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if o.ctxLen == 0 {
 		o.ctxLen = 2048
@@ -97,14 +110,21 @@ func newCluster(t testing.TB, o clusterOptions) *cluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, err := NewGateway(c.connect("gateway"), GatewayOptions{Tokens: o.tokens, MaxBodyBytes: o.maxBody, Metrics: c.metrics,
-		Gatherer: c.reg, RequestTimeout: 90 * time.Second})
+	gopt := o.gateway
+	gopt.Tokens, gopt.MaxBodyBytes, gopt.Metrics, gopt.Gatherer = o.tokens, o.maxBody, c.metrics, c.reg
+	if gopt.RequestTimeout == 0 {
+		gopt.RequestTimeout = 90 * time.Second
+	}
+	c.gatewayConn = c.connect("gateway")
+	g, err := NewGateway(c.gatewayConn, gopt)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.gateway = g
 	gctx, cancel := context.WithCancel(context.Background())
-	c.wg.Go(func() { _ = g.Run(gctx) })
+	gdone := make(chan struct{})
+	c.wg.Go(func() { defer close(gdone); _ = g.Run(gctx) })
+	c.stopGateway = func() { cancel(); <-gdone }
 	t.Cleanup(cancel)
 	<-g.Ready()
 	c.awaitModel(c.ref.String(), true)
@@ -120,7 +140,7 @@ func (c *cluster) startServer() {
 		port = server.RANDOM_PORT
 	}
 	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: port, JetStream: true, StoreDir: c.storeDir,
-		SyncAlways: true, NoSigs: true, NoLog: true})
+		SyncAlways: true, NoSigs: true, NoLog: true, MaxPayload: c.maxPayload})
 	if err != nil {
 		c.t.Fatal(err)
 	}

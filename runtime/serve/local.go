@@ -87,7 +87,7 @@ func StartLocal(ctx context.Context, o LocalOptions) (l *Local, err error) {
 	if _, err := bus.EnsureQueue(ctx, js, o.Ref, q); err != nil {
 		return nil, err
 	}
-	kv, err := bus.Registry(ctx, js)
+	kv, err := bus.EnsureRegistry(ctx, js, q.Replicas)
 	if err != nil {
 		return nil, err
 	}

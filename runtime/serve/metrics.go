@@ -26,8 +26,12 @@ type Metrics struct {
 	inflight      *prometheus.GaugeVec
 	threshold     *prometheus.GaugeVec
 	requests      *prometheus.CounterVec
+	refused       *prometheus.CounterVec
+	expired       *prometheus.CounterVec
+	panics        *prometheus.CounterVec
 	gwInflight    *prometheus.GaugeVec
 	gwTTFT        *prometheus.HistogramVec
+	gwRetries     *prometheus.CounterVec
 	mu            sync.Mutex
 	models        map[string]*modelMetrics
 	gatewayModels map[string]*gatewayMetrics
@@ -70,15 +74,24 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Exit threshold in force on the worker."}, lm),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "loopserve_gateway_requests_total",
 			Help: "Gateway requests by HTTP status code."}, []string{"loopmodel", "code"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "loopserve_worker_refused_replies_total",
+			Help: "Requests refused because their reply subject was not under a gateway inbox (loopserve.inbox.<gateway>.<request>)."}, lm),
+		expired: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "loopserve_worker_expired_requests_total",
+			Help: "Requests dropped because their gateway's timeout passed while they were queued."}, lm),
+		panics: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "loopserve_worker_panics_total",
+			Help: "Requests whose handling panicked; each got an error and the worker kept running."}, lm),
 		gwInflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "loopserve_gateway_inflight_requests",
 			Help: "Requests the gateway is waiting on."}, lm),
 		gwTTFT: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "loopserve_gateway_time_to_first_token_seconds",
 			Help: "Gateway time from receiving a request to its first token, queueing included.", Buckets: latencyBuckets}, lm),
+		gwRetries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "loopserve_gateway_publish_retries_total",
+			Help: "Publishes of requests retried because JetStream could not take them (a leader election, a reconnection)."}, lm),
 		models:        make(map[string]*modelMetrics),
 		gatewayModels: make(map[string]*gatewayMetrics),
 	}
 	for _, c := range []prometheus.Collector{m.exitDepth, m.cum, m.probeTokens, m.probeAgree, m.tokens, m.loopSteps, m.tokensPerSec,
-		m.stepsPerSec, m.queueWait, m.ttft, m.itl, m.batch, m.inflight, m.threshold, m.requests, m.gwInflight, m.gwTTFT} {
+		m.stepsPerSec, m.queueWait, m.ttft, m.itl, m.batch, m.inflight, m.threshold, m.requests, m.refused, m.expired, m.panics,
+		m.gwInflight, m.gwTTFT, m.gwRetries} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -89,20 +102,23 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 // modelMetrics are the worker metrics of one LoopModel, curried once so that recording a token
 // costs no label lookups.
 type modelMetrics struct {
-	exitDepth    prometheus.Observer
-	cum          []prometheus.Observer // [steps]
-	probeTokens  prometheus.Counter
-	probeAgree   []prometheus.Counter // [steps]
-	tokens       prometheus.Counter
-	loopSteps    prometheus.Counter
-	tokensPerSec prometheus.Gauge
-	stepsPerSec  prometheus.Gauge
-	queueWait    prometheus.Observer
-	ttft         prometheus.Observer
-	itl          prometheus.Observer
-	batch        prometheus.Gauge
-	inflight     prometheus.Gauge
-	threshold    prometheus.Gauge
+	exitDepth      prometheus.Observer
+	cum            []prometheus.Observer // [steps]
+	probeTokens    prometheus.Counter
+	probeAgree     []prometheus.Counter // [steps]
+	tokens         prometheus.Counter
+	loopSteps      prometheus.Counter
+	tokensPerSec   prometheus.Gauge
+	stepsPerSec    prometheus.Gauge
+	queueWait      prometheus.Observer
+	ttft           prometheus.Observer
+	itl            prometheus.Observer
+	batch          prometheus.Gauge
+	inflight       prometheus.Gauge
+	threshold      prometheus.Gauge
+	refusedReplies prometheus.Counter
+	expired        prometheus.Counter
+	panics         prometheus.Counter
 }
 
 func (m *Metrics) model(lm string, steps int) *modelMetrics {
@@ -112,18 +128,21 @@ func (m *Metrics) model(lm string, steps int) *modelMetrics {
 		return mm
 	}
 	mm := &modelMetrics{
-		exitDepth:    m.exitDepth.WithLabelValues(lm),
-		probeTokens:  m.probeTokens.WithLabelValues(lm),
-		tokens:       m.tokens.WithLabelValues(lm),
-		loopSteps:    m.loopSteps.WithLabelValues(lm),
-		tokensPerSec: m.tokensPerSec.WithLabelValues(lm),
-		stepsPerSec:  m.stepsPerSec.WithLabelValues(lm),
-		queueWait:    m.queueWait.WithLabelValues(lm),
-		ttft:         m.ttft.WithLabelValues(lm),
-		itl:          m.itl.WithLabelValues(lm),
-		batch:        m.batch.WithLabelValues(lm),
-		inflight:     m.inflight.WithLabelValues(lm),
-		threshold:    m.threshold.WithLabelValues(lm),
+		exitDepth:      m.exitDepth.WithLabelValues(lm),
+		probeTokens:    m.probeTokens.WithLabelValues(lm),
+		tokens:         m.tokens.WithLabelValues(lm),
+		loopSteps:      m.loopSteps.WithLabelValues(lm),
+		tokensPerSec:   m.tokensPerSec.WithLabelValues(lm),
+		stepsPerSec:    m.stepsPerSec.WithLabelValues(lm),
+		queueWait:      m.queueWait.WithLabelValues(lm),
+		ttft:           m.ttft.WithLabelValues(lm),
+		itl:            m.itl.WithLabelValues(lm),
+		batch:          m.batch.WithLabelValues(lm),
+		inflight:       m.inflight.WithLabelValues(lm),
+		threshold:      m.threshold.WithLabelValues(lm),
+		refusedReplies: m.refused.WithLabelValues(lm),
+		expired:        m.expired.WithLabelValues(lm),
+		panics:         m.panics.WithLabelValues(lm),
 	}
 	for t := 1; t <= steps; t++ {
 		s := strconv.Itoa(t)
@@ -137,6 +156,7 @@ func (m *Metrics) model(lm string, steps int) *modelMetrics {
 type gatewayMetrics struct {
 	inflight prometheus.Gauge
 	ttft     prometheus.Observer
+	retries  prometheus.Counter
 	requests *prometheus.CounterVec
 	lm       string
 }
@@ -147,7 +167,8 @@ func (m *Metrics) gateway(lm string) *gatewayMetrics {
 	if g := m.gatewayModels[lm]; g != nil {
 		return g
 	}
-	g := &gatewayMetrics{inflight: m.gwInflight.WithLabelValues(lm), ttft: m.gwTTFT.WithLabelValues(lm), requests: m.requests, lm: lm}
+	g := &gatewayMetrics{inflight: m.gwInflight.WithLabelValues(lm), ttft: m.gwTTFT.WithLabelValues(lm), retries: m.gwRetries.WithLabelValues(lm),
+		requests: m.requests, lm: lm}
 	m.gatewayModels[lm] = g
 	return g
 }

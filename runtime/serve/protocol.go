@@ -4,12 +4,18 @@
 // depth statistics both publish, and an embedded NATS server for running it all on one machine.
 //
 // Delivery contract between worker and gateway: every request carries an id (its Nats-Msg-Id)
-// and a reply subject (header Loopserve-Reply). The worker publishes one Chunk per generated
-// token, indexed from 0, then sends the final chunk as a NATS request; the gateway answers with
-// the next index it still needs, so lost chunks are resent, and the worker acks the JetStream
-// message only once the gateway holds everything (or is gone). A redelivered request is
-// regenerated deterministically and the gateway drops indices it already has, so the client
-// sees one clean stream.
+// and a reply subject (header Loopserve-Reply) under the gateway's inbox,
+// loopserve.inbox.<gateway id>.<request id>; a worker publishes nowhere else. A request asks for
+// one or more choices (n); the worker publishes one Chunk per generated token of each choice,
+// indexed from 0 within its choice, then sends the final chunk as a NATS request. The gateway
+// answers with the next index it still needs per choice, so lost chunks are resent, or says
+// that it no longer waits for the request (Gone). The worker acks the JetStream message only
+// once the gateway holds everything, or when the gateway is gone: it answered Gone, or its
+// liveness key (bus.GatewaysBucket) expired. While the gateway is only unreachable (a NATS
+// failover) the worker keeps trying, then hands the request back for redelivery. A
+// redelivered request is regenerated deterministically (seeds derive from the request id and
+// the choice) and the gateway drops indices it already has, so the client sees one clean
+// stream per choice.
 package serve
 
 import (
@@ -37,6 +43,12 @@ type Job struct {
 	PromptIDs []int     `json:"promptIds,omitempty"`
 	Messages  []Message `json:"messages,omitempty"`
 	MaxTokens int       `json:"maxTokens"`
+	N         int       `json:"n,omitempty"` // choices: independent samples of the prompt, generated side by side; 0 means 1
+
+	Echo        bool `json:"echo,omitempty"`        // the prompt's text (and its tokens' log-probabilities with Logprobs) comes first
+	PromptOnly  bool `json:"promptOnly,omitempty"`  // echo with max_tokens 0: the prompt (and its scores) only, nothing generated
+	Logprobs    bool `json:"logprobs,omitempty"`    // each token's log-probability
+	TopLogprobs int  `json:"topLogprobs,omitempty"` // and this many most likely alternatives (0..20)
 
 	Temperature float64  `json:"temperature,omitempty"`
 	TopP        float64  `json:"topP,omitempty"`
@@ -47,33 +59,85 @@ type Job struct {
 	ExitThreshold float64   `json:"exitThreshold,omitempty"`
 	MaxDepth      int       `json:"maxDepth,omitempty"`
 	Deadline      time.Time `json:"deadline,omitzero"` // anytime generation: finish by then (gateway clock: keep hosts in NTP sync)
+	// Expires is when the gateway stops waiting for the answer (its request timeout); a worker
+	// drops a job taken after it (gateway clock).
+	Expires time.Time `json:"expires,omitzero"`
 }
 
-// SeedFor returns the sampling seed of a job: its own, or one derived from its id, never 0.
-func (j Job) SeedFor() uint64 {
-	if j.Seed != 0 {
-		return j.Seed
+// Choices is the number of choices the job asks for (at least 1).
+func (j Job) Choices() int { return max(j.N, 1) }
+
+// SeedFor returns the sampling seed of a job's choice: for choice 0 its own seed, or one
+// derived from its id; for the other choices a seed mixed from that one and the choice, so the
+// choices are independent samples and a redelivery repeats each of them. Never 0.
+func (j Job) SeedFor(choice int) uint64 {
+	s := j.Seed
+	if s == 0 {
+		h := fnv.New64a()
+		h.Write([]byte(j.ID))
+		s = h.Sum64()
 	}
-	h := fnv.New64a()
-	h.Write([]byte(j.ID))
-	if s := h.Sum64(); s != 0 {
-		return s
+	if choice > 0 {
+		s = splitmix64(s + uint64(choice)*0x9e3779b97f4a7c15)
 	}
-	return 1
+	if s == 0 {
+		return 1
+	}
+	return s
 }
 
-// Chunk is one message on a request's reply subject: a generated token (Index = its position),
-// or the end of the request (Done, Index = number of tokens generated), or an error.
+// splitmix64 is the finaliser of SplitMix64: a bijection that scatters nearby inputs.
+func splitmix64(z uint64) uint64 {
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	return z ^ (z >> 31)
+}
+
+// Chunk is one message on a request's reply subject: a generated token of one choice (Index =
+// its position in that choice), or the end of the request (Done, with Ends), or an error.
 type Chunk struct {
-	ID     string      `json:"id"`
-	Index  int         `json:"index"`
-	Text   string      `json:"text,omitempty"`
-	Tokens []int       `json:"tokens,omitempty"`
-	Depths []int       `json:"depths,omitempty"` // loop depth of each token
-	Done   bool        `json:"done,omitempty"`
-	Finish string      `json:"finish,omitempty"` // "stop" or "length" when Done
-	Usage  *Usage      `json:"usage,omitempty"`  // on the final chunk
-	Error  *ChunkError `json:"error,omitempty"`  // a failed request (Done is set too)
+	ID       string      `json:"id"`
+	Choice   int         `json:"choice,omitempty"`
+	Index    int         `json:"index"`
+	Text     string      `json:"text,omitempty"`
+	Tokens   []int       `json:"tokens,omitempty"`
+	Depths   []int       `json:"depths,omitempty"`   // loop depth of each token
+	Logprobs []Logprob   `json:"logprobs,omitempty"` // [len(Tokens)] when the job asked for them
+	Echo     *Echo       `json:"echo,omitempty"`     // on index 0 of each choice of an echo job
+	Done     bool        `json:"done,omitempty"`
+	Ends     []End       `json:"ends,omitempty"`    // on the final chunk: how each choice ended
+	Usage    *Usage      `json:"usage,omitempty"`   // on the final chunk
+	Error    *ChunkError `json:"error,omitempty"`   // a failed request (Done is set too)
+	Elapsed  float64     `json:"elapsed,omitempty"` // on the final chunk: seconds the worker spent on the request
+}
+
+// End is how one choice ended: the number of its token chunks (indices 0..Tokens-1), the
+// finish reason and text held back until the end (bytes of a split character, a false start
+// of a stop string).
+type End struct {
+	Tokens int    `json:"tokens"`
+	Finish string `json:"finish"` // "stop" or "length"
+	Text   string `json:"text,omitempty"`
+}
+
+// Echo is the prompt of an echo job: its text, and with logprobs one entry per prompt token
+// (the first has no log-probability: nothing precedes it).
+type Echo struct {
+	Text     string    `json:"text"`
+	Logprobs []Logprob `json:"logprobs,omitempty"`
+}
+
+// Logprob is a token's log-probability as a client sees it: the token's text (invalid UTF-8
+// replaced), its bytes, and the most likely alternatives at its position. None marks a token
+// without one (the first prompt token). Log-probabilities of -Inf travel as -9999, as OpenAI
+// reports them.
+type Logprob struct {
+	Token   string    `json:"token"`
+	Bytes   []byte    `json:"bytes,omitempty"`
+	Logprob float32   `json:"logprob"`
+	None    bool      `json:"none,omitempty"`
+	Depth   int       `json:"depth,omitempty"` // loop steps of the exit step that scored it
+	Top     []Logprob `json:"top,omitempty"`
 }
 
 // Usage counts a request's tokens.
@@ -96,10 +160,12 @@ type ChunkError struct {
 // Error returns the message, so a ChunkError can travel as an error.
 func (e *ChunkError) Error() string { return e.Message }
 
-// finalReply is the gateway's answer to a final chunk: the next token index it still needs.
-// Next equal to the final chunk's Index means it holds the whole stream.
+// finalReply is the gateway's answer to a final chunk: the next token index it still needs for
+// each choice (equal to the choice's End.Tokens once it holds all of them), or Gone when it no
+// longer waits for the request (it finished, timed out or its client left).
 type finalReply struct {
-	Next int `json:"next"`
+	Next []int `json:"next,omitempty"`
+	Gone bool  `json:"gone,omitempty"`
 }
 
 func decodeJob(b []byte) (Job, error) {
@@ -109,6 +175,9 @@ func decodeJob(b []byte) (Job, error) {
 	}
 	if j.ID == "" {
 		return Job{}, fmt.Errorf("decoding job: missing id")
+	}
+	if j.N < 0 || j.N > maxChoices {
+		return Job{}, fmt.Errorf("decoding job %s: n %d outside 1..%d", j.ID, j.N, maxChoices)
 	}
 	return j, nil
 }

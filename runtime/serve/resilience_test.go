@@ -77,7 +77,7 @@ func TestNATSRestartMidLoad(t *testing.T) {
 		}
 	}
 	// The gateway still follows the registry.
-	kv, err := bus.Registry(ctx, js)
+	kv, err := bus.EnsureRegistry(ctx, js, 1)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -149,7 +149,7 @@ func TestMalformedRequestsNeverReachWorker(t *testing.T) {
 		{"two prompts", "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": []string{"a", "b"}}, auth, 400, "invalid_request_error"},
 		{"no messages", "/v1/chat/completions", map[string]any{"model": "ouro-tiny-arith", "messages": []any{}}, auth, 400, "invalid_request_error"},
 		{"bad role", "/v1/chat/completions", map[string]any{"model": "ouro-tiny-arith", "messages": []map[string]string{{"role": "wizard", "content": "x"}}}, auth, 400, "invalid_request_error"},
-		{"n=2", "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": "x", "n": 2}, auth, 400, "invalid_request_error"},
+		{"n over the bound", "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": "x", "n": 17}, auth, 400, "invalid_request_error"},
 		{"exit_threshold 0", "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": "x", "exit_threshold": 0}, auth, 400, "invalid_request_error"},
 		{"max_depth 5", "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": "x", "max_depth": 5}, auth, 400, "invalid_request_error"},
 		{"deadline negative", "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": "x", "deadline_ms": -1}, auth, 400, "invalid_request_error"},
@@ -286,7 +286,7 @@ func TestModelsFollowRegistry(t *testing.T) {
 	}
 	ctx := context.Background()
 	js, _ := jetstream.New(c.connect("operator"))
-	kv, err := bus.Registry(ctx, js)
+	kv, err := bus.EnsureRegistry(ctx, js, 1)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,3 +18,7 @@ func (h hfTokenizer) ChatPrompt(msgs []Message) (string, error) {
 }
 
 func (h hfTokenizer) NewTextDecoder() TextDecoder { return h.t.NewDecoder() }
+
+func (h hfTokenizer) Decode(ids []int) string { return h.t.Decode(ids) }
+
+func (h hfTokenizer) TokenBytes(id int) []byte { return h.t.TokenBytes(id) }

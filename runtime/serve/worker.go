@@ -9,8 +9,11 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -35,6 +38,11 @@ type Tokenizer interface {
 	// NewTextDecoder returns a streaming decoder: Add returns the text that token completes
 	// (possibly empty while a multi-byte character is split across tokens).
 	NewTextDecoder() TextDecoder
+	// Decode returns the text of ids (an echoed token-id prompt).
+	Decode(ids []int) string
+	// TokenBytes returns the bytes of one token (for log-probabilities: a token may hold part
+	// of a UTF-8 character).
+	TokenBytes(id int) []byte
 }
 
 // TextDecoder turns a token stream into text incrementally. Not safe for concurrent use.
@@ -71,6 +79,10 @@ type WorkerOptions struct {
 // Worker consumes a LoopModel's work queue and generates. Create it with NewWorker and call Run
 // once. When Run's context ends the worker stops taking requests; those in flight get
 // WorkerOptions.Drain to finish.
+//
+// It only binds to the queue the operator created (bus.BindQueue), publishes a request's chunks
+// only to the reply subject under a gateway's inbox the request names (bus.ParseReply), and
+// recovers a panic of one request into an error for that request alone.
 type Worker struct {
 	nc    *nats.Conn
 	js    jetstream.JetStream
@@ -80,6 +92,8 @@ type Worker struct {
 	log   *slog.Logger
 	stats *statsWindow
 	met   *modelMetrics
+	live  *liveness
+	ready atomic.Bool // bound to the queue and taking requests
 
 	mu        sync.Mutex
 	cancels   map[string]context.CancelFunc // request id -> stop its generation (client gone)
@@ -115,7 +129,7 @@ func NewWorker(nc *nats.Conn, gen Generator, tok Tokenizer, o WorkerOptions) (*W
 		return nil, fmt.Errorf("opening JetStream: %w", err)
 	}
 	w := &Worker{nc: nc, js: js, gen: gen, tok: tok, opt: o, log: o.Logger.With("loopmodel", o.Ref.String(), "worker", o.Name),
-		cancels: make(map[string]context.CancelFunc), gone: make(map[string]time.Time)}
+		cancels: make(map[string]context.CancelFunc), gone: make(map[string]time.Time), live: newLiveness(js)}
 	w.stats = newStatsWindow(o.Ref, o.Name, o.MaxSteps, o.Capacity, gen.Threshold())
 	if o.Metrics != nil {
 		w.met = o.Metrics.model(o.Ref.String(), o.MaxSteps)
@@ -145,12 +159,42 @@ func (w *Worker) setThreshold(tau float64) {
 	}
 }
 
+// Ready reports whether the worker takes requests: bound to its queue, connected to NATS and
+// not stopping. It is the worker's readiness probe.
+func (w *Worker) Ready() bool { return w.ready.Load() && w.nc.IsConnected() }
+
+// AwaitQueue binds to the LoopModel's consumer, waiting (with a log line now and then) while it
+// does not exist yet or NATS cannot be reached, until ctx ends. Run calls it; a worker process
+// calls it before loading weights, so that a missing queue never makes it load the model in a
+// crash loop.
+func AwaitQueue(ctx context.Context, js jetstream.JetStream, r bus.Ref, log *slog.Logger) (jetstream.Consumer, error) {
+	pause := 100 * time.Millisecond
+	var logged time.Time
+	for {
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		c, err := bus.BindQueue(actx, js, r)
+		cancel()
+		if err == nil {
+			return c, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if time.Since(logged) > 30*time.Second {
+			log.Info("waiting for the work queue (the operator creates it)", "stream", r.Stream(), "err", err)
+			logged = time.Now()
+		}
+		sleepCtx(ctx, pause)
+		pause = min(2*pause, 5*time.Second)
+	}
+}
+
 // Run consumes until ctx ends, lets requests in flight drain (see WorkerOptions.Drain), and
 // returns once all its goroutines have.
 func (w *Worker) Run(ctx context.Context) error {
-	cons, err := w.js.Consumer(ctx, w.opt.Ref.Stream(), bus.ConsumerName)
+	cons, err := AwaitQueue(ctx, w.js, w.opt.Ref, w.log)
 	if err != nil {
-		return fmt.Errorf("opening consumer %s/%s: %w", w.opt.Ref.Stream(), bus.ConsumerName, err)
+		return nil // stopped before the queue appeared
 	}
 	heartbeat := w.opt.Heartbeat
 	if heartbeat <= 0 {
@@ -220,6 +264,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		<-drained
 	}()
 
+	w.ready.Store(true)
 	slots := make(chan struct{}, w.opt.Capacity)
 	for ctx.Err() == nil {
 		// Fetch only as many requests as there are free slots, so other workers get the rest.
@@ -270,6 +315,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			sleepCtx(ctx, 500*time.Millisecond)
 		}
 	}
+	w.ready.Store(false) // draining: take no more
 	return nil
 }
 
@@ -285,18 +331,48 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 // handle runs one request to its end. When ctx ends first (the worker stopping, after any
 // drain) the request is left un-acked, or handed back with Nak when the worker drains.
 func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.Duration) {
+	taken := time.Now()
 	reply := msg.Headers().Get(HeaderReply)
+	gateway, request, err := bus.ParseReply(reply)
+	if err != nil {
+		// Publishing there could reach JetStream's API or another model's subjects.
+		w.log.Warn("refusing a request whose reply subject is outside the gateway inbox", "err", err)
+		if w.met != nil {
+			w.met.refusedReplies.Inc()
+		}
+		_ = msg.Term()
+		return
+	}
 	job, err := decodeJob(msg.Data())
 	if err != nil {
-		w.log.Warn("dropping malformed request", "err", err)
-		if reply != "" {
-			w.finish(ctx, reply, Chunk{Done: true, Error: &ChunkError{Status: http.StatusBadRequest, Type: "invalid_request_error", Message: err.Error()}})
+		w.log.Warn("dropping malformed request", "request", request, "err", err)
+		w.finish(ctx, reply, gateway, Chunk{ID: request, Done: true, Error: &ChunkError{Status: http.StatusBadRequest, Type: "invalid_request_error", Message: err.Error()}})
+		_ = msg.Term()
+		return
+	}
+	if job.ID != request {
+		// Its chunks would land in another request's stream, or be dropped there.
+		w.log.Warn("refusing a request whose id does not match its reply subject", "request", job.ID, "reply", reply)
+		if w.met != nil {
+			w.met.refusedReplies.Inc()
 		}
 		_ = msg.Term()
 		return
 	}
 	log := w.log.With("request", job.ID)
-	if meta, err := msg.Metadata(); err == nil && meta.NumDelivered == 1 {
+	if !job.Expires.IsZero() && taken.After(job.Expires) {
+		// Its gateway stopped waiting: generating it would only delay the requests behind it.
+		log.Info("dropping a request that expired in the queue", "expired", job.Expires)
+		if w.met != nil {
+			w.met.expired.Inc()
+		}
+		w.publish(reply, Chunk{ID: job.ID, Done: true, Error: &ChunkError{Status: http.StatusGatewayTimeout, Type: "server_error", Code: "timeout",
+			Message: "the request expired in the queue before a worker took it"}})
+		_ = msg.Term()
+		return
+	}
+	meta, _ := msg.Metadata()
+	if meta != nil && meta.NumDelivered == 1 {
 		w.observeQueueWait(time.Since(meta.Timestamp))
 	}
 
@@ -321,7 +397,8 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 		w.mu.Unlock()
 	}()
 
-	// Keep the message ours while generating: AckWait restarts at each heartbeat.
+	// Keep the message ours while generating (AckWait restarts at each heartbeat), and stop
+	// generating for nobody once the gateway is known dead.
 	hbDone := make(chan struct{})
 	var hb sync.WaitGroup
 	hb.Go(func() {
@@ -332,6 +409,10 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 			case <-t.C:
 				if err := msg.InProgress(); err != nil {
 					log.Debug("heartbeat", "err", err)
+				}
+				if w.live.check(jctx, gateway) == gatewayDead {
+					log.Info("the request's gateway is gone: stopping", "gateway", gateway)
+					stop()
 				}
 			case <-hbDone:
 				return
@@ -346,7 +427,8 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 		w.met.inflight.Inc()
 		defer w.met.inflight.Dec()
 	}
-	final := w.generate(jctx, job, reply)
+	final := w.generateSafely(jctx, job, reply)
+	final.Elapsed = time.Since(taken).Seconds()
 	w.stats.end()
 	switch {
 	case ctx.Err() != nil: // the worker is stopping
@@ -355,7 +437,7 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 		}
 		return
 	case jctx.Err() != nil:
-		_ = msg.Term() // the client went away
+		_ = msg.Term() // the client or its gateway went away
 		return
 	}
 	if final.Error == nil {
@@ -364,21 +446,52 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 	if final.Error != nil && final.Error.Status >= 500 {
 		log.Warn("request failed", "err", final.Error.Message)
 	}
-	if reply != "" && !w.finish(ctx, reply, final) {
+	switch w.finish(ctx, reply, gateway, final) {
+	case stopping:
 		if w.opt.Drain > 0 {
 			_ = msg.Nak()
 		}
 		return
+	case handBack:
+		log.Warn("the gateway stayed unreachable: handing the request back", "gateway", gateway)
+		_ = msg.NakWithDelay(time.Second)
+		return
 	}
-	actx, acancel := context.WithTimeout(ctx, 5*time.Second)
-	defer acancel()
-	if err := msg.DoubleAck(actx); err != nil && ctx.Err() == nil {
-		log.Warn("acking request", "err", err)
+	for attempt := range 3 {
+		actx, acancel := context.WithTimeout(ctx, 5*time.Second)
+		err := msg.DoubleAck(actx)
+		acancel()
+		if err == nil || ctx.Err() != nil {
+			return
+		}
+		// A failover may eat the ack; a redelivery would find the gateway answering Gone.
+		log.Debug("acking request", "attempt", attempt, "err", err)
 	}
+	log.Warn("the request was answered but its ack was not confirmed: a redelivery will be dropped by its gateway")
 }
 
-// generate runs the engine for a job, publishing token chunks (kept in the worker's history for
-// resends), and returns the final chunk, not yet sent.
+// generateSafely is generate with a panic turned into this request's error: one bad request
+// never takes the worker down (JetStream's MaxDeliver covers the panics that cannot be caught).
+func (w *Worker) generateSafely(ctx context.Context, job Job, reply string) (final Chunk) {
+	defer func() {
+		if p := recover(); p != nil {
+			final = w.panicked(job, p)
+		}
+	}()
+	return w.generate(ctx, job, reply)
+}
+
+func (w *Worker) panicked(job Job, p any) Chunk {
+	w.log.Error("request panicked", "request", job.ID, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+	if w.met != nil {
+		w.met.panics.Inc()
+	}
+	return Chunk{ID: job.ID, Done: true, Error: &ChunkError{Status: http.StatusInternalServerError, Type: "server_error", Code: "worker_failed",
+		Message: fmt.Sprintf("the worker failed on this request (%v); it is not retried", p)}}
+}
+
+// generate runs the engine for a job, one engine request per choice side by side, publishing
+// token chunks (kept in the worker's history for resends), and returns the final chunk, not yet sent.
 func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 	bad := func(code, param, format string, a ...any) Chunk {
 		return Chunk{ID: job.ID, Done: true, Error: &ChunkError{Status: http.StatusBadRequest, Type: "invalid_request_error",
@@ -411,6 +524,8 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 	}
 	maxTokens := job.MaxTokens
 	switch {
+	case job.PromptOnly:
+		maxTokens = 1 // the prompt's scores come with the first token, which is dropped
 	case maxTokens <= 0:
 		maxTokens = min(room, w.opt.DefaultMaxTokens)
 	case maxTokens > room:
@@ -420,24 +535,106 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 	if job.MaxDepth > w.opt.MaxSteps {
 		return bad("", "max_depth", "max_depth %d exceeds the model's %d loop steps", job.MaxDepth, w.opt.MaxSteps)
 	}
-	// A request without max_depth runs at most MaxSteps, which may be below the model's R.
-	req := engine.Request{
-		ID:         job.ID,
-		Prompt:     prompt,
-		MaxTokens:  maxTokens,
-		Sampling:   engine.Sampling{Temperature: job.Temperature, TopK: job.TopK, TopP: job.TopP, Seed: job.SeedFor()},
-		Exit:       engine.Exit{Threshold: job.ExitThreshold, MaxDepth: cmp.Or(job.MaxDepth, w.opt.MaxSteps)},
-		StopTokens: w.opt.StopTokens,
-		Deadline:   job.Deadline,
+	if job.TopLogprobs < 0 || job.TopLogprobs > maxTopLogprobs {
+		return bad("", "top_logprobs", "top_logprobs %d outside 0..%d", job.TopLogprobs, maxTopLogprobs)
 	}
 	start := time.Now()
-	// A stop string ends the engine's work without ending the request.
+	// A stop string ends the engine's work for its choice without ending the request.
 	ectx, ecancel := context.WithCancel(ctx)
 	defer ecancel()
-	events, err := w.gen.Submit(ectx, req)
-	if err != nil {
-		return Chunk{ID: job.ID, Done: true, Error: submitError(err)}
+	n := job.Choices()
+	streams := make([]<-chan engine.Event, n)
+	cancels := make([]context.CancelFunc, n)
+	for i := range n {
+		// A request without max_depth runs at most MaxSteps, which may be below the model's R.
+		req := engine.Request{
+			ID:         job.ID,
+			Prompt:     prompt,
+			MaxTokens:  maxTokens,
+			Sampling:   engine.Sampling{Temperature: job.Temperature, TopK: job.TopK, TopP: job.TopP, Seed: job.SeedFor(i)},
+			Exit:       engine.Exit{Threshold: job.ExitThreshold, MaxDepth: cmp.Or(job.MaxDepth, w.opt.MaxSteps)},
+			StopTokens: w.opt.StopTokens,
+			Deadline:   job.Deadline,
+		}
+		if n > 1 {
+			req.ID = fmt.Sprintf("%s/%d", job.ID, i)
+		}
+		scoring(&req, job)
+		cctx, cancel := context.WithCancel(ectx)
+		events, err := w.gen.Submit(cctx, req)
+		if err != nil {
+			cancel()
+			ecancel()
+			for _, s := range streams[:i] {
+				for range s { // let the engine close them
+				}
+			}
+			return Chunk{ID: job.ID, Done: true, Error: submitError(err)}
+		}
+		streams[i], cancels[i] = events, cancel
 	}
+	echo := ""
+	if job.Echo {
+		echo = job.Prompt
+		if echo == "" {
+			echo = w.tok.Decode(prompt)
+		}
+	}
+	ends := make([]End, n)
+	errs := make([]*ChunkError, n)
+	var first sync.Once
+	var batched atomic.Bool
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			defer cancels[i]()
+			defer func() {
+				if p := recover(); p != nil {
+					errs[i] = w.panicked(job, p).Error
+					ecancel()
+					for range streams[i] { // let the engine close it
+					}
+				}
+			}()
+			ends[i], errs[i] = w.runChoice(ctx, job, i, streams[i], cancels[i], reply, echo, func(now time.Time) {
+				first.Do(func() {
+					w.observeTTFT(now.Sub(start))
+					if w.met != nil {
+						w.met.batch.Inc()
+						batched.Store(true)
+					}
+				})
+			})
+		})
+	}
+	wg.Wait()
+	if batched.Load() {
+		w.met.batch.Dec()
+	}
+	for _, e := range errs {
+		if e != nil {
+			return Chunk{ID: job.ID, Done: true, Error: e}
+		}
+	}
+	if ctx.Err() != nil {
+		return Chunk{ID: job.ID, Done: true}
+	}
+	total := 0
+	for _, e := range ends {
+		total += e.Tokens
+	}
+	if job.PromptOnly {
+		total = 0 // the one chunk of each choice holds the prompt, no token
+	}
+	return Chunk{ID: job.ID, Done: true, Ends: ends,
+		Usage: &Usage{PromptTokens: len(prompt), CompletionTokens: total, TotalTokens: len(prompt) + total}}
+}
+
+// runChoice streams one choice's events as chunks until it ends; a stop string stops its
+// engine request (stop) and the rest of its events are drained. It returns how the choice
+// ended, or its error. firstToken runs at each token's arrival before anything else.
+func (w *Worker) runChoice(ctx context.Context, job Job, choice int, events <-chan engine.Event, stop context.CancelFunc,
+	reply, echo string, firstToken func(time.Time)) (End, *ChunkError) {
 	dec := w.tok.NewTextDecoder()
 	stops := newStopper(job.Stop)
 	var (
@@ -453,40 +650,58 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 		if ev.Done {
 			if ev.Err != nil {
 				if ctx.Err() != nil {
-					return Chunk{ID: job.ID, Done: true}
+					return End{}, nil
 				}
-				return Chunk{ID: job.ID, Done: true, Error: engineError(ev.Err)}
+				return End{}, engineError(ev.Err)
 			}
 			finish = ev.Finish
 			break
 		}
 		now := time.Now()
-		if n == 0 {
-			w.observeTTFT(now.Sub(start))
-			if w.met != nil {
-				w.met.batch.Inc()
-				defer w.met.batch.Dec()
-			}
-		} else {
+		firstToken(now)
+		if n > 0 {
 			w.observeITL(now.Sub(last))
 		}
 		last = now
 		w.observeToken(ev.Token)
+		if job.PromptOnly {
+			c := Chunk{ID: job.ID, Choice: choice, Echo: &Echo{Text: echo}}
+			if job.Logprobs {
+				for _, p := range ev.Prompt {
+					c.Echo.Logprobs = append(c.Echo.Logprobs, w.logprob(p, false))
+				}
+			}
+			w.send(reply, c)
+			n, finish, ended = 1, "length", true
+			stop()
+			continue
+		}
 		text := ""
 		if !isStop(ev.Token.ID, w.opt.StopTokens) {
 			text = dec.Add(ev.Token.ID)
 		}
 		text, hit := stops.add(text)
-		c := Chunk{ID: job.ID, Index: n, Text: text, Tokens: []int{ev.Token.ID}, Depths: []int{ev.Token.Depth}}
+		c := Chunk{ID: job.ID, Choice: choice, Index: n, Text: text, Tokens: []int{ev.Token.ID}, Depths: []int{ev.Token.Depth}}
+		if job.Logprobs {
+			c.Logprobs = []Logprob{w.logprob(ev.Token, true)}
+		}
+		if n == 0 && job.Echo {
+			c.Echo = &Echo{Text: echo}
+			if job.Logprobs {
+				for _, p := range ev.Prompt {
+					c.Echo.Logprobs = append(c.Echo.Logprobs, w.logprob(p, false))
+				}
+			}
+		}
 		n++
 		w.send(reply, c)
 		if hit {
 			finish, ended = "stop", true
-			ecancel()
+			stop()
 		}
 	}
 	if ctx.Err() != nil && !ended {
-		return Chunk{ID: job.ID, Done: true}
+		return End{}, nil
 	}
 	if finish == "" {
 		finish = "length"
@@ -502,17 +717,11 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 			tail += stops.flush()
 		}
 	}
-	return Chunk{ID: job.ID, Index: n, Text: tail, Done: true, Finish: finish,
-		Usage: &Usage{PromptTokens: len(prompt), CompletionTokens: n, TotalTokens: len(prompt) + n}}
+	return End{Tokens: n, Finish: finish, Text: tail}, nil
 }
 
 func isStop(id int, stops []int) bool {
-	for _, s := range stops {
-		if id == s {
-			return true
-		}
-	}
-	return false
+	return slices.Contains(stops, id)
 }
 
 func submitError(err error) *ChunkError {
@@ -529,89 +738,123 @@ func engineError(err error) *ChunkError {
 	return &ChunkError{Status: http.StatusInternalServerError, Type: "server_error", Message: err.Error()}
 }
 
+// send publishes a token chunk and keeps it for resends.
 func (w *Worker) send(reply string, c Chunk) {
-	if reply == "" {
-		return
-	}
 	w.mu.Lock()
 	w.history(c.ID).add(c)
 	w.mu.Unlock()
+	w.publish(reply, c)
+}
+
+func (w *Worker) publish(reply string, c Chunk) {
 	b, _ := json.Marshal(c)
 	if err := w.nc.Publish(reply, b); err != nil {
 		w.log.Debug("publishing chunk", "request", c.ID, "err", err)
 	}
 }
 
+// delivery is how a final chunk's delivery ended.
+type delivery int
+
+const (
+	delivered delivery = iota // the gateway holds every chunk, or no longer waits (ack)
+	handBack                  // the gateway is alive but stayed unreachable (nak: redeliver later)
+	stopping                  // the worker is stopping (leave it un-acked, or nak when draining)
+)
+
+// handBackAfter is how long a final chunk may go unanswered while its gateway is not known dead
+// before the worker hands the request back for redelivery.
+const handBackAfter = bus.GatewayTTL + 5*time.Second
+
 // finish sends the final chunk as a request and resends whatever the gateway reports missing.
-// It returns false only when the worker is stopping (the message must then stay un-acked).
-func (w *Worker) finish(ctx context.Context, reply string, final Chunk) bool {
+// Silence (no responders, timeouts) means the gateway is reconnecting or gone: only its expired
+// liveness key tells gone, which ends the delivery; otherwise the worker keeps trying for
+// handBackAfter, then hands the request back.
+func (w *Worker) finish(ctx context.Context, reply, gateway string, final Chunk) delivery {
 	b, _ := json.Marshal(final)
-	deadline := time.Now().Add(30 * time.Second)
 	var silentSince time.Time
 	for attempt := 0; ; attempt++ {
 		if ctx.Err() != nil {
-			return false
+			return stopping
 		}
 		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		resp, err := w.nc.RequestWithContext(rctx, reply, b)
 		cancel()
-		switch {
-		case errors.Is(err, nats.ErrNoResponders):
-			// The gateway has it all and left, or its client is gone; or, right after a NATS
-			// restart, its subscription is not back yet. Only a lasting silence means gone.
+		if err != nil {
+			if ctx.Err() != nil {
+				return stopping
+			}
 			if silentSince.IsZero() {
 				silentSince = time.Now()
 			}
-			if time.Since(silentSince) > noResponderGrace {
-				return true
-			}
-			sleepCtx(ctx, 200*time.Millisecond)
-			continue
-		case err != nil:
-			if ctx.Err() != nil {
-				return false
-			}
-			if time.Now().After(deadline) {
-				w.log.Warn("gateway never confirmed the final chunk", "request", final.ID, "err", err)
-				return true
+			switch w.live.check(ctx, gateway) {
+			case gatewayDead:
+				return delivered // nobody is left to deliver to
+			default:
+				if time.Since(silentSince) > handBackAfter {
+					return handBack
+				}
 			}
 			sleepCtx(ctx, time.Duration(min(attempt+1, 5))*100*time.Millisecond)
 			continue
 		}
+		silentSince = time.Time{}
 		var fr finalReply
-		if err := json.Unmarshal(resp.Data, &fr); err != nil || fr.Next >= final.Index || final.Error != nil {
-			return true
+		if err := json.Unmarshal(resp.Data, &fr); err != nil || fr.Gone || final.Error != nil || len(final.Ends) == 0 {
+			return delivered
 		}
 		w.mu.Lock()
-		missing := w.history(final.ID).from(fr.Next)
+		missing := w.history(final.ID).missing(fr.Next, final.Ends)
 		w.mu.Unlock()
+		if missing == nil {
+			return delivered
+		}
 		for _, c := range missing {
-			cb, _ := json.Marshal(c)
-			_ = w.nc.Publish(reply, cb)
+			w.publish(reply, c)
 		}
 	}
 }
 
-// noResponderGrace is how long a final chunk may find no gateway listening before the worker
-// concludes that the gateway is gone (rather than reconnecting) and acks the request.
-const noResponderGrace = 3 * time.Second
-
-// chunkHistory holds one request's published chunks in index order.
-type chunkHistory struct{ chunks []Chunk }
+// chunkHistory holds one request's published chunks in index order, per choice.
+type chunkHistory struct{ chunks [][]Chunk }
 
 func (h *chunkHistory) add(c Chunk) {
-	if c.Index < len(h.chunks) { // the same request running twice here (a redelivery)
-		h.chunks[c.Index] = c
+	for len(h.chunks) <= c.Choice {
+		h.chunks = append(h.chunks, nil)
+	}
+	ch := h.chunks[c.Choice]
+	if c.Index < len(ch) { // the same request running twice here (a redelivery)
+		ch[c.Index] = c
 		return
 	}
-	h.chunks = append(h.chunks, c)
+	h.chunks[c.Choice] = append(ch, c)
 }
 
-func (h *chunkHistory) from(i int) []Chunk {
-	if i < 0 || i >= len(h.chunks) {
+// missing returns the chunks from next[i] on of each choice, or nil when the gateway holds
+// every chunk of ends.
+func (h *chunkHistory) missing(next []int, ends []End) []Chunk {
+	var out []Chunk
+	complete := len(next) == len(ends)
+	for i, e := range ends {
+		from := 0
+		if i < len(next) {
+			from = next[i]
+		}
+		if from >= e.Tokens {
+			continue
+		}
+		complete = false
+		if i < len(h.chunks) && from >= 0 && from < len(h.chunks[i]) {
+			out = append(out, h.chunks[i][from:]...)
+		}
+	}
+	if complete {
 		return nil
 	}
-	return append([]Chunk(nil), h.chunks[i:]...)
+	if out == nil {
+		out = []Chunk{} // nothing to resend, yet incomplete: ask again
+	}
+	return out
 }
 
 // history returns the request's chunk history; w.mu must be held.
@@ -625,6 +868,73 @@ func (w *Worker) history(id string) *chunkHistory {
 		w.histories[id] = h
 	}
 	return h
+}
+
+// gatewayState is what the worker knows of a gateway's liveness.
+type gatewayState int
+
+const (
+	gatewayUnknown gatewayState = iota // the liveness bucket cannot be read right now
+	gatewayAlive                       // its key is fresh
+	gatewayDead                        // its key expired or was deleted: it stopped or crashed
+)
+
+// liveness reads gateways' keys in bus.GatewaysBucket, caching each answer for a second.
+// Safe for concurrent use.
+type liveness struct {
+	js    jetstream.JetStream
+	mu    sync.Mutex
+	kv    jetstream.KeyValue
+	cache map[string]livenessEntry
+}
+
+type livenessEntry struct {
+	state gatewayState
+	at    time.Time
+}
+
+func newLiveness(js jetstream.JetStream) *liveness {
+	return &liveness{js: js, cache: make(map[string]livenessEntry)}
+}
+
+func (l *liveness) check(ctx context.Context, gateway string) gatewayState {
+	l.mu.Lock()
+	if e, ok := l.cache[gateway]; ok && time.Since(e.at) < time.Second {
+		l.mu.Unlock()
+		return e.state
+	}
+	kv := l.kv
+	l.mu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if kv == nil {
+		var err error
+		if kv, err = bus.OpenGateways(ctx, l.js); err != nil {
+			return gatewayUnknown
+		}
+	}
+	state := gatewayUnknown
+	switch _, err := kv.Get(ctx, gateway); {
+	case err == nil:
+		state = gatewayAlive
+	case errors.Is(err, jetstream.ErrKeyNotFound):
+		state = gatewayDead
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.kv = kv
+	if state != gatewayUnknown {
+		now := time.Now()
+		l.cache[gateway] = livenessEntry{state, now}
+		if len(l.cache) > 1024 {
+			for k, e := range l.cache {
+				if now.Sub(e.at) > time.Minute {
+					delete(l.cache, k)
+				}
+			}
+		}
+	}
+	return state
 }
 
 // stopper finds stop strings in streamed text, holding back a tail that could start one.

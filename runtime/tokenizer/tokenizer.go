@@ -388,6 +388,15 @@ func (t *Tokenizer) Decode(ids []int) string {
 	return string(out)
 }
 
+// TokenBytes returns the bytes of one token: a model token's bytes (possibly part of a UTF-8
+// character), an added token's content, nothing for an unknown id.
+func (t *Tokenizer) TokenBytes(id int) []byte {
+	if a, ok := t.added[id]; ok {
+		return []byte(a.content)
+	}
+	return t.appendTokenBytes(nil, id)
+}
+
 // appendTokenBytes appends the bytes of model token id (nothing for an unknown id).
 func (t *Tokenizer) appendTokenBytes(dst []byte, id int) []byte {
 	if id < 0 || id >= len(t.isToken) || !t.isToken[id] {
