@@ -11,7 +11,7 @@ RACE          ?= -race
 TESTFLAGS     ?= -count=1 -timeout 20m
 PKGS          ?= ./...
 
-.PHONY: all build up test vet lint generate envtest-assets bench clean
+.PHONY: all build up test vet lint generate envtest-assets chart-tools docker-build bench clean
 
 all: build
 
@@ -21,19 +21,23 @@ build:
 envtest-assets:
 	@hack/envtest-assets.sh
 
+# helm and the Prometheus Operator CRDs for the chart tests, cached like the envtest binaries.
+chart-tools:
+	@hack/chart-tools.sh
+
 vet:
 	$(GO) vet ./...
 
 lint: vet
 	$(STATICCHECK) ./...
 
-# The envtest folder comes from the builder (cached outside the clone); testsum prints the usual
-# per-package lines plus "N passed, N failed, N skipped" and fails when no test ran.
+# The envtest and chart-tools folders come from their builders (cached outside the clone); testsum
+# prints the usual per-package lines plus "N passed, N failed, N skipped" and fails when no test ran.
 test: lint
-	@assets=$$(hack/envtest-assets.sh) && \
-	echo "KUBEBUILDER_ASSETS=$$assets" && \
+	@assets=$$(hack/envtest-assets.sh) && tools=$$(hack/chart-tools.sh) && \
+	echo "KUBEBUILDER_ASSETS=$$assets LOOPSERVE_CHART_TOOLS=$$tools" && \
 	set -o pipefail && \
-	KUBEBUILDER_ASSETS=$$assets CGO_ENABLED=1 $(GO) test $(RACE) $(TESTFLAGS) -json $(PKGS) 2>&1 | $(GO) run ./hack/testsum
+	KUBEBUILDER_ASSETS=$$assets LOOPSERVE_CHART_TOOLS=$$tools CGO_ENABLED=1 $(GO) test $(RACE) $(TESTFLAGS) -json $(PKGS) 2>&1 | $(GO) run ./hack/testsum
 
 # Keep in step with api/v1alpha1/generate_test.go, which regenerates into a temp dir and fails
 # when the committed files are stale. The chart ships copies of the CRD and the operator's rules.

@@ -33,3 +33,17 @@ capabilities:
   drop:
   - ALL
 {{- end -}}
+
+{{- define "loopserve.natsName" -}}
+{{ .Release.Name }}-nats
+{{- end -}}
+
+{{/* The NATS URL the operator, the gateway and the workers use: the quickstart server's when it
+is enabled, nats.url otherwise. */}}
+{{- define "loopserve.natsURL" -}}
+{{- if .Values.quickstartNats.enabled -}}
+nats://{{ include "loopserve.natsName" . }}.{{ .Release.Namespace }}.svc:4222
+{{- else -}}
+{{ .Values.nats.url }}
+{{- end -}}
+{{- end -}}
