@@ -51,6 +51,16 @@ generate:
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./runtime/...
 
+# Images (needs a Docker engine): the static CPU image (operator, gateway, CPU workers) and the
+# GPU worker image on the NVIDIA CUDA runtime base.
+IMAGE         ?= ghcr.io/loopserve/loopserve
+TAG           ?= dev
+DOCKER        ?= docker
+
+docker-build:
+	$(DOCKER) build --target cpu -t $(IMAGE):$(TAG) .
+	$(DOCKER) build --target gpu -t $(IMAGE):$(TAG)-gpu .
+
 clean:
 	rm -rf bin
 
