@@ -2,8 +2,11 @@
 # Builds the envtest binaries (kube-apiserver and etcd) from the Go module proxy into a cache
 # folder outside the clone, keyed by version, and prints that folder on stdout. No download site
 # is reachable from CI, so they are compiled from source; a second run reuses the cache at once.
+# With --cluster it also builds kube-controller-manager and kube-scheduler into the same folder
+# (the one-machine cluster of internal/cluster).
 #
 #   KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh)
+#   KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh --cluster)
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-1.37.2}
@@ -13,10 +16,19 @@ DEST="$CACHE_ROOT/envtest/k8s-$K8S_VERSION-etcd-$ETCD_VERSION"
 
 log() { printf 'envtest-assets: %s\n' "$*" >&2; }
 
-if [[ -x "$DEST/kube-apiserver" && -x "$DEST/etcd" ]]; then
+bins=(kube-apiserver etcd)
+if [[ ${1:-} == --cluster ]]; then
+  bins+=(kube-controller-manager kube-scheduler)
+fi
+missing=()
+for b in "${bins[@]}"; do
+  [[ -x "$DEST/$b" ]] || missing+=("$b")
+done
+if ((${#missing[@]} == 0)); then
   echo "$DEST"
   exit 0
 fi
+has() { [[ " ${missing[*]} " == *" $1 "* ]]; }
 
 mkdir -p "$CACHE_ROOT/envtest"
 work=$(mktemp -d "$CACHE_ROOT/envtest/build.XXXXXX")
@@ -24,10 +36,11 @@ trap 'rm -rf "$work"' EXIT
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local
 start=$SECONDS
 
-# kube-apiserver: a wrapper module that requires k8s.io/kubernetes and replaces every staging
+# The Kubernetes binaries: a wrapper module that requires k8s.io/kubernetes and replaces every staging
 # module (they are required at v0.0.0 upstream) with the matching v0.x release.
 staging="0.${K8S_VERSION#1.}"
-mkdir -p "$work/apiserver"
+mkdir -p "$work/apiserver" "$work/out"
+if has kube-apiserver || has kube-controller-manager || has kube-scheduler; then
 (
   cd "$work/apiserver"
   go mod init envtest/apiserver >/dev/null 2>&1
@@ -42,12 +55,18 @@ mkdir -p "$work/apiserver"
   go mod edit -require="k8s.io/kubernetes@v$K8S_VERSION"
   log "fetching modules for kube-apiserver (minutes on first run)"
   go get "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" >&2
-  log "compiling kube-apiserver (the long part: ~8 minutes on 2 cores)"
   ldflags="-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${K8S_VERSION#1.} -X k8s.io/component-base/version.gitTreeState=clean"
-  CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$work/out/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+    has "$b" || continue
+    [[ $b == kube-apiserver ]] || go get "k8s.io/kubernetes/cmd/$b@v$K8S_VERSION" >&2
+    log "compiling $b (kube-apiserver is the long part: ~8 minutes on 2 cores; the others reuse most of it)"
+    CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$work/out/$b" "k8s.io/kubernetes/cmd/$b"
+    log "$b built after $((SECONDS - start))s"
+  done
 )
-log "kube-apiserver built after $((SECONDS - start))s"
+fi
 
+if has etcd; then
 mkdir -p "$work/etcd"
 (
   cd "$work/etcd"
@@ -58,8 +77,12 @@ mkdir -p "$work/etcd"
   CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$work/out/etcd" go.etcd.io/etcd/server/v3
 )
 log "etcd built after $((SECONDS - start))s"
+fi
 
-mkdir -p "$(dirname "$DEST")"
-rm -rf "$DEST.tmp" && mv "$work/out" "$DEST.tmp" && mv "$DEST.tmp" "$DEST"
+# Add what was built to the folder; each binary lands whole (a rename) or not at all.
+mkdir -p "$DEST"
+for b in "${missing[@]}"; do
+  mv "$work/out/$b" "$DEST/.$b.tmp" && mv "$DEST/.$b.tmp" "$DEST/$b"
+done
 "$DEST/kube-apiserver" --version >&2
 echo "$DEST"
