@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -16,12 +17,16 @@ import (
 )
 
 // describingRegisterer records the metric names of every collector registered with it, as
-// Prometheus exposes them (a histogram as name_bucket, name_sum and name_count).
+// Prometheus exposes them (a histogram as name_bucket, name_sum and name_count), with their
+// label names (a histogram's buckets also have le).
 type describingRegisterer struct {
-	names map[string]bool
+	names map[string][]string
 }
 
-var fqName = regexp.MustCompile(`fqName: "([^"]+)"`)
+var (
+	fqName         = regexp.MustCompile(`fqName: "([^"]+)"`)
+	variableLabels = regexp.MustCompile(`variableLabels: \{([^}]*)\}`)
+)
 
 func (r *describingRegisterer) Register(c prometheus.Collector) error {
 	ch := make(chan *prometheus.Desc, 16)
@@ -31,13 +36,17 @@ func (r *describingRegisterer) Register(c prometheus.Collector) error {
 		if m == nil {
 			continue
 		}
+		var labels []string
+		if l := variableLabels.FindStringSubmatch(d.String()); l != nil && l[1] != "" {
+			labels = strings.Split(l[1], ",")
+		}
 		switch c.(type) {
 		case *prometheus.HistogramVec, prometheus.Histogram:
-			for _, s := range []string{"_bucket", "_sum", "_count"} {
-				r.names[m[1]+s] = true
-			}
+			r.names[m[1]+"_bucket"] = append(slices.Clone(labels), "le")
+			r.names[m[1]+"_sum"] = labels
+			r.names[m[1]+"_count"] = labels
 		default:
-			r.names[m[1]] = true
+			r.names[m[1]] = labels
 		}
 	}
 	return nil
@@ -72,7 +81,7 @@ type dashboard struct {
 // `loopserve worker` and `loopserve gateway` serve on /metrics), and that the dashboard has the
 // panels it promises.
 func TestDashboardQueriesUseExportedMetrics(t *testing.T) {
-	reg := &describingRegisterer{names: map[string]bool{}}
+	reg := &describingRegisterer{names: map[string][]string{}}
 	if _, err := serve.NewMetrics(reg); err != nil {
 		t.Fatal(err)
 	}
@@ -88,14 +97,38 @@ func TestDashboardQueriesUseExportedMetrics(t *testing.T) {
 		t.Fatalf("decoding the dashboard: %v", err)
 	}
 	metric := regexp.MustCompile(`\bloopserve_[a-zA-Z0-9_]+`)
+	// Label names in grouping clauses (by, ignoring, on) and in selectors.
+	grouping := regexp.MustCompile(`\b(?:by|ignoring|on)\s*\(([^)]*)\)`)
+	matcher := regexp.MustCompile(`[{,]\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)`)
 	check := func(where, expr string) {
 		used := metric.FindAllString(expr, -1)
 		if len(used) == 0 {
 			t.Errorf("%s: query %q names no loopserve metric", where, expr)
 		}
+		known := map[string]bool{}
 		for _, m := range used {
-			if !reg.names[m] {
+			labels, ok := reg.names[m]
+			if !ok {
 				t.Errorf("%s: query %q names %s, which loopserve does not export", where, expr, m)
+			}
+			for _, l := range labels {
+				known[l] = true
+			}
+		}
+		var labels []string
+		for _, g := range grouping.FindAllStringSubmatch(expr, -1) {
+			for _, l := range strings.Split(g[1], ",") {
+				if l = strings.TrimSpace(l); l != "" {
+					labels = append(labels, l)
+				}
+			}
+		}
+		for _, m := range matcher.FindAllStringSubmatch(expr, -1) {
+			labels = append(labels, m[1])
+		}
+		for _, l := range labels {
+			if !known[l] {
+				t.Errorf("%s: query %q uses label %s, which none of its metrics has", where, expr, l)
 			}
 		}
 	}
