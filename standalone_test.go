@@ -118,3 +118,39 @@ func TestGoldenTokenizersResolve(t *testing.T) {
 		}
 	}
 }
+
+// TestReadmeCommands: the README opens with the two commands a newcomer needs, `loopserve up`
+// and the test command, and .ci/run calls exactly that test command.
+func TestReadmeCommands(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := regexp.MustCompile("(?s)```sh\n(.*?)```").FindSubmatch(readme)
+	if block == nil {
+		t.Fatal("README.md has no sh block")
+	}
+	var cmds []string
+	for line := range strings.Lines(string(block[1])) {
+		cmd, _, _ := strings.Cut(line, "#")
+		if cmd = strings.TrimSpace(cmd); cmd != "" {
+			cmds = append(cmds, cmd)
+		}
+	}
+	if len(cmds) != 2 || !strings.HasPrefix(cmds[0], "go run") || !strings.HasSuffix(cmds[0], "./cmd/loopserve up") {
+		t.Fatalf("README's first block = %q, want [go run ... ./cmd/loopserve up, <test command>]", cmds)
+	}
+	ci, err := os.ReadFile(".ci/run")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var calls []string
+	for line := range strings.Lines(string(ci)) {
+		if l := strings.TrimSpace(line); l == cmds[1] {
+			calls = append(calls, l)
+		}
+	}
+	if len(calls) != 1 {
+		t.Errorf(".ci/run calls %q %d times, want once", cmds[1], len(calls))
+	}
+}
