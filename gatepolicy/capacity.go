@@ -44,17 +44,35 @@ func (c Capacity) MaxLoad(d, slo float64) float64 {
 	return max(0, c.LoopStepsPerSecond*(1-d*c.StepTime/slo))
 }
 
-// fitPoint is one window's per-replica load and step time.
-type fitPoint struct{ load, step float64 }
+// fitPoint is one window's per-replica load and step time. A saturated window (every batch
+// slot busy: requests queue) measures queueing, not the law above; it only bounds C from below.
+type fitPoint struct {
+	load, step float64
+	saturated  bool
+}
 
 const fitPoints = 40
 
 // fit estimates the capacity model from points (newest last); prior is returned where the
 // points cannot say (a single load level, a non-physical slope).
 func fit(points []fitPoint, prior Capacity) Capacity {
+	c := prior
+	c.Points = len(points)
+	var sat float64
+	var free []fitPoint
+	for _, p := range points {
+		if p.saturated {
+			sat = max(sat, p.load)
+		} else {
+			free = append(free, p)
+		}
+	}
+	// a saturated replica serves about its capacity
+	c.LoopStepsPerSecond = max(c.LoopStepsPerSecond, sat)
+	points = free
 	n := len(points)
 	if n == 0 {
-		return prior
+		return c
 	}
 	var sw, sx, sy, sxx, sxy, maxL float64
 	for i, p := range points {
@@ -69,29 +87,25 @@ func fit(points []fitPoint, prior Capacity) Capacity {
 	}
 	mx, my := sx/sw, sy/sw
 	vx := sxx/sw - mx*mx
-	c := prior
-	c.Points = n
+	newest := points[n-1]
 	if vx > 0.01*mx*mx && vx > 0 {
 		slope := (sxy/sw - mx*my) / vx
 		icpt := my - slope*mx
 		if slope < 0 && icpt > 0 {
-			t0 := 1 / icpt
-			capy := -icpt / slope
-			c.StepTime, c.LoopStepsPerSecond = t0, max(capy, maxL*1.05)
+			c.StepTime, c.LoopStepsPerSecond = 1/icpt, max(-icpt/slope, maxL*1.05, sat)
+			// measured correction: never predict the newest window faster than it ran
+			if pred := c.StepTime / (1 - newest.load/c.LoopStepsPerSecond); newest.step > pred {
+				c.StepTime *= newest.step / pred
+			}
 			return c
 		}
 	}
-	// One load level: keep the prior capacity (or assume the busiest window ran at half of
-	// it) and solve the step time from the newest points.
+	// One load level: C is not identifiable. Keep the prior (or assume the busiest window ran
+	// at half of it) and take the step time from the newest window, so the model reproduces
+	// what was measured last.
 	if !(c.LoopStepsPerSecond > maxL) {
 		c.LoopStepsPerSecond = max(2*maxL, c.LoopStepsPerSecond)
 	}
-	var st, sw2 float64
-	for i, p := range points {
-		w := math.Pow(0.97, float64(n-1-i))
-		st += w * p.step * (1 - min(p.load/c.LoopStepsPerSecond, 0.95))
-		sw2 += w
-	}
-	c.StepTime = st / sw2
+	c.StepTime = newest.step * (1 - min(newest.load/c.LoopStepsPerSecond, 0.95))
 	return c
 }

@@ -78,6 +78,12 @@ type Tuner struct {
 	points []fitPoint
 	capy   Capacity
 
+	memo map[depthKey]float64 // depth predictions of the current Decide
+	// block remembers, per tier, a τ the Tuner had to leave because it missed the SLO with
+	// exact statistics, and the per-replica token rate then: τ does not climb back to it from
+	// (noisier) probe predictions until that rate has fallen by blockRelief.
+	block map[string]blocked
+
 	replicas  int
 	lowSince  time.Time // when the replica target first fell below replicas; zero: not low
 	lowTarget int       // the highest target seen since lowSince
@@ -90,7 +96,7 @@ func NewTuner(spec Spec) (*Tuner, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
-	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, replicas: spec.MinReplicas}
+	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, replicas: spec.MinReplicas}
 	for _, tr := range spec.Tiers {
 		t.tau[tr.Name] = spec.Ceiling
 	}
@@ -106,6 +112,7 @@ const grid = 1.0 / Bins
 // Decide returns the decision for the interval that ended at obs.Now.
 func (t *Tuner) Decide(obs Observation) Decision {
 	d := Decision{Tau: map[string]float64{}, SLOReachable: true}
+	t.memo = map[depthKey]float64{}
 	t.syncInForce(obs)
 	t.absorb(obs, &d)
 	if len(t.hist) == 0 {
@@ -118,12 +125,12 @@ func (t *Tuner) Decide(obs Observation) Decision {
 		return d
 	}
 	floors := t.qualityFloors(&d)
-	target, reachable := t.targets(floors)
+	target, n, reachable := t.targets(floors)
 	if !reachable {
 		d.SLOReachable = false
 		d.Reasons = append(d.Reasons, Reason{ReasonSLOUnreachable, "the latency SLO is not met even at the floor τ with maxReplicas: running at the floor"})
 	}
-	t.scale(obs, target, &d)
+	t.scale(obs, n, target, &d)
 	ready := max(obs.ReadyReplicas, 0)
 	browned := t.brownout(target, floors, ready)
 	for _, tr := range t.spec.Tiers {
@@ -134,7 +141,7 @@ func (t *Tuner) Decide(obs Observation) Decision {
 	if d.Brownout {
 		d.Reasons = append(d.Reasons, Reason{ReasonBrownout, fmt.Sprintf("%d replicas ready of %d wanted: τ lowered to fit the ready capacity", ready, d.Replicas)})
 	}
-	t.step(browned, d.Brownout, &d)
+	t.step(browned, d.Brownout, t.rate(d.Replicas), &d)
 	t.predict(ready, &d)
 	return d
 }
@@ -156,6 +163,7 @@ func (t *Tuner) syncInForce(obs Observation) {
 func (t *Tuner) absorb(obs Observation, d *Decision) {
 	var steps, secs float64
 	var lat, latW float64
+	saturated := false
 	for _, tr := range t.spec.Tiers {
 		w := obs.Windows[tr.Name]
 		if w == nil {
@@ -174,6 +182,7 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 		if w.Tokens > 0 && !math.IsNaN(w.Depth(w.Tau)) {
 			t.hist[tr.Name] = w
 		}
+		saturated = saturated || w.Saturated()
 		steps += float64(w.LoopSteps)
 		secs = max(secs, w.Seconds)
 		if w.TokenLatencyP95 > 0 && w.Tokens > 0 {
@@ -187,7 +196,7 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 	if latW > 0 && secs > 0 && obs.ReadyReplicas > 0 {
 		depth := steps / latW
 		if depth >= 1 {
-			t.points = append(t.points, fitPoint{load: steps / secs / float64(obs.ReadyReplicas), step: lat / latW / depth})
+			t.points = append(t.points, fitPoint{load: steps / secs / float64(obs.ReadyReplicas), step: lat / latW / depth, saturated: saturated})
 			if len(t.points) > fitPoints {
 				t.points = t.points[len(t.points)-fitPoints:]
 			}
@@ -199,9 +208,29 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 
 func (t *Tuner) clampTier(tr Tier, v float64) float64 { return min(max(v, tr.Floor), t.spec.Ceiling) }
 
-// depth predicts tier k's mean depth at tau from its newest histograms (the ceiling's depth
-// of R when the tier has none yet: the safe side for latency).
+type blocked struct{ tau, rate float64 }
+
+// blockRelief is the fall in per-replica token rate that lifts a block.
+const blockRelief = 0.9
+
+type depthKey struct {
+	tier string
+	bin  int
+}
+
+// depth predicts tier k's mean executed depth at tau from its newest histograms, probes
+// included (R when no tier has histograms yet: the safe side for latency).
 func (t *Tuner) depth(k string, tau float64) float64 {
+	key := depthKey{k, cut(tau)}
+	if v, ok := t.memo[key]; ok {
+		return v
+	}
+	v := t.depthUncached(k, tau)
+	t.memo[key] = v
+	return v
+}
+
+func (t *Tuner) depthUncached(k string, tau float64) float64 {
 	w := t.hist[k]
 	if w == nil {
 		// a tier without traffic costs nothing; borrow another tier's histograms when it starts
@@ -217,7 +246,8 @@ func (t *Tuner) depth(k string, tau float64) float64 {
 	if math.IsNaN(x) {
 		return float64(t.spec.MaxSteps)
 	}
-	return x
+	f := w.ProbeFraction() // probes run every step whatever τ is
+	return (1-f)*x + f*float64(t.spec.MaxSteps)
 }
 
 // taus lists the candidate τ of a tier from the ceiling down to its floor on the bin grid.
@@ -273,44 +303,45 @@ func (t *Tuner) perReplica() float64 {
 	if t.spec.TargetLoopStepsPerReplica > 0 {
 		return t.spec.TargetLoopStepsPerReplica
 	}
-	if t.capy.Known() {
+	if t.capy.LoopStepsPerSecond > 0 {
 		return t.capy.LoopStepsPerSecond * t.spec.TargetUtilisation
 	}
 	return math.NaN()
 }
 
-// targets returns each tier's best τ at the replica count the demand would get: the largest τ
-// in [quality floor, ceiling] whose depth and latency at the target per-replica load meet the
-// SLO. If maxReplicas cannot carry that, the cheapest tiers are lowered (as in brownout) with
-// maxReplicas; reachable is false when even the floors miss the SLO there.
-func (t *Tuner) targets(floors map[string]float64) (map[string]float64, bool) {
-	out := map[string]float64{}
-	reachable := true
-	load := t.perReplica()
+// targets returns each tier's best τ and the replicas to run: replicas n = ceil(loop-step
+// demand at the ceiling / per-replica target) within bounds, then the cheapest tiers are
+// lowered (each to its quality floor before the next) until every tier's depth and latency at
+// the load on n replicas meet the SLO. When even the floors miss, more replicas (up to
+// MaxReplicas) are tried; reachable is false when MaxReplicas at the floors still miss.
+func (t *Tuner) targets(floors map[string]float64) (map[string]float64, int, bool) {
+	top := map[string]float64{}
 	for _, tr := range t.spec.Tiers {
-		out[tr.Name] = floors[tr.Name]
-		found := false
-		for _, v := range t.taus(tr) {
-			if v < floors[tr.Name]-1e-9 {
-				break
-			}
-			if t.ok(tr.Name, v, load) {
-				out[tr.Name], found = v, true
-				break
-			}
+		top[tr.Name] = t.spec.Ceiling
+	}
+	if math.IsNaN(t.perReplica()) {
+		out, ok := t.fitInto(top, floors, t.replicas)
+		return out, t.replicas, ok
+	}
+	n := min(max(t.replicasFor(top), t.spec.MinReplicas), t.spec.MaxReplicas)
+	if out, ok := t.fitInto(top, floors, n); ok {
+		return out, n, true
+	}
+	out, ok := t.fitInto(top, floors, t.spec.MaxReplicas)
+	if !ok {
+		return out, t.spec.MaxReplicas, false
+	}
+	lo, hi := n, t.spec.MaxReplicas // fits at hi, not at lo
+	for hi-lo > 1 {
+		mid := (lo + hi) / 2
+		if _, ok := t.fitInto(top, floors, mid); ok {
+			hi = mid
+		} else {
+			lo = mid
 		}
-		if !found && (t.spec.TokenLatencyP95 > 0 || t.spec.MaxMeanDepth > 0) {
-			reachable = false
-		}
 	}
-	if math.IsNaN(load) {
-		return out, reachable
-	}
-	if need := t.replicasFor(out); need > t.spec.MaxReplicas {
-		fit, ok := t.fitInto(out, floors, t.spec.MaxReplicas)
-		return fit, reachable && ok
-	}
-	return out, reachable
+	out, _ = t.fitInto(top, floors, hi)
+	return out, hi, true
 }
 
 // demandAt is the loop-step demand (steps/s) with tier τ values taus.
@@ -339,7 +370,7 @@ func (t *Tuner) fits(taus map[string]float64, n int) bool {
 	}
 	load := t.demandAt(taus) / float64(n)
 	per := t.perReplica()
-	if t.capy.Known() && load >= t.capy.LoopStepsPerSecond*0.95 {
+	if t.capy.LoopStepsPerSecond > 0 && load >= t.capy.LoopStepsPerSecond*0.95 {
 		return false
 	}
 	if !math.IsNaN(per) && !(t.spec.TokenLatencyP95 > 0 && t.capy.Known()) && load > per/t.spec.TargetUtilisation {
@@ -383,9 +414,19 @@ func (t *Tuner) brownout(target, floors map[string]float64, ready int) map[strin
 
 // step moves each tier's τ toward want: down at once in brownout (capacity is short now),
 // otherwise by at most MaxStep; up only when want exceeds τ by the hysteresis, by at most MaxStep.
-func (t *Tuner) step(want map[string]float64, brownout bool, d *Decision) {
+func (t *Tuner) step(want map[string]float64, brownout bool, rate float64, d *Decision) {
 	for _, tr := range t.spec.Tiers {
 		cur, w := t.tau[tr.Name], want[tr.Name]
+		if b, ok := t.block[tr.Name]; ok {
+			if rate < blockRelief*b.rate {
+				delete(t.block, tr.Name)
+			} else if w >= b.tau-1e-9 {
+				w = min(max(cur, math.Round((b.tau-grid)*Bins)/Bins), w)
+			}
+		}
+		if w < cur-1e-9 && !brownout {
+			t.block[tr.Name] = blocked{tau: cur, rate: rate}
+		}
 		next := cur
 		switch {
 		case w < cur-1e-9 && brownout:
@@ -409,15 +450,23 @@ func (t *Tuner) step(want map[string]float64, brownout bool, d *Decision) {
 	}
 }
 
+// rate is the token rate per replica with n replicas (all tiers).
+func (t *Tuner) rate(n int) float64 {
+	s := 0.0
+	for _, v := range t.demand {
+		s += v
+	}
+	return s / float64(max(n, 1))
+}
+
 // holdReplicas keeps the current replica count within bounds.
 func (t *Tuner) holdReplicas(obs Observation) int {
 	return min(max(t.replicas, t.spec.MinReplicas), t.spec.MaxReplicas)
 }
 
-// scale sizes replicas for the demand at the target τ: up at once, down only after the target
+// scale moves replicas toward want: up at once, down only after the target
 // stayed below the current count for ScaleDownDelay (then to the highest target of that time).
-func (t *Tuner) scale(obs Observation, target map[string]float64, d *Decision) {
-	want := min(max(t.replicasFor(target), t.spec.MinReplicas), t.spec.MaxReplicas)
+func (t *Tuner) scale(obs Observation, want int, target map[string]float64, d *Decision) {
 	cur := t.replicas
 	switch {
 	case want > cur:
@@ -437,7 +486,7 @@ func (t *Tuner) scale(obs Observation, target map[string]float64, d *Decision) {
 	default:
 		t.lowSince = time.Time{}
 	}
-	if t.replicas == t.spec.MaxReplicas && t.replicasFor(target) >= t.spec.MaxReplicas && t.spec.MaxReplicas > t.spec.MinReplicas {
+	if t.replicas == t.spec.MaxReplicas && want >= t.spec.MaxReplicas && t.spec.MaxReplicas > t.spec.MinReplicas {
 		d.Reasons = append(d.Reasons, Reason{ReasonAtMaxReplicas, fmt.Sprintf("at maxReplicas %d", t.spec.MaxReplicas)})
 	}
 	d.Replicas = t.replicas

@@ -79,7 +79,7 @@ func (s Sample) Validate() error {
 	if !(s.ExitThreshold > 0 && s.ExitThreshold <= 1) {
 		return fmt.Errorf("%w: exitThreshold %v outside (0, 1]", ErrMalformed, s.ExitThreshold)
 	}
-	if s.Requests < 0 || s.Tokens < 0 || s.LoopSteps < 0 || s.Probes < 0 || !(s.BusySeconds >= 0) || !(s.TokenLatencyP95 >= 0) || !(s.TTFTP95 >= 0) {
+	if s.Capacity < 0 || s.InFlight < 0 || s.Requests < 0 || s.Tokens < 0 || s.LoopSteps < 0 || s.Probes < 0 || !(s.BusySeconds >= 0) || !(s.TokenLatencyP95 >= 0) || !(s.TTFTP95 >= 0) {
 		return fmt.Errorf("%w: negative or NaN count", ErrMalformed)
 	}
 	for t := range s.MaxSteps {
@@ -122,6 +122,8 @@ type Window struct {
 	Seconds  float64 // interval length: the rates divide by it
 
 	Samples     int // accepted samples
+	Capacity    int // batch slots of the workers that reported
+	InFlight    int // requests running at the end of their windows
 	Requests    int64
 	Tokens      int64
 	LoopSteps   int64
@@ -171,6 +173,8 @@ func (w *Window) Add(s Sample) error {
 		return fmt.Errorf("%w: sample τ %v, in force %v", ErrStaleThreshold, s.ExitThreshold, w.Tau)
 	}
 	w.Samples++
+	w.Capacity += s.Capacity
+	w.InFlight += s.InFlight
 	w.Requests += s.Requests
 	w.Tokens += s.Tokens
 	w.LoopSteps += s.LoopSteps
@@ -209,24 +213,18 @@ func cut(tau float64) int {
 }
 
 // continueProb returns P(c_t < tau) for t = 1..MaxSteps-1 (index t-1): the probability that a
-// token runs past step t. At or below the τ in force it uses every token (censored tokens have
-// c_t ≥ τ in force ≥ tau); above it only the probes are unbiased. ok is false when a step has
-// no usable token.
+// token runs past step t. At or below the τ in force it is exact from every token (censored
+// tokens have c_t ≥ τ in force ≥ tau). Above it, the part below the τ in force stays exact and
+// only the rest, P(τ in force ≤ c_t < tau), comes from the probes, so the curve is monotone in
+// tau across the τ in force. ok is false when a step has no usable token (or no probe, above).
 func (w *Window) continueProb(tau float64) (p []float64, ok bool) {
-	useProbes := tau > w.Tau+1e-12
-	c := cut(tau)
+	c, cf := cut(tau), cut(w.Tau)
 	p = make([]float64, max(w.MaxSteps-1, 0))
 	for t := 0; t < w.MaxSteps-1; t++ {
-		var below, total int64
-		h := w.Cum[t]
-		if useProbes {
-			h = w.ProbeCum[t]
-		} else {
-			total = w.Censored[t]
-		}
-		for i, n := range h {
+		below, total := int64(0), w.Censored[t]
+		for i, n := range w.Cum[t] {
 			total += n
-			if i < c {
+			if i < min(c, cf) {
 				below += n
 			}
 		}
@@ -234,12 +232,27 @@ func (w *Window) continueProb(tau float64) (p []float64, ok bool) {
 			return nil, false
 		}
 		p[t] = float64(below) / float64(total)
+		if c <= cf {
+			continue
+		}
+		var mid, probes int64
+		for i, n := range w.ProbeCum[t] {
+			probes += n
+			if i >= cf && i < c {
+				mid += n
+			}
+		}
+		if probes == 0 {
+			return nil, false
+		}
+		p[t] = min(1, p[t]+float64(mid)/float64(probes))
 	}
 	return p, true
 }
 
 // Depth predicts the mean loop depth under threshold tau: 1 + Σ_{t<R} P(c_t < tau) (DESIGN §4),
-// exact at or below the τ in force and from the probes above it. tau is rounded down to a bin
+// exact at or below the τ in force; above it the probes add the share of c_t between the τ in
+// force and tau. tau is rounded down to a bin
 // edge. NaN when the window holds no usable token.
 func (w *Window) Depth(tau float64) float64 {
 	p, ok := w.continueProb(tau)
@@ -323,6 +336,18 @@ func WilsonLower(p, n, conf float64) float64 {
 
 // normalQuantile is the standard normal quantile function.
 func normalQuantile(q float64) float64 { return math.Sqrt2 * math.Erfinv(2*q-1) }
+
+// ProbeFraction is the share of tokens that were probes (they run every step).
+func (w *Window) ProbeFraction() float64 {
+	if w.Tokens == 0 {
+		return 0
+	}
+	return min(1, float64(w.Probes)/float64(w.Tokens))
+}
+
+// Saturated reports whether every batch slot was busy at the end of the window: requests
+// queue, and latency measures the queue rather than the replicas' speed.
+func (w *Window) Saturated() bool { return w.Capacity > 0 && w.InFlight >= w.Capacity }
 
 // TokenRate is tokens generated per second over the window.
 func (w *Window) TokenRate() float64 { return rate(float64(w.Tokens), w.Seconds) }
