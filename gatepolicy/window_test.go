@@ -109,7 +109,7 @@ func TestDepthMatchesMeasured(t *testing.T) {
 		if err := w.Add(record(toks, inForce, every)); err != nil {
 			rt.Fatal(err)
 		}
-				prev := 1.0
+		prev := 1.0
 		for k := 1; k <= Bins; k++ {
 			tau := float64(k) / Bins
 			got := w.Depth(tau)
