@@ -132,7 +132,8 @@ func (t *Tuner) Decide(obs Observation) Decision {
 	}
 	t.scale(obs, n, target, &d)
 	ready := max(obs.ReadyReplicas, 0)
-	browned := t.brownout(target, floors, ready)
+	browned := t.brownout(target, t.tierFloors(), ready)
+	t.correct(obs, browned)
 	for _, tr := range t.spec.Tiers {
 		if browned[tr.Name] < target[tr.Name]-1e-9 {
 			d.Brownout = true
@@ -173,6 +174,9 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 		d.Rejected = d.Rejected.Add(w.Rejected)
 		if w.Seconds > 0 {
 			r := w.TokenRate()
+			if w.Saturated() {
+				r *= saturatedDemand // requests queue: the offered rate exceeds what was served
+			}
 			if r > t.demand[tr.Name] {
 				t.demand[tr.Name] = r // rises at once
 			} else {
@@ -209,6 +213,11 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 func (t *Tuner) clampTier(tr Tier, v float64) float64 { return min(max(v, tr.Floor), t.spec.Ceiling) }
 
 type blocked struct{ tau, rate float64 }
+
+// saturatedDemand is the factor by which a saturated window's served token rate is taken to
+// understate demand (the queue hides the rest): it makes the Tuner scale up and brown out at
+// once rather than one served-rate step per interval.
+const saturatedDemand = 1.5
 
 // blockRelief is the fall in per-replica token rate that lifts a block.
 const blockRelief = 0.9
@@ -399,7 +408,42 @@ func (t *Tuner) fitInto(start, floors map[string]float64, n int) (map[string]flo
 	return out, t.fits(out, n)
 }
 
-// brownout returns the τ per tier that fits the replicas ready now, never above target.
+// correct caps τ by what was measured: a tier whose window's latency p95 exceeded the SLO
+// gets at most the depth that would have met it (depth × SLO / measured), within its spec
+// floor, whatever the model predicted. The model learns from the same window next interval.
+func (t *Tuner) correct(obs Observation, taus map[string]float64) {
+	slo := t.spec.TokenLatencyP95.Seconds()
+	if slo <= 0 {
+		return
+	}
+	for _, tr := range t.spec.Tiers {
+		w := obs.Windows[tr.Name]
+		if w == nil || w.Tokens == 0 || !(w.TokenLatencyP95 > slo) {
+			continue
+		}
+		want := t.depth(tr.Name, t.tau[tr.Name]) * slo / w.TokenLatencyP95
+		for _, v := range t.taus(tr) {
+			if v <= taus[tr.Name]+1e-9 && (t.depth(tr.Name, v) <= want || v <= tr.Floor+1e-9) {
+				taus[tr.Name] = min(taus[tr.Name], v)
+				break
+			}
+		}
+	}
+}
+
+// tierFloors is each tier's spec floor.
+func (t *Tuner) tierFloors() map[string]float64 {
+	f := map[string]float64{}
+	for _, tr := range t.spec.Tiers {
+		f[tr.Name] = tr.Floor
+	}
+	return f
+}
+
+// brownout returns the τ per tier that fits the replicas ready now, never above target and
+// never below the tiers' spec floors. It may cross the minAgreement and minDepth floors: a
+// brownout is short (it lasts until the replicas asked for are ready), and serving every
+// request at a lower depth beats queueing them; the steady state honours those floors again.
 func (t *Tuner) brownout(target, floors map[string]float64, ready int) map[string]float64 {
 	if ready <= 0 || math.IsNaN(t.perReplica()) || t.fits(target, ready) {
 		return target
