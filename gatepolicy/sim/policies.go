@@ -146,7 +146,8 @@ type Report struct {
 }
 
 // Compare runs every policy on c, the runs in parallel. Each replica-only baseline is swept over
-// its setting (in-flight requests per replica; occupancy threshold) and reports its best: the
+// its setting (in-flight requests per replica; occupancy threshold) and its decision interval
+// (c.Interval and the HPA's default 15 s) and reports its best: the
 // fewest replica-seconds among settings with ≥ 99% ITL and TTFT attainment, else the highest
 // attainment. static and threshold_only run the fleet sized for the mean load.
 func Compare(c Config) (Report, error) {
@@ -154,13 +155,16 @@ func Compare(c Config) (Report, error) {
 	type job struct {
 		name, setting string
 		pol           Policy
+		interval      float64
 	}
-	jobs := []job{{"static", fmt.Sprintf("%d replicas", n), Static{N: n, Tau: c.Ceiling}}}
-	for _, target := range []float64{4, 6, 8, 12, 16, 24} {
-		jobs = append(jobs, job{"replica_only_requests", fmt.Sprintf("%.0f requests in flight per replica", target), &RequestsHPA{Target: target, Tau: c.Ceiling, Delay: c.ScaleDownDelay}})
-	}
-	for _, thr := range []float64{0.2, 0.3, 0.4, 0.5, 0.6, 0.8} {
-		jobs = append(jobs, job{"replica_only_saturation", fmt.Sprintf("occupancy threshold %.1f", thr), &Saturation{Threshold: thr, Tau: c.Ceiling, Delay: c.ScaleDownDelay}})
+	jobs := []job{{"static", fmt.Sprintf("%d replicas", n), Static{N: n, Tau: c.Ceiling}, c.Interval}}
+	for _, iv := range []float64{c.Interval, 15} { // the HPA's default sync period, and ours
+		for _, target := range []float64{4, 6, 8, 12, 16} {
+			jobs = append(jobs, job{"replica_only_requests", fmt.Sprintf("%.0f requests in flight per replica, every %.0f s", target, iv), &RequestsHPA{Target: target, Tau: c.Ceiling, Delay: c.ScaleDownDelay}, iv})
+		}
+		for _, thr := range []float64{0.2, 0.3, 0.5, 0.7} {
+			jobs = append(jobs, job{"replica_only_saturation", fmt.Sprintf("occupancy threshold %.1f, every %.0f s", thr, iv), &Saturation{Threshold: thr, Tau: c.Ceiling, Delay: c.ScaleDownDelay}, iv})
+		}
 	}
 	spec := c.TunerSpec()
 	spec.MinReplicas, spec.MaxReplicas = n, n
@@ -172,7 +176,7 @@ func Compare(c Config) (Report, error) {
 	if err != nil {
 		return Report{}, err
 	}
-	jobs = append(jobs, job{"threshold_only", fmt.Sprintf("%d replicas, τ tuned by gatepolicy", n), th}, job{"joint", "gatepolicy.Tuner", jt})
+	jobs = append(jobs, job{"threshold_only", fmt.Sprintf("%d replicas, τ tuned by gatepolicy", n), th, c.Interval}, job{"joint", "gatepolicy.Tuner", jt, c.Interval})
 	results := make([]Result, len(jobs))
 	sem := make(chan struct{}, max(1, goruntime.NumCPU()))
 	var wg sync.WaitGroup
@@ -182,7 +186,9 @@ func Compare(c Config) (Report, error) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			results[i] = Run(c, j.name, j.pol)
+			cj := c
+			cj.Interval = j.interval
+			results[i] = Run(cj, j.name, j.pol)
 			results[i].Setting = j.setting
 		}()
 	}
