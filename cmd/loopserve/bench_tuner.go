@@ -8,21 +8,28 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/loopserve/loopserve/bench"
 	"github.com/loopserve/loopserve/gatepolicy/sim"
+	"github.com/loopserve/loopserve/runtime/backend/cpu"
+	"github.com/loopserve/loopserve/runtime/engine"
+	"github.com/loopserve/loopserve/runtime/model"
 )
 
 func newBenchTunerCmd() *cobra.Command {
 	var (
 		traceFile, plotFile string
 		seed                uint64
-		asJSON              bool
+		asJSON, measure     bool
+		modelDir            string
 	)
 	cmd := &cobra.Command{
 		Use:   "tuner",
 		Short: "Compare autoscaling policies with the adaptive-depth tuner on a simulated trace",
 		Long: `Simulates a LoopModel under a request-rate trace: replicas with a 60 s cold start, step-level
 batching (one iteration runs one loop step of every running request; its cost and the per-token
-depth come from ouro-tiny-arith measured on the engine, gatepolicy/sim/profile.json), and five
+depth come from ouro-tiny-arith measured on the engine, gatepolicy/sim/profile.json;
+--measure-cost measures the cost on this machine first and scales the default trace's rates
+by the speed ratio), and five
 policies with the same SLO (ITL p95 8 ms, TTFT 1 s, minAgreement 0.85, τ 0.9 with floor 0.5,
 1-40 replicas): static (fixed fleet for the mean load), replica_only_requests (in-flight
 requests per replica, as KubeAI/KServe), replica_only_saturation (slot and queue headroom, as
@@ -44,7 +51,32 @@ t_seconds,requests_per_second rows (piecewise constant, starting at 0).`,
 					return fmt.Errorf("reading %s: %w", traceFile, err)
 				}
 			}
-			c := sim.DefaultConfig(sim.DefaultProfile(), tr, seed)
+			prof := sim.DefaultProfile()
+			if measure {
+				dir, cleanup, err := resolveModel(modelDir)
+				if err != nil {
+					return err
+				}
+				defer cleanup()
+				m, err := model.Load(dir)
+				if err != nil {
+					return fmt.Errorf("loading %s: %w", dir, err)
+				}
+				defer m.Close()
+				if prof.StepBase, prof.StepPerRow, err = bench.StepCost(cmd.Context(), m, func() engine.Backend { return cpu.New(1) }); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.ErrOrStderr(), "step cost measured here: %.1f µs + %.1f µs per row\n", prof.StepBase*1e6, prof.StepPerRow*1e6)
+				if traceFile == "" {
+					// the default trace keeps its fleet sizes: its rates scale with this machine's speed
+					k := sim.DefaultProfile().StepPerRow / prof.StepPerRow
+					for i := range tr.Rate {
+						tr.Rate[i] *= k
+					}
+					fmt.Fprintf(cmd.ErrOrStderr(), "default trace rates scaled by %.3f to this machine's speed\n", k)
+				}
+			}
+			c := sim.DefaultConfig(prof, tr, seed)
 			rep, err := sim.Compare(c)
 			if err != nil {
 				return err
@@ -89,6 +121,8 @@ t_seconds,requests_per_second rows (piecewise constant, starting at 0).`,
 	fl.StringVar(&traceFile, "trace", "", "CSV trace of t_seconds,requests_per_second (default: the seeded diurnal trace with bursts)")
 	fl.Uint64Var(&seed, "seed", 1, "seed of the default trace and of arrivals")
 	fl.BoolVar(&asJSON, "json", false, "print one JSON object keyed by policy name")
+	fl.BoolVar(&measure, "measure-cost", false, "measure the per-iteration cost on this machine's engine (one thread) instead of taking the profile's")
+	fl.StringVar(&modelDir, "model", "", "model whose step cost --measure-cost measures (default: the shipped ouro-tiny-arith)")
 	fl.StringVar(&plotFile, "plot", "", "write an SVG of the joint policy's τ, replicas and latency over the trace")
 	return cmd
 }
