@@ -112,7 +112,7 @@ func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 	if err != nil {
 		return ctrl.Result{}, err
 	}
-	natsErr := r.syncNATS(ctx, &lm, p, ro.available())
+	natsErr := r.syncNATS(ctx, &lm, p, ro.routable())
 	r.setStatus(&lm, p, ro, natsErr)
 	switch {
 	case natsErr != nil:
@@ -120,6 +120,9 @@ func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		return ctrl.Result{}, natsErr
 	case !ro.complete():
 		return ctrl.Result{RequeueAfter: r.pollInterval()}, nil
+	case lm.Status.Observed != nil:
+		// Stats arriving ask for reconciles; when they stop, this one clears status.observed.
+		return ctrl.Result{RequeueAfter: min(r.resync(), r.statsWindow())}, nil
 	default:
 		return ctrl.Result{RequeueAfter: r.resync()}, nil
 	}
@@ -130,7 +133,7 @@ func (r *LoopModelReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	limiter := workqueue.NewTypedItemExponentialFailureRateLimiter[reconcile.Request](
 		cmp.Or(r.RetryBase, time.Second), cmp.Or(r.RetryMax, 2*time.Minute))
 	statsEvents := make(chan event.GenericEvent, 64)
-	r.stats = newStatsBook(cmp.Or(r.StatsWindow, time.Minute), cmp.Or(r.StatsInterval, 15*time.Second), statsEvents)
+	r.stats = newStatsBook(r.statsWindow(), cmp.Or(r.StatsInterval, 15*time.Second), statsEvents)
 	return ctrl.NewControllerManagedBy(mgr).
 		For(&v1alpha1.LoopModel{}).
 		Owns(&appsv1.Deployment{}).
@@ -378,6 +381,8 @@ func (r *LoopModelReconciler) pollInterval() time.Duration {
 	return cmp.Or(r.PollInterval, 10*time.Second)
 }
 func (r *LoopModelReconciler) resync() time.Duration { return cmp.Or(r.Resync, 5*time.Minute) }
+
+func (r *LoopModelReconciler) statsWindow() time.Duration { return cmp.Or(r.StatsWindow, time.Minute) }
 func (r *LoopModelReconciler) natsTimeout() time.Duration {
 	return cmp.Or(r.NATSTimeout, 5*time.Second)
 }
