@@ -1,0 +1,205 @@
+package sim
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/loopserve/loopserve/gatepolicy"
+)
+
+// Static keeps N replicas at the ceiling τ.
+type Static struct {
+	N   int
+	Tau float64
+}
+
+// Decide implements Policy.
+func (s Static) Decide(View) (int, float64) { return s.N, s.Tau }
+
+// RequestsHPA scales on requests in flight per replica, as KubeAI and KServe (Knative
+// concurrency) do: want = ceil(in-flight / Target) with a 10% tolerance, up at once, down to
+// the highest want of the last Delay seconds (the HPA's stabilisation window) and by at most
+// 10% per decision (an HPA scale-down policy; without it the fleet flaps). τ stays at Tau.
+type RequestsHPA struct {
+	Target float64
+	Tau    float64
+	Delay  float64
+	recent []stamped
+}
+
+type stamped struct {
+	t float64
+	n int
+}
+
+// Decide implements Policy.
+func (h *RequestsHPA) Decide(v View) (int, float64) {
+	cur := max(v.Ready+v.Starting, 1)
+	want := int(math.Ceil(float64(v.Running+v.Queued) / h.Target))
+	if r := float64(v.Running+v.Queued) / h.Target / float64(cur); r > 0.9 && r < 1.1 {
+		want = v.Desired
+	}
+	return stabilise(&h.recent, v, want, h.Delay), h.Tau
+}
+
+// stabilise applies up-at-once, down-after-delay.
+func stabilise(recent *[]stamped, v View, want int, delay float64) int {
+	*recent = append(*recent, stamped{v.Now, want})
+	for len(*recent) > 0 && (*recent)[0].t < v.Now-delay {
+		*recent = (*recent)[1:]
+	}
+	if want >= v.Desired {
+		return want
+	}
+	hi := want
+	for _, s := range *recent {
+		hi = max(hi, s.n)
+	}
+	// at most 10% (one replica at least) fewer per decision, as an HPA scale-down policy
+	return min(max(hi, v.Desired-max(1, v.Desired/10)), v.Desired)
+}
+
+// Saturation scales on batch-slot and queue headroom, as llm-d's variant autoscaler does with
+// KV-cache and queue saturation: up when the queue is non-empty or occupancy passes Threshold
+// (by enough replicas to bring it back under), down by one when the fleet minus one replica
+// would stay under Threshold, after Delay seconds of that. τ stays at Tau.
+type Saturation struct {
+	Threshold float64
+	Tau       float64
+	Delay     float64
+	lowSince  float64
+	low       bool
+}
+
+// Decide implements Policy.
+func (s *Saturation) Decide(v View) (int, float64) {
+	cur := max(v.Ready+v.Starting, 1)
+	load := float64(v.Running+v.Queued) / float64(v.Slots)
+	occ := load / float64(max(v.Ready, 1))
+	switch {
+	case v.Queued > 0 || occ > s.Threshold:
+		s.low = false
+		return max(v.Desired, int(math.Ceil(load/s.Threshold))), s.Tau
+	case cur > 1 && load/float64(cur-1) < s.Threshold && v.Starting == 0:
+		if !s.low {
+			s.low, s.lowSince = true, v.Now
+		}
+		if v.Now-s.lowSince >= s.Delay {
+			s.low = false
+			return v.Desired - 1, s.Tau
+		}
+	default:
+		s.low = false
+	}
+	return v.Desired, s.Tau
+}
+
+// Tuned runs gatepolicy.Tuner: the joint policy with the LoopModel's replica bounds, or
+// threshold-only with MinReplicas = MaxReplicas.
+type Tuned struct {
+	T        *gatepolicy.Tuner
+	Last     gatepolicy.Decision
+	Rejected int
+}
+
+// NewTuned returns the policy for spec.
+func NewTuned(spec gatepolicy.Spec) (*Tuned, error) {
+	t, err := gatepolicy.NewTuner(spec)
+	if err != nil {
+		return nil, err
+	}
+	return &Tuned{T: t}, nil
+}
+
+// Decide implements Policy: the samples become one window, as the operator builds it.
+func (p *Tuned) Decide(v View) (int, float64) {
+	spec := p.T.Spec()
+	w := gatepolicy.NewWindow(spec.DefaultTier, v.Tau, spec.MaxSteps, v.Interval)
+	for _, s := range v.Samples {
+		if err := w.Add(s); err != nil {
+			p.Rejected++
+		}
+	}
+	d := p.T.Decide(gatepolicy.Observation{Now: epoch.Add(sec(v.Now)), Windows: map[string]*gatepolicy.Window{spec.DefaultTier: w},
+		Tau: map[string]float64{spec.DefaultTier: v.Tau}, ReadyReplicas: v.Ready, DesiredReplicas: v.Desired, StartingReplicas: v.Starting})
+	p.Last = d
+	return d.Replicas, d.Tau[spec.DefaultTier]
+}
+
+// Names of the compared policies, in report order.
+var Names = []string{"static", "replica_only_requests", "replica_only_saturation", "threshold_only", "joint"}
+
+// Report is every policy's best run.
+type Report map[string]Result
+
+// StaticReplicas sizes a fixed fleet for the trace's mean load at the ceiling τ and 70% of a
+// replica's loop-step capacity (1 / StepPerRow).
+func StaticReplicas(c Config) int {
+	tokens := float64(c.TokensMin+c.TokensMax) / 2
+	d := (1-c.ProbeFraction)*c.Profile.MeanDepth(c.Ceiling) + c.ProbeFraction*float64(c.Profile.MaxSteps)
+	return min(max(int(math.Ceil(c.Trace.Mean()*tokens*d*c.Profile.StepPerRow/0.7)), c.MinReplicas), c.MaxReplicas)
+}
+
+// Compare runs every policy on c. Each replica-only baseline is swept over its setting (in-flight
+// requests per replica; occupancy threshold) and reports its best: the fewest replica-seconds
+// among settings with ≥ 99% ITL and TTFT attainment, else the highest attainment.
+func Compare(c Config) (Report, error) {
+	rep := Report{}
+	n := StaticReplicas(c)
+	r := Run(c, "static", Static{N: n, Tau: c.Ceiling})
+	r.Setting = fmt.Sprintf("%d replicas", n)
+	rep["static"] = r
+	var reqs []Result
+	for _, target := range []float64{4, 6, 8, 12, 16, 20, 24} {
+		r := Run(c, "replica_only_requests", &RequestsHPA{Target: target, Tau: c.Ceiling, Delay: c.ScaleDownDelay})
+		r.Setting = fmt.Sprintf("%.0f requests in flight per replica", target)
+		reqs = append(reqs, r)
+	}
+	rep["replica_only_requests"] = best(reqs)
+	var sats []Result
+	for _, thr := range []float64{0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9} {
+		r := Run(c, "replica_only_saturation", &Saturation{Threshold: thr, Tau: c.Ceiling, Delay: c.ScaleDownDelay})
+		r.Setting = fmt.Sprintf("occupancy threshold %.1f", thr)
+		sats = append(sats, r)
+	}
+	rep["replica_only_saturation"] = best(sats)
+	spec := c.TunerSpec()
+	spec.MinReplicas, spec.MaxReplicas = n, n
+	th, err := NewTuned(spec)
+	if err != nil {
+		return nil, err
+	}
+	r = Run(c, "threshold_only", th)
+	r.Setting = fmt.Sprintf("%d replicas, τ tuned", n)
+	rep["threshold_only"] = r
+	jt, err := NewTuned(c.TunerSpec())
+	if err != nil {
+		return nil, err
+	}
+	r = Run(c, "joint", jt)
+	r.Setting = "gatepolicy.Tuner"
+	rep["joint"] = r
+	return rep, nil
+}
+
+func best(rs []Result) Result {
+	var pick *Result
+	for i := range rs {
+		r := &rs[i]
+		if r.Attainment < 0.99 || r.TTFTAttainment < 0.99 {
+			continue
+		}
+		if pick == nil || r.ReplicaSeconds < pick.ReplicaSeconds {
+			pick = r
+		}
+	}
+	if pick != nil {
+		return *pick
+	}
+	for i := range rs {
+		if pick == nil || rs[i].Attainment > pick.Attainment {
+			pick = &rs[i]
+		}
+	}
+	return *pick
+}

@@ -1,0 +1,574 @@
+package gatepolicy
+
+import (
+	"fmt"
+	"math"
+	"time"
+)
+
+// Observation is what the caller saw during the interval that ends at Now.
+type Observation struct {
+	Now time.Time
+	// Windows holds the interval's window per tier name (absent or empty: no traffic seen).
+	Windows map[string]*Window
+	// Tau is the τ in force per tier (what the workers applied); absent tiers are taken at the
+	// Tuner's last decision, or at the ceiling before the first.
+	Tau map[string]float64
+
+	ReadyReplicas    int // workers ready to serve now
+	DesiredReplicas  int // replicas currently asked of the Deployment
+	StartingReplicas int // asked for but not ready yet
+}
+
+// Reason codes of a Decision (machine-friendly; Reason.Message says the rest).
+const (
+	ReasonNoStats          = "NoStats"          // no window with tokens yet: holding
+	ReasonHeld             = "Held"             // τ already at its target
+	ReasonRaised           = "ThresholdRaised"  // demand allows a better τ
+	ReasonLowered          = "ThresholdLowered" // the SLO needs a lower τ
+	ReasonBrownout         = "Brownout"         // τ lowered to fit the capacity ready now
+	ReasonAgreementFloor   = "AgreementFloor"   // minAgreement's bound keeps τ up
+	ReasonMinDepth         = "MinDepth"         // a tier's minDepth keeps τ up
+	ReasonScaledUp         = "ScaledUp"
+	ReasonScaleDownPending = "ScaleDownPending" // demand is low, scaleDownDelay not over yet
+	ReasonScaledDown       = "ScaledDown"
+	ReasonAtMaxReplicas    = "AtMaxReplicas"
+	ReasonSLOUnreachable   = "SLOUnreachable" // not met even at the floor with maxReplicas
+	ReasonRejectedStats    = "RejectedStats"  // some samples were refused
+)
+
+// Reason explains one part of a Decision.
+type Reason struct {
+	Code    string
+	Message string
+}
+
+// Decision is the Tuner's output for one interval.
+type Decision struct {
+	Tau      map[string]float64 // τ per tier, each within [tier floor, ceiling]
+	Replicas int                // within [MinReplicas, MaxReplicas]
+	Reasons  []Reason
+
+	PredictedDepth        float64       // token-weighted mean depth at Tau (NaN without stats)
+	PredictedLatency      time.Duration // ITL p95 at Tau on the ready replicas (0 when unknown)
+	PredictedAgreementLCB float64       // lowest tier's agreement lower bound at Tau (NaN without probes)
+	SLOReachable          bool          // false: not met even at the floor with MaxReplicas
+	Brownout              bool          // some tier runs below its target for lack of ready capacity
+	Capacity              Capacity      // the model the decision used
+	Rejected              Rejected      // samples refused in this interval's windows
+}
+
+// HasReason reports whether the decision carries a reason code.
+func (d Decision) HasReason(code string) bool {
+	for _, r := range d.Reasons {
+		if r.Code == code {
+			return true
+		}
+	}
+	return false
+}
+
+// Tuner holds the state between intervals: the τ it last chose, the capacity fit, the latest
+// usable histograms of every tier, and the scale-down candidate.
+type Tuner struct {
+	spec   Spec
+	tau    map[string]float64
+	hist   map[string]*Window // newest window with tokens, per tier
+	demand map[string]float64 // tokens/s per tier (smoothed)
+	points []fitPoint
+	capy   Capacity
+
+	memo map[depthKey]float64 // depth predictions of the current Decide
+	// block remembers, per tier, a τ the Tuner had to leave because it missed the SLO with
+	// exact statistics, and the per-replica token rate then: τ does not climb back to it from
+	// (noisier) probe predictions until that rate has fallen by blockRelief.
+	block map[string]blocked
+
+	replicas  int
+	lowSince  time.Time // when the replica target first fell below replicas; zero: not low
+	lowTarget int       // the highest target seen since lowSince
+}
+
+// NewTuner validates spec (after WithDefaults) and returns a Tuner at the ceiling τ and
+// MinReplicas.
+func NewTuner(spec Spec) (*Tuner, error) {
+	spec = spec.WithDefaults()
+	if err := spec.Validate(); err != nil {
+		return nil, err
+	}
+	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, replicas: spec.MinReplicas}
+	for _, tr := range spec.Tiers {
+		t.tau[tr.Name] = spec.Ceiling
+	}
+	return t, nil
+}
+
+// Spec returns the spec in force, defaults filled.
+func (t *Tuner) Spec() Spec { return t.spec }
+
+// grid is the τ resolution of a decision: the histograms' bin width.
+const grid = 1.0 / Bins
+
+// Decide returns the decision for the interval that ended at obs.Now.
+func (t *Tuner) Decide(obs Observation) Decision {
+	d := Decision{Tau: map[string]float64{}, SLOReachable: true}
+	t.memo = map[depthKey]float64{}
+	t.syncInForce(obs)
+	t.absorb(obs, &d)
+	if len(t.hist) == 0 {
+		for k, v := range t.tau {
+			d.Tau[k] = v
+		}
+		d.Replicas = t.holdReplicas(obs)
+		d.PredictedDepth, d.PredictedAgreementLCB = math.NaN(), math.NaN()
+		d.Reasons = append(d.Reasons, Reason{ReasonNoStats, "no window with tokens yet: holding τ and replicas"})
+		return d
+	}
+	floors := t.qualityFloors(&d)
+	target, n, reachable := t.targets(floors)
+	if !reachable {
+		d.SLOReachable = false
+		d.Reasons = append(d.Reasons, Reason{ReasonSLOUnreachable, "the latency SLO is not met even at the floor τ with maxReplicas: running at the floor"})
+	}
+	t.scale(obs, n, target, &d)
+	ready := max(obs.ReadyReplicas, 0)
+	browned := t.brownout(target, t.tierFloors(), ready)
+	t.correct(obs, browned)
+	for _, tr := range t.spec.Tiers {
+		if browned[tr.Name] < target[tr.Name]-1e-9 {
+			d.Brownout = true
+		}
+	}
+	if d.Brownout {
+		d.Reasons = append(d.Reasons, Reason{ReasonBrownout, fmt.Sprintf("%d replicas ready of %d wanted: τ lowered to fit the ready capacity", ready, d.Replicas)})
+	}
+	t.step(browned, d.Brownout, t.rate(d.Replicas), &d)
+	t.predict(ready, &d)
+	return d
+}
+
+// syncInForce takes the τ in force from the caller (advisory mode applies nothing, so the
+// Tuner steps from what the workers run, not from its own recommendation).
+func (t *Tuner) syncInForce(obs Observation) {
+	for _, tr := range t.spec.Tiers {
+		if v, ok := obs.Tau[tr.Name]; ok && v > 0 && v <= 1 {
+			t.tau[tr.Name] = t.clampTier(tr, v)
+		}
+	}
+	if obs.DesiredReplicas > 0 {
+		t.replicas = min(max(obs.DesiredReplicas, t.spec.MinReplicas), t.spec.MaxReplicas)
+	}
+}
+
+// absorb takes the interval's windows: demand per tier, usable histograms, a capacity point.
+func (t *Tuner) absorb(obs Observation, d *Decision) {
+	var steps, secs float64
+	var lat, latW float64
+	saturated := false
+	for _, tr := range t.spec.Tiers {
+		w := obs.Windows[tr.Name]
+		if w == nil {
+			t.demand[tr.Name] *= 0.5
+			continue
+		}
+		d.Rejected = d.Rejected.Add(w.Rejected)
+		if w.Seconds > 0 {
+			r := w.TokenRate()
+			if w.Saturated() {
+				r *= saturatedDemand // requests queue: the offered rate exceeds what was served
+			}
+			if r > t.demand[tr.Name] {
+				t.demand[tr.Name] = r // rises at once
+			} else {
+				t.demand[tr.Name] = 0.5*t.demand[tr.Name] + 0.5*r // falls smoothly
+			}
+		}
+		if w.Tokens > 0 && !math.IsNaN(w.Depth(w.Tau)) {
+			t.hist[tr.Name] = w
+		}
+		saturated = saturated || w.Saturated()
+		steps += float64(w.LoopSteps)
+		secs = max(secs, w.Seconds)
+		if w.TokenLatencyP95 > 0 && w.Tokens > 0 {
+			lat += w.TokenLatencyP95 * float64(w.Tokens)
+			latW += float64(w.Tokens)
+		}
+	}
+	if total := d.Rejected.Total(); total > 0 {
+		d.Reasons = append(d.Reasons, Reason{ReasonRejectedStats, fmt.Sprintf("%d stats samples refused (%d malformed, %d misaddressed, %d under a stale τ)", total, d.Rejected.Malformed, d.Rejected.Misaddressed, d.Rejected.StaleThreshold)})
+	}
+	if latW > 0 && secs > 0 && obs.ReadyReplicas > 0 {
+		depth := steps / latW
+		if depth >= 1 {
+			t.points = append(t.points, fitPoint{load: steps / secs / float64(obs.ReadyReplicas), step: lat / latW / depth, saturated: saturated})
+			if len(t.points) > fitPoints {
+				t.points = t.points[len(t.points)-fitPoints:]
+			}
+		}
+	}
+	t.capy = fit(t.points, t.capy)
+	d.Capacity = t.capy
+}
+
+func (t *Tuner) clampTier(tr Tier, v float64) float64 { return min(max(v, tr.Floor), t.spec.Ceiling) }
+
+type blocked struct{ tau, rate float64 }
+
+// saturatedDemand is the factor by which a saturated window's served token rate is taken to
+// understate demand (the queue hides the rest): it makes the Tuner scale up and brown out at
+// once rather than one served-rate step per interval.
+const saturatedDemand = 1.5
+
+// blockRelief is the fall in per-replica token rate that lifts a block.
+const blockRelief = 0.9
+
+type depthKey struct {
+	tier string
+	bin  int
+}
+
+// depth predicts tier k's mean executed depth at tau from its newest histograms, probes
+// included (R when no tier has histograms yet: the safe side for latency).
+func (t *Tuner) depth(k string, tau float64) float64 {
+	key := depthKey{k, cut(tau)}
+	if v, ok := t.memo[key]; ok {
+		return v
+	}
+	v := t.depthUncached(k, tau)
+	t.memo[key] = v
+	return v
+}
+
+func (t *Tuner) depthUncached(k string, tau float64) float64 {
+	w := t.hist[k]
+	if w == nil {
+		// a tier without traffic costs nothing; borrow another tier's histograms when it starts
+		for _, o := range t.hist {
+			w = o
+			break
+		}
+	}
+	if w == nil {
+		return float64(t.spec.MaxSteps)
+	}
+	x := w.Depth(tau)
+	if math.IsNaN(x) {
+		return float64(t.spec.MaxSteps)
+	}
+	f := w.ProbeFraction() // probes run every step whatever τ is
+	return (1-f)*x + f*float64(t.spec.MaxSteps)
+}
+
+// taus lists the candidate τ of a tier from the ceiling down to its floor on the bin grid.
+func (t *Tuner) taus(tr Tier) []float64 {
+	out := []float64{t.spec.Ceiling}
+	for v := math.Floor(t.spec.Ceiling*Bins-1e-9) / Bins; v >= tr.Floor-1e-9; v -= grid {
+		out = append(out, math.Round(v*Bins)/Bins)
+	}
+	return out
+}
+
+// qualityFloors returns, per tier, the lowest τ that keeps minAgreement's lower bound and the
+// tier's minDepth: the floor the latency targets may not cross.
+func (t *Tuner) qualityFloors(d *Decision) map[string]float64 {
+	f := map[string]float64{}
+	for _, tr := range t.spec.Tiers {
+		f[tr.Name] = t.spec.Ceiling
+		w := t.hist[tr.Name]
+		for _, v := range t.taus(tr) {
+			if t.spec.MinAgreement > 0 && w != nil && w.AgreementLCB(v, t.spec.Confidence) < t.spec.MinAgreement {
+				if v < t.tau[tr.Name] || v == t.spec.Ceiling {
+					d.Reasons = append(d.Reasons, Reason{ReasonAgreementFloor, fmt.Sprintf("tier %q: agreement lower bound below %.3f under τ %.2f", tr.Name, t.spec.MinAgreement, v)})
+				}
+				break
+			}
+			if t.spec.MinAgreement > 0 && w == nil {
+				break // no probes: cannot vouch for a lower τ
+			}
+			if tr.MinDepth > 0 && t.depth(tr.Name, v) < tr.MinDepth {
+				d.Reasons = append(d.Reasons, Reason{ReasonMinDepth, fmt.Sprintf("tier %q: depth under τ %.2f below minDepth %.2f", tr.Name, v, tr.MinDepth)})
+				break
+			}
+			f[tr.Name] = v
+		}
+	}
+	return f
+}
+
+// ok reports whether tier k at tau meets the depth cap and, at per-replica load, the latency SLO.
+func (t *Tuner) ok(k string, tau, load float64) bool {
+	dep := t.depth(k, tau)
+	if t.spec.MaxMeanDepth > 0 && dep > t.spec.MaxMeanDepth+1e-9 {
+		return false
+	}
+	if t.spec.TokenLatencyP95 > 0 && t.capy.Known() {
+		return t.capy.ITL(dep, load) <= t.spec.TokenLatencyP95.Seconds()
+	}
+	return true
+}
+
+// perReplica is the loop-step rate a replica should carry.
+func (t *Tuner) perReplica() float64 {
+	if t.spec.TargetLoopStepsPerReplica > 0 {
+		return t.spec.TargetLoopStepsPerReplica
+	}
+	if t.capy.LoopStepsPerSecond > 0 {
+		return t.capy.LoopStepsPerSecond * t.spec.TargetUtilisation
+	}
+	return math.NaN()
+}
+
+// targets returns each tier's best τ and the replicas to run: replicas n = ceil(loop-step
+// demand at the ceiling / per-replica target) within bounds, then the cheapest tiers are
+// lowered (each to its quality floor before the next) until every tier's depth and latency at
+// the load on n replicas meet the SLO. When even the floors miss, more replicas (up to
+// MaxReplicas) are tried; reachable is false when MaxReplicas at the floors still miss.
+func (t *Tuner) targets(floors map[string]float64) (map[string]float64, int, bool) {
+	top := map[string]float64{}
+	for _, tr := range t.spec.Tiers {
+		top[tr.Name] = t.spec.Ceiling
+	}
+	if math.IsNaN(t.perReplica()) {
+		out, ok := t.fitInto(top, floors, t.replicas)
+		return out, t.replicas, ok
+	}
+	n := min(max(t.replicasFor(top), t.spec.MinReplicas), t.spec.MaxReplicas)
+	if out, ok := t.fitInto(top, floors, n); ok {
+		return out, n, true
+	}
+	out, ok := t.fitInto(top, floors, t.spec.MaxReplicas)
+	if !ok {
+		return out, t.spec.MaxReplicas, false
+	}
+	lo, hi := n, t.spec.MaxReplicas // fits at hi, not at lo
+	for hi-lo > 1 {
+		mid := (lo + hi) / 2
+		if _, ok := t.fitInto(top, floors, mid); ok {
+			hi = mid
+		} else {
+			lo = mid
+		}
+	}
+	out, _ = t.fitInto(top, floors, hi)
+	return out, hi, true
+}
+
+// demandAt is the loop-step demand (steps/s) with tier τ values taus.
+func (t *Tuner) demandAt(taus map[string]float64) float64 {
+	s := 0.0
+	for _, tr := range t.spec.Tiers {
+		s += t.demand[tr.Name] * t.depth(tr.Name, taus[tr.Name])
+	}
+	return s
+}
+
+// replicasFor is ceil(loop-step demand / per-replica target), unclamped (MinReplicas without a
+// capacity model).
+func (t *Tuner) replicasFor(taus map[string]float64) int {
+	per := t.perReplica()
+	if math.IsNaN(per) || per <= 0 {
+		return t.replicas
+	}
+	return int(math.Ceil(t.demandAt(taus)/per - 1e-9))
+}
+
+// fits reports whether every tier meets the SLO with taus on n replicas.
+func (t *Tuner) fits(taus map[string]float64, n int) bool {
+	if n <= 0 {
+		return false
+	}
+	load := t.demandAt(taus) / float64(n)
+	per := t.perReplica()
+	if t.capy.LoopStepsPerSecond > 0 && load >= t.capy.LoopStepsPerSecond*0.95 {
+		return false
+	}
+	if !math.IsNaN(per) && !(t.spec.TokenLatencyP95 > 0 && t.capy.Known()) && load > per/t.spec.TargetUtilisation {
+		return false // no latency model: never above the full capacity the target implies
+	}
+	for _, tr := range t.spec.Tiers {
+		if t.demand[tr.Name] > 0 && !t.ok(tr.Name, taus[tr.Name], load) {
+			return false
+		}
+	}
+	return true
+}
+
+// fitInto lowers tiers one grid step at a time, cheapest first (each down to its floor before
+// the next), until the load fits n replicas; ok is false when all floors still miss.
+func (t *Tuner) fitInto(start, floors map[string]float64, n int) (map[string]float64, bool) {
+	out := map[string]float64{}
+	for k, v := range start {
+		out[k] = v
+	}
+	for _, tr := range t.spec.Tiers { // sorted by BrownoutOrder: cheapest first
+		for !t.fits(out, n) && out[tr.Name] > floors[tr.Name]+1e-9 {
+			out[tr.Name] = max(floors[tr.Name], math.Round((out[tr.Name]-grid)*Bins)/Bins)
+		}
+	}
+	return out, t.fits(out, n)
+}
+
+// correct caps τ by what was measured: a tier whose window's latency p95 exceeded the SLO
+// gets at most the depth that would have met it (depth × SLO / measured), within its spec
+// floor, whatever the model predicted. The model learns from the same window next interval.
+func (t *Tuner) correct(obs Observation, taus map[string]float64) {
+	slo := t.spec.TokenLatencyP95.Seconds()
+	if slo <= 0 {
+		return
+	}
+	for _, tr := range t.spec.Tiers {
+		w := obs.Windows[tr.Name]
+		if w == nil || w.Tokens == 0 || !(w.TokenLatencyP95 > slo) {
+			continue
+		}
+		want := t.depth(tr.Name, t.tau[tr.Name]) * slo / w.TokenLatencyP95
+		for _, v := range t.taus(tr) {
+			if v <= taus[tr.Name]+1e-9 && (t.depth(tr.Name, v) <= want || v <= tr.Floor+1e-9) {
+				taus[tr.Name] = min(taus[tr.Name], v)
+				break
+			}
+		}
+	}
+}
+
+// tierFloors is each tier's spec floor.
+func (t *Tuner) tierFloors() map[string]float64 {
+	f := map[string]float64{}
+	for _, tr := range t.spec.Tiers {
+		f[tr.Name] = tr.Floor
+	}
+	return f
+}
+
+// brownout returns the τ per tier that fits the replicas ready now, never above target and
+// never below the tiers' spec floors. It may cross the minAgreement and minDepth floors: a
+// brownout is short (it lasts until the replicas asked for are ready), and serving every
+// request at a lower depth beats queueing them; the steady state honours those floors again.
+func (t *Tuner) brownout(target, floors map[string]float64, ready int) map[string]float64 {
+	if ready <= 0 || math.IsNaN(t.perReplica()) || t.fits(target, ready) {
+		return target
+	}
+	low := map[string]float64{}
+	for k, v := range floors {
+		low[k] = min(v, target[k])
+	}
+	out, _ := t.fitInto(target, low, ready)
+	return out
+}
+
+// step moves each tier's τ toward want: down at once in brownout (capacity is short now),
+// otherwise by at most MaxStep; up only when want exceeds τ by the hysteresis, by at most MaxStep.
+func (t *Tuner) step(want map[string]float64, brownout bool, rate float64, d *Decision) {
+	for _, tr := range t.spec.Tiers {
+		cur, w := t.tau[tr.Name], want[tr.Name]
+		if b, ok := t.block[tr.Name]; ok {
+			if rate < blockRelief*b.rate {
+				delete(t.block, tr.Name)
+			} else if w >= b.tau-1e-9 {
+				w = min(max(cur, math.Round((b.tau-grid)*Bins)/Bins), w)
+			}
+		}
+		if w < cur-1e-9 && !brownout {
+			t.block[tr.Name] = blocked{tau: cur, rate: rate}
+		}
+		next := cur
+		switch {
+		case w < cur-1e-9 && brownout:
+			next = w
+		case w < cur-1e-9:
+			next = max(w, cur-t.spec.MaxStep)
+		case w > cur+t.spec.Hysteresis-1e-9 || (w > cur+1e-9 && w >= t.spec.Ceiling-1e-9):
+			next = min(w, cur+t.spec.MaxStep)
+		}
+		next = t.clampTier(tr, math.Round(next*1e6)/1e6)
+		switch {
+		case next < cur-1e-9 && !brownout:
+			d.Reasons = append(d.Reasons, Reason{ReasonLowered, fmt.Sprintf("tier %q: τ %.2f → %.2f to meet the SLO", tr.Name, cur, next)})
+		case next > cur+1e-9:
+			d.Reasons = append(d.Reasons, Reason{ReasonRaised, fmt.Sprintf("tier %q: τ %.2f → %.2f, demand allows it", tr.Name, cur, next)})
+		case next == cur:
+			d.Reasons = append(d.Reasons, Reason{ReasonHeld, fmt.Sprintf("tier %q: τ %.2f held", tr.Name, cur)})
+		}
+		t.tau[tr.Name] = next
+		d.Tau[tr.Name] = next
+	}
+}
+
+// rate is the token rate per replica with n replicas (all tiers).
+func (t *Tuner) rate(n int) float64 {
+	s := 0.0
+	for _, v := range t.demand {
+		s += v
+	}
+	return s / float64(max(n, 1))
+}
+
+// holdReplicas keeps the current replica count within bounds.
+func (t *Tuner) holdReplicas(obs Observation) int {
+	return min(max(t.replicas, t.spec.MinReplicas), t.spec.MaxReplicas)
+}
+
+// scale moves replicas toward want: up at once, down only after the target
+// stayed below the current count for ScaleDownDelay (then to the highest target of that time).
+func (t *Tuner) scale(obs Observation, want int, target map[string]float64, d *Decision) {
+	cur := t.replicas
+	switch {
+	case want > cur:
+		t.replicas, t.lowSince = want, time.Time{}
+		d.Reasons = append(d.Reasons, Reason{ReasonScaledUp, fmt.Sprintf("replicas %d → %d for %.0f loop steps/s", cur, want, t.demandAt(target))})
+	case want < cur:
+		if t.lowSince.IsZero() {
+			t.lowSince, t.lowTarget = obs.Now, want
+		}
+		t.lowTarget = max(t.lowTarget, want)
+		if obs.Now.Sub(t.lowSince) >= t.spec.ScaleDownDelay {
+			t.replicas, t.lowSince = t.lowTarget, time.Time{}
+			d.Reasons = append(d.Reasons, Reason{ReasonScaledDown, fmt.Sprintf("replicas %d → %d: demand stayed low for %s", cur, t.replicas, t.spec.ScaleDownDelay)})
+		} else {
+			d.Reasons = append(d.Reasons, Reason{ReasonScaleDownPending, fmt.Sprintf("%d replicas would do; waiting out scaleDownDelay %s", want, t.spec.ScaleDownDelay)})
+		}
+	default:
+		t.lowSince = time.Time{}
+	}
+	if t.replicas == t.spec.MaxReplicas && want >= t.spec.MaxReplicas && t.spec.MaxReplicas > t.spec.MinReplicas {
+		d.Reasons = append(d.Reasons, Reason{ReasonAtMaxReplicas, fmt.Sprintf("at maxReplicas %d", t.spec.MaxReplicas)})
+	}
+	d.Replicas = t.replicas
+}
+
+// predict fills the decision's predictions at its τ on the ready replicas.
+func (t *Tuner) predict(ready int, d *Decision) {
+	var dw, tw float64
+	lcb := math.NaN()
+	for _, tr := range t.spec.Tiers {
+		dep := t.depth(tr.Name, d.Tau[tr.Name])
+		n := t.demand[tr.Name]
+		dw += dep * n
+		tw += n
+		if w := t.hist[tr.Name]; w != nil && w.Probes > 0 {
+			l := w.AgreementLCB(d.Tau[tr.Name], t.spec.Confidence)
+			if math.IsNaN(lcb) || l < lcb {
+				lcb = l
+			}
+		}
+	}
+	d.PredictedDepth = math.NaN()
+	if tw > 0 {
+		d.PredictedDepth = dw / tw
+	}
+	d.PredictedAgreementLCB = lcb
+	if t.capy.Known() && ready > 0 && tw > 0 {
+		worst := 0.0
+		load := t.demandAt(d.Tau) / float64(ready)
+		for _, tr := range t.spec.Tiers {
+			if t.demand[tr.Name] > 0 {
+				worst = max(worst, t.capy.ITL(t.depth(tr.Name, d.Tau[tr.Name]), load))
+			}
+		}
+		if !math.IsInf(worst, 0) {
+			d.PredictedLatency = time.Duration(worst * float64(time.Second))
+		} else {
+			d.PredictedLatency = time.Duration(math.MaxInt64)
+		}
+	}
+}

@@ -1,0 +1,277 @@
+package gatepolicy
+
+import (
+	"errors"
+	"math"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"pgregory.net/rapid"
+)
+
+// token is one synthetic token: its cumulative exit probabilities c_1..c_R (non-decreasing,
+// c_R = 1) and whether its argmax after each step equals the full-depth one.
+type token struct {
+	c     []float64
+	agree []bool
+}
+
+// tokens draws n synthetic tokens of r steps; hardness skews c_t low (deeper tokens).
+func tokens(rng *rand.Rand, n, r int, hardness float64) []token {
+	out := make([]token, n)
+	for i := range out {
+		c := make([]float64, r)
+		agree := make([]bool, r)
+		prev := 0.0
+		for t := range r {
+			u := math.Pow(rng.Float64(), hardness)
+			prev += (1 - prev) * u
+			if t == r-1 {
+				prev = 1
+			}
+			c[t] = prev
+			agree[t] = t == r-1 || rng.Float64() < 0.5+0.5*prev
+		}
+		out[i] = token{c: c, agree: agree}
+	}
+	return out
+}
+
+// exitDepth applies the Q-exit rule: the first step whose c_t reaches tau, else R.
+func exitDepth(tk token, tau float64) int {
+	for t, c := range tk.c {
+		if c >= tau {
+			return t + 1
+		}
+	}
+	return len(tk.c)
+}
+
+func bin(c float64) int { return min(int(c*Bins), Bins-1) }
+
+// record builds the sample a worker would publish for toks served at tau, every probeEvery-th
+// token a probe (0: none).
+func record(toks []token, tau float64, probeEvery int) Sample {
+	r := len(toks[0].c)
+	s := Sample{Worker: "w", ExitThreshold: tau, MaxSteps: r, Start: time.Unix(0, 0), End: time.Unix(10, 0),
+		Cum: make([][]int64, r), Censored: make([]int64, r), ProbeCum: make([][]int64, r), ProbeAgree: make([]int64, r)}
+	for t := range r {
+		s.Cum[t] = make([]int64, Bins)
+		s.ProbeCum[t] = make([]int64, Bins)
+	}
+	for i, tk := range toks {
+		probe := probeEvery > 0 && i%probeEvery == 0
+		d := exitDepth(tk, tau)
+		if probe {
+			d = r
+			s.Probes++
+			for t := range r {
+				s.ProbeCum[t][bin(tk.c[t])]++
+				if tk.agree[t] {
+					s.ProbeAgree[t]++
+				}
+			}
+		}
+		for t := range r {
+			if t < d {
+				s.Cum[t][bin(tk.c[t])]++
+			} else {
+				s.Censored[t]++
+			}
+		}
+		s.Tokens++
+		s.LoopSteps += int64(d)
+	}
+	return s
+}
+
+func meanDepth(toks []token, tau float64) float64 {
+	sum := 0
+	for _, tk := range toks {
+		sum += exitDepth(tk, tau)
+	}
+	return float64(sum) / float64(len(toks))
+}
+
+// TestDepthMatchesMeasured: at or below the τ in force, the predicted depth equals the depth
+// the exit rule gives on the same tokens, and above it too when every token is a probe. It
+// never decreases in τ and stays in [1, R].
+func TestDepthMatchesMeasured(t *testing.T) {
+	rapid.Check(t, func(rt *rapid.T) {
+		rng := rand.New(rand.NewPCG(rapid.Uint64().Draw(rt, "seed"), 1))
+		r := rapid.IntRange(1, 8).Draw(rt, "steps")
+		toks := tokens(rng, rapid.IntRange(1, 400).Draw(rt, "tokens"), r, rapid.Float64Range(0.3, 3).Draw(rt, "hardness"))
+		inForce := float64(rapid.IntRange(1, Bins).Draw(rt, "inForce")) / Bins
+		every := rapid.IntRange(1, 10).Draw(rt, "probeEvery")
+		w := NewWindow("", inForce, r, 10)
+		if err := w.Add(record(toks, inForce, every)); err != nil {
+			rt.Fatal(err)
+		}
+		prev := 1.0
+		for k := 1; k <= Bins; k++ {
+			tau := float64(k) / Bins
+			got := w.Depth(tau)
+			// exact at or below the τ in force; above it exact when every token is a probe
+			if want := meanDepth(toks, tau); (tau <= inForce || every == 1) && math.Abs(got-want) > 1e-9 {
+				rt.Fatalf("Depth(%v) with τ in force %v = %v, measured %v", tau, inForce, got, want)
+			}
+			if got < 1 || got > float64(r)+1e-9 {
+				rt.Fatalf("Depth(%v) = %v outside [1, %d]", tau, got, r)
+			}
+			if got < prev-1e-9 {
+				rt.Fatalf("Depth not monotone: Depth(%v) = %v < %v", tau, got, prev)
+			}
+			prev = got
+		}
+	})
+}
+
+// TestDepthMonotoneOnProbes: from probes only (τ in force below every candidate), the
+// prediction never decreases in τ and stays in [1, R].
+func TestDepthMonotoneOnProbes(t *testing.T) {
+	rapid.Check(t, func(rt *rapid.T) {
+		rng := rand.New(rand.NewPCG(rapid.Uint64().Draw(rt, "seed"), 2))
+		r := rapid.IntRange(1, 8).Draw(rt, "steps")
+		toks := tokens(rng, rapid.IntRange(1, 300).Draw(rt, "tokens"), r, rapid.Float64Range(0.3, 3).Draw(rt, "hardness"))
+		w := NewWindow("", 0.01, r, 10)
+		if err := w.Add(record(toks, 0.01, 1)); err != nil {
+			rt.Fatal(err)
+		}
+		prev := 1.0
+		for k := 2; k <= Bins; k++ {
+			d := w.Depth(float64(k) / Bins)
+			if d < prev-1e-12 || d > float64(r)+1e-12 {
+				rt.Fatalf("Depth(%v) = %v after %v (R %d)", float64(k)/Bins, d, prev, r)
+			}
+			prev = d
+		}
+	})
+}
+
+func TestAgreement(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 7))
+	toks := tokens(rng, 4000, 4, 1)
+	w := NewWindow("", 0.9, 4, 10)
+	if err := w.Add(record(toks, 0.9, 2)); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.Agreement(1); got != 1 {
+		t.Errorf("Agreement(1) = %v, want 1", got)
+	}
+	// Agreement by the marginal formula, computed directly from the probe tokens.
+	var probes []token
+	for i, tk := range toks {
+		if i%2 == 0 {
+			probes = append(probes, tk)
+		}
+	}
+	for _, tau := range []float64{0.3, 0.6, 0.9} {
+		// the exit distribution comes from every token at or below the τ in force
+		pool := toks
+		pExit := make([]float64, 4)
+		for _, tk := range pool {
+			pExit[exitDepth(tk, tau)-1]++
+		}
+		agree := make([]float64, 4)
+		for _, tk := range probes {
+			for s, a := range tk.agree {
+				if a {
+					agree[s]++
+				}
+			}
+		}
+		want := 0.0
+		for s := range 4 {
+			want += pExit[s] / float64(len(pool)) * agree[s] / float64(len(probes))
+		}
+		got := w.Agreement(tau)
+		if math.Abs(got-want) > 1e-9 {
+			t.Errorf("Agreement(%v) = %v, want %v", tau, got, want)
+		}
+		lcb := w.AgreementLCB(tau, 0.95)
+		if !(lcb < got && lcb > got-0.05) {
+			t.Errorf("AgreementLCB(%v) = %v, want a little below %v", tau, lcb, got)
+		}
+	}
+	if a, lo, hi := w.Agreement(0.95), w.Agreement(0.9), w.Agreement(1); !(a >= lo && a <= hi) {
+		t.Errorf("Agreement(0.95) = %v, want within [%v, %v]", a, lo, hi)
+	}
+	if got := NewWindow("", 0.9, 4, 10).AgreementLCB(0.5, 0.95); got != 0 {
+		t.Errorf("AgreementLCB without probes = %v, want 0", got)
+	}
+}
+
+func TestWilsonLower(t *testing.T) {
+	for _, c := range []struct{ p, n, want float64 }{
+		{0.5, 100, 0.4038}, // textbook value
+		{1, 10, 0.7225},
+		{0, 10, 0},
+		{0.9, 0, 0},
+	} {
+		got := math.Round(WilsonLower(c.p, c.n, 0.95)*1e4) / 1e4
+		if got != c.want {
+			t.Errorf("WilsonLower(%v, %v) = %v, want %v", c.p, c.n, got, c.want)
+		}
+	}
+}
+
+func TestWindowRefuses(t *testing.T) {
+	good := record(tokens(rand.New(rand.NewPCG(1, 1)), 50, 4, 1), 0.8, 5)
+	mut := func(f func(*Sample)) Sample {
+		s := record(tokens(rand.New(rand.NewPCG(1, 1)), 50, 4, 1), 0.8, 5)
+		f(&s)
+		return s
+	}
+	for _, c := range []struct {
+		name string
+		s    Sample
+		want error
+	}{
+		{"short cum", mut(func(s *Sample) { s.Cum = s.Cum[:2] }), ErrMalformed},
+		{"short bins", mut(func(s *Sample) { s.ProbeCum[1] = s.ProbeCum[1][:7] }), ErrMalformed},
+		{"negative", mut(func(s *Sample) { s.Cum[0][3] = -1 }), ErrMalformed},
+		{"agree above probes", mut(func(s *Sample) { s.ProbeAgree[0] = s.Probes + 1 }), ErrMalformed},
+		{"NaN latency", mut(func(s *Sample) { s.TokenLatencyP95 = math.NaN() }), ErrMalformed},
+		{"backwards window", mut(func(s *Sample) { s.End = s.Start.Add(-time.Second) }), ErrMalformed},
+		{"zero steps", mut(func(s *Sample) { s.MaxSteps = 0 }), ErrMalformed},
+		{"other tier", mut(func(s *Sample) { s.Tier = "gold" }), ErrMisaddressed},
+		{"stale τ", mut(func(s *Sample) { s.ExitThreshold = 0.7 }), ErrStaleThreshold},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			w := NewWindow("", 0.8, 4, 10)
+			if err := w.Add(good); err != nil {
+				t.Fatal(err)
+			}
+			before := w.Depth(0.5)
+			if err := w.Add(c.s); !errors.Is(err, c.want) {
+				t.Fatalf("Add = %v, want %v", err, c.want)
+			}
+			if got := w.Depth(0.5); got != before || w.Samples != 1 || w.Tokens != good.Tokens {
+				t.Errorf("refused sample changed the window: depth %v → %v, samples %d", before, got, w.Samples)
+			}
+			if w.Rejected.Total() != 1 {
+				t.Errorf("Rejected = %+v, want one", w.Rejected)
+			}
+		})
+	}
+}
+
+func TestWindowSumsWorkers(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 3))
+	a, b := tokens(rng, 300, 4, 1), tokens(rng, 500, 4, 2)
+	w := NewWindow("", 0.7, 4, 10)
+	sa, sb := record(a, 0.7, 4), record(b, 0.7, 4)
+	sa.TokenLatencyP95, sb.TokenLatencyP95 = 0.01, 0.03
+	for _, s := range []Sample{sa, sb} {
+		if err := w.Add(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := []float64{w.Depth(0.7), w.TokenRate(), w.TokenLatencyP95}
+	want := []float64{meanDepth(append(a, b...), 0.7), 80, (0.01*300 + 0.03*500) / 800}
+	if diff := cmp.Diff(got, want, cmp.Comparer(func(x, y float64) bool { return math.Abs(x-y) < 1e-9 })); diff != "" {
+		t.Errorf("depth, rate, p95 (-got +want):\n%s", diff)
+	}
+}
