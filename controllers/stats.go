@@ -11,6 +11,7 @@ import (
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
 	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/gatepolicy"
 )
 
 // statsBook collects the stats snapshots the workers of each LoopModel publish and turns the
@@ -205,3 +206,23 @@ func aggregate(snaps []bus.StatsSnapshot) (*v1alpha1.ObservedStats, bool) {
 
 // round3 keeps three decimals: finer digits would only churn the status.
 func round3(x float64) float64 { return math.Round(x*1000) / 1000 }
+
+// policyWindow gathers the LoopModel's snapshots that ended in the last interval into a gatepolicy
+// window for the threshold in force; the window refuses (and counts) those under another
+// threshold or step count.
+func (b *statsBook) policyWindow(r bus.Ref, tau float64, maxSteps int, now time.Time, interval time.Duration) *gatepolicy.Window {
+	w := gatepolicy.NewWindow("", tau, maxSteps, interval.Seconds())
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ms, ok := b.books[r]
+	if !ok {
+		return w
+	}
+	since := now.Add(-interval)
+	for _, s := range ms.snaps {
+		if s.End.After(since) && !s.End.After(now) {
+			_ = w.Add(s.Sample()) // a refusal is counted in w.Rejected
+		}
+	}
+	return w
+}

@@ -190,6 +190,10 @@ func sloCondition(lm *v1alpha1.LoopModel) (metav1.Condition, bool) {
 	if slo.TokenLatencyP95 == nil && slo.MaxMeanDepth == nil && slo.MinAgreement == nil {
 		return metav1.Condition{}, false
 	}
+	if rec := lm.Status.Recommendation; rec != nil && !rec.SLOReachable && tuningMode(lm) == v1alpha1.TuningAuto {
+		return cond(lm, CondSLOMet, metav1.ConditionFalse, ReasonSLOUnreachable,
+			fmt.Sprintf("the SLO is not met even at the floor threshold %g with %d workers: running at the floor", floorThreshold(lm), rec.Replicas)), true
+	}
 	if obs == nil {
 		return cond(lm, CondSLOMet, metav1.ConditionUnknown, ReasonNoStats, "no worker reported generated tokens under the threshold in force in the stats window"), true
 	}
