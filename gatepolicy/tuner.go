@@ -83,6 +83,9 @@ type Tuner struct {
 	// exact statistics, and the per-replica token rate then: τ does not climb back to it from
 	// (noisier) probe predictions until that rate has fallen by blockRelief.
 	block map[string]blocked
+	// cool counts, per tier, the decisions left before τ may rise again after a window that
+	// missed the SLO or queued.
+	cool map[string]int
 
 	replicas  int
 	lowSince  time.Time // when the replica target first fell below replicas; zero: not low
@@ -96,7 +99,7 @@ func NewTuner(spec Spec) (*Tuner, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
-	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, replicas: spec.MinReplicas}
+	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, cool: map[string]int{}, replicas: spec.MinReplicas}
 	for _, tr := range spec.Tiers {
 		t.tau[tr.Name] = spec.Ceiling
 	}
@@ -132,8 +135,14 @@ func (t *Tuner) Decide(obs Observation) Decision {
 	}
 	t.scale(obs, n, target, &d)
 	ready := max(obs.ReadyReplicas, 0)
-	browned := t.brownout(target, t.tierFloors(), ready)
-	t.correct(obs, browned)
+	// While replicas are on their way a brownout may go down to the spec floors; without
+	// capacity coming (at maxReplicas) the quality floors hold.
+	low := floors
+	if ready < d.Replicas || obs.StartingReplicas > 0 {
+		low = t.tierFloors()
+	}
+	browned := t.brownout(target, low, ready)
+	hot := t.correct(obs, browned, low)
 	for _, tr := range t.spec.Tiers {
 		if browned[tr.Name] < target[tr.Name]-1e-9 {
 			d.Brownout = true
@@ -142,7 +151,7 @@ func (t *Tuner) Decide(obs Observation) Decision {
 	if d.Brownout {
 		d.Reasons = append(d.Reasons, Reason{ReasonBrownout, fmt.Sprintf("%d replicas ready of %d wanted: τ lowered to fit the ready capacity", ready, d.Replicas)})
 	}
-	t.step(browned, d.Brownout, t.rate(d.Replicas), &d)
+	t.step(browned, d.Brownout, hot, t.rate(d.Replicas), &d)
 	t.predict(ready, &d)
 	return d
 }
@@ -218,6 +227,10 @@ type blocked struct{ tau, rate float64 }
 // understate demand (the queue hides the rest): it makes the Tuner scale up and brown out at
 // once rather than one served-rate step per interval.
 const saturatedDemand = 1.5
+
+// coolDecisions is how many decisions τ holds (may fall, may not rise) after a window that
+// missed the SLO or queued, so a brownout does not climb back into the burst it absorbs.
+const coolDecisions = 4
 
 // blockRelief is the fall in per-replica token rate that lifts a block.
 const blockRelief = 0.9
@@ -411,24 +424,35 @@ func (t *Tuner) fitInto(start, floors map[string]float64, n int) (map[string]flo
 // correct caps τ by what was measured: a tier whose window's latency p95 exceeded the SLO
 // gets at most the depth that would have met it (depth × SLO / measured), within its spec
 // floor, whatever the model predicted. The model learns from the same window next interval.
-func (t *Tuner) correct(obs Observation, taus map[string]float64) {
+// A tier whose window saturated (every batch slot busy, requests queueing) goes to its floor
+// at once: the queue drains fastest there. It returns the tiers whose window missed the SLO
+// or saturated: their τ is not raised for coolDecisions.
+func (t *Tuner) correct(obs Observation, taus, floors map[string]float64) map[string]bool {
+	hot := map[string]bool{}
 	slo := t.spec.TokenLatencyP95.Seconds()
-	if slo <= 0 {
-		return
-	}
 	for _, tr := range t.spec.Tiers {
 		w := obs.Windows[tr.Name]
-		if w == nil || w.Tokens == 0 || !(w.TokenLatencyP95 > slo) {
+		if w != nil && w.Saturated() {
+			hot[tr.Name] = true
+			taus[tr.Name] = min(taus[tr.Name], floors[tr.Name]) // requests queue: drain at the floor
 			continue
 		}
+		if slo <= 0 || w == nil || w.Tokens == 0 || !(w.TokenLatencyP95 > slo) {
+			continue
+		}
+		hot[tr.Name] = true
 		want := t.depth(tr.Name, t.tau[tr.Name]) * slo / w.TokenLatencyP95
 		for _, v := range t.taus(tr) {
-			if v <= taus[tr.Name]+1e-9 && (t.depth(tr.Name, v) <= want || v <= tr.Floor+1e-9) {
+			if v < floors[tr.Name]-1e-9 {
+				break
+			}
+			if v <= taus[tr.Name]+1e-9 && (t.depth(tr.Name, v) <= want || v <= floors[tr.Name]+1e-9) {
 				taus[tr.Name] = min(taus[tr.Name], v)
 				break
 			}
 		}
 	}
+	return hot
 }
 
 // tierFloors is each tier's spec floor.
@@ -441,9 +465,10 @@ func (t *Tuner) tierFloors() map[string]float64 {
 }
 
 // brownout returns the τ per tier that fits the replicas ready now, never above target and
-// never below the tiers' spec floors. It may cross the minAgreement and minDepth floors: a
-// brownout is short (it lasts until the replicas asked for are ready), and serving every
-// request at a lower depth beats queueing them; the steady state honours those floors again.
+// never below floors. While replicas are starting, Decide passes the spec floors, so it may
+// cross the minAgreement and minDepth floors: such a brownout lasts until the replicas asked
+// for are ready, and serving every request at a lower depth beats queueing them. At
+// maxReplicas it passes the quality floors, which then hold.
 func (t *Tuner) brownout(target, floors map[string]float64, ready int) map[string]float64 {
 	if ready <= 0 || math.IsNaN(t.perReplica()) || t.fits(target, ready) {
 		return target
@@ -457,10 +482,18 @@ func (t *Tuner) brownout(target, floors map[string]float64, ready int) map[strin
 }
 
 // step moves each tier's τ toward want: down at once in brownout (capacity is short now),
-// otherwise by at most MaxStep; up only when want exceeds τ by the hysteresis, by at most MaxStep.
-func (t *Tuner) step(want map[string]float64, brownout bool, rate float64, d *Decision) {
+// otherwise by at most MaxStep; up only when want exceeds τ by the hysteresis, by at most
+// MaxStep, and not within coolDecisions of a window that missed the SLO or queued.
+func (t *Tuner) step(want map[string]float64, brownout bool, hot map[string]bool, rate float64, d *Decision) {
 	for _, tr := range t.spec.Tiers {
 		cur, w := t.tau[tr.Name], want[tr.Name]
+		if hot[tr.Name] {
+			t.cool[tr.Name] = coolDecisions
+		}
+		if t.cool[tr.Name] > 0 {
+			t.cool[tr.Name]--
+			w = min(w, cur) // a recent window missed the SLO or queued: no raise yet
+		}
 		if b, ok := t.block[tr.Name]; ok {
 			if rate < blockRelief*b.rate {
 				delete(t.block, tr.Name)

@@ -3,6 +3,8 @@ package sim
 import (
 	"fmt"
 	"math"
+	goruntime "runtime"
+	"sync"
 
 	"github.com/loopserve/loopserve/gatepolicy"
 )
@@ -129,9 +131,6 @@ func (p *Tuned) Decide(v View) (int, float64) {
 // Names of the compared policies, in report order.
 var Names = []string{"static", "replica_only_requests", "replica_only_saturation", "threshold_only", "joint"}
 
-// Report is every policy's best run.
-type Report map[string]Result
-
 // StaticReplicas sizes a fixed fleet for the trace's mean load at the ceiling τ and 70% of a
 // replica's loop-step capacity (1 / StepPerRow).
 func StaticReplicas(c Config) int {
@@ -140,46 +139,87 @@ func StaticReplicas(c Config) int {
 	return min(max(int(math.Ceil(c.Trace.Mean()*tokens*d*c.Profile.StepPerRow/0.7)), c.MinReplicas), c.MaxReplicas)
 }
 
-// Compare runs every policy on c. Each replica-only baseline is swept over its setting (in-flight
-// requests per replica; occupancy threshold) and reports its best: the fewest replica-seconds
-// among settings with ≥ 99% ITL and TTFT attainment, else the highest attainment.
+// Report is every policy's figures, plus every setting each replica-only baseline was swept over.
+type Report struct {
+	Policies map[string]Result
+	Sweeps   map[string][]Result
+}
+
+// Compare runs every policy on c, the runs in parallel. Each replica-only baseline is swept over
+// its setting (in-flight requests per replica; occupancy threshold) and its decision interval
+// (c.Interval and the HPA's default 15 s) and reports its best: the
+// fewest replica-seconds among settings with ≥ 99% ITL and TTFT attainment, else the highest
+// attainment. static and threshold_only run the fleet sized for the mean load.
 func Compare(c Config) (Report, error) {
-	rep := Report{}
 	n := StaticReplicas(c)
-	r := Run(c, "static", Static{N: n, Tau: c.Ceiling})
-	r.Setting = fmt.Sprintf("%d replicas", n)
-	rep["static"] = r
-	var reqs []Result
-	for _, target := range []float64{4, 6, 8, 12, 16, 20, 24} {
-		r := Run(c, "replica_only_requests", &RequestsHPA{Target: target, Tau: c.Ceiling, Delay: c.ScaleDownDelay})
-		r.Setting = fmt.Sprintf("%.0f requests in flight per replica", target)
-		reqs = append(reqs, r)
+	type job struct {
+		name, setting string
+		pol           Policy
+		interval      float64
 	}
-	rep["replica_only_requests"] = best(reqs)
-	var sats []Result
-	for _, thr := range []float64{0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9} {
-		r := Run(c, "replica_only_saturation", &Saturation{Threshold: thr, Tau: c.Ceiling, Delay: c.ScaleDownDelay})
-		r.Setting = fmt.Sprintf("occupancy threshold %.1f", thr)
-		sats = append(sats, r)
+	jobs := []job{{"static", fmt.Sprintf("%d replicas", n), Static{N: n, Tau: c.Ceiling}, c.Interval}}
+	for _, iv := range []float64{c.Interval, 15} { // the HPA's default sync period, and ours
+		for _, target := range []float64{4, 6, 8, 12, 16} {
+			jobs = append(jobs, job{"replica_only_requests", fmt.Sprintf("%.0f requests in flight per replica, every %.0f s", target, iv), &RequestsHPA{Target: target, Tau: c.Ceiling, Delay: c.ScaleDownDelay}, iv})
+		}
+		for _, thr := range []float64{0.2, 0.3, 0.5, 0.7} {
+			jobs = append(jobs, job{"replica_only_saturation", fmt.Sprintf("occupancy threshold %.1f, every %.0f s", thr, iv), &Saturation{Threshold: thr, Tau: c.Ceiling, Delay: c.ScaleDownDelay}, iv})
+		}
 	}
-	rep["replica_only_saturation"] = best(sats)
 	spec := c.TunerSpec()
 	spec.MinReplicas, spec.MaxReplicas = n, n
 	th, err := NewTuned(spec)
 	if err != nil {
-		return nil, err
+		return Report{}, err
 	}
-	r = Run(c, "threshold_only", th)
-	r.Setting = fmt.Sprintf("%d replicas, τ tuned", n)
-	rep["threshold_only"] = r
 	jt, err := NewTuned(c.TunerSpec())
 	if err != nil {
-		return nil, err
+		return Report{}, err
 	}
-	r = Run(c, "joint", jt)
-	r.Setting = "gatepolicy.Tuner"
-	rep["joint"] = r
+	jobs = append(jobs, job{"threshold_only", fmt.Sprintf("%d replicas, τ tuned by gatepolicy", n), th, c.Interval}, job{"joint", "gatepolicy.Tuner", jt, c.Interval})
+	results := make([]Result, len(jobs))
+	sem := make(chan struct{}, max(1, goruntime.NumCPU()))
+	var wg sync.WaitGroup
+	for i, j := range jobs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			cj := c
+			cj.Interval = j.interval
+			results[i] = Run(cj, j.name, j.pol)
+			results[i].Setting = j.setting
+		}()
+	}
+	wg.Wait()
+	rep := Report{Policies: map[string]Result{}, Sweeps: map[string][]Result{}}
+	for _, r := range results {
+		rep.Sweeps[r.Policy] = append(rep.Sweeps[r.Policy], r)
+	}
+	for name, rs := range rep.Sweeps {
+		rep.Policies[name] = best(rs)
+	}
 	return rep, nil
+}
+
+// Rival is the cheapest replica-only run (either kind, any setting) whose ITL and TTFT
+// attainment are at least those of r: the fair reference for r's replica-seconds. ok is false
+// when no replica-only run attains that much.
+func (rep Report) Rival(r Result) (Result, bool) {
+	var pick *Result
+	for _, name := range []string{"replica_only_requests", "replica_only_saturation"} {
+		for i := range rep.Sweeps[name] {
+			x := &rep.Sweeps[name][i]
+			if x.Attainment >= r.Attainment && x.TTFTAttainment >= r.TTFTAttainment && (pick == nil || x.ReplicaSeconds < pick.ReplicaSeconds) {
+				pick = x
+			}
+		}
+	}
+	if pick == nil {
+		return Result{}, false
+	}
+	return *pick, true
 }
 
 func best(rs []Result) Result {

@@ -34,7 +34,7 @@ type Config struct {
 // DefaultConfig is the benchmark's LoopModel: τ 0.9 with floor 0.5, an 8 ms ITL p95 SLO and a
 // 1 s TTFT SLO, minAgreement 0.85, 1–40 replicas, a 60 s cold start, 2 min scale-down delay.
 func DefaultConfig(p *Profile, tr Trace, seed uint64) Config {
-	return Config{Profile: p, Trace: tr, Seed: seed, Tick: 0.01, Interval: 15, ColdStart: 60, Slots: 32,
+	return Config{Profile: p, Trace: tr, Seed: seed, Tick: 0.01, Interval: 5, ColdStart: 60, Slots: 32,
 		TokensMin: 64, TokensMax: 256, ITLSLO: 0.008, TTFTSLO: 1, Ceiling: 0.9, Floor: 0.5, MinAgreement: 0.85,
 		MinReplicas: 1, MaxReplicas: 40, ScaleDownDelay: 120, ProbeFraction: 0.02}
 }

@@ -15,9 +15,8 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
-	"sync"
-	"time"
 
+	"github.com/loopserve/loopserve/bench"
 	"github.com/loopserve/loopserve/runtime/backend/cpu"
 	"github.com/loopserve/loopserve/runtime/engine"
 	"github.com/loopserve/loopserve/runtime/model"
@@ -102,57 +101,12 @@ func run(dir, out string, n int) error {
 			return err
 		}
 	}
-	t1, err := iteration(m, 1)
-	if err != nil {
+	if p.StepBase, p.StepPerRow, err = bench.StepCost(context.Background(), m, func() engine.Backend { return cpu.New(1) }); err != nil {
 		return err
 	}
-	t8, err := iteration(m, 8)
-	if err != nil {
-		return err
-	}
-	p.StepPerRow = max((t8-t1)/7, 1e-7)
-	p.StepBase = max(t1-p.StepPerRow, 1e-6)
 	b, err := json.Marshal(p)
 	if err != nil {
 		return err
 	}
 	return os.WriteFile(out, append(b, '\n'), 0o644)
-}
-
-// iteration measures the mean wall time of one batch iteration with rows sequences decoding
-// at full depth.
-func iteration(m *model.Model, rows int) (float64, error) {
-	e, err := engine.New(m, engine.Options{Backend: cpu.New(1), Mode: engine.Fast, Threshold: 1, MaxBatch: rows})
-	if err != nil {
-		return 0, err
-	}
-	defer e.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); _ = e.Run(ctx) }()
-	defer func() { cancel(); wg.Wait() }()
-	var chans []<-chan engine.Event
-	for i := range rows {
-		ch, err := e.Submit(ctx, engine.Request{ID: fmt.Sprint(i), Prompt: []int{69, 262, 311}, MaxTokens: 200, IgnoreEOS: true})
-		if err != nil {
-			return 0, err
-		}
-		chans = append(chans, ch)
-	}
-	start := time.Now()
-	s0 := e.Stats()
-	for _, ch := range chans {
-		for ev := range ch {
-			if ev.Done {
-				break
-			}
-		}
-	}
-	s1 := e.Stats()
-	its := float64(s1.Iterations - s0.Iterations)
-	if its == 0 {
-		return 0, fmt.Errorf("no iterations measured")
-	}
-	return time.Since(start).Seconds() / its, nil
 }
