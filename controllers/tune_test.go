@@ -20,10 +20,10 @@ import (
 // busyWindow is one simulated worker's second under threshold tau: n tokens whose cumulative
 // exit probability is 0.5, 0.85 and 0.95 after steps 1 to 3 (so τ 0.9 runs 3 steps, τ 0.8
 // two), a few probes, every batch slot busy and a p95 inter-token latency of p95 seconds.
-func busyWindow(r bus.Ref, worker string, end time.Time, tau float64, n int64, p95 float64) bus.StatsSnapshot {
+func busyWindow(r bus.Ref, worker string, end time.Time, tau float64, n int64, inFlight int, p95 float64) bus.StatsSnapshot {
 	s := bus.NewStatsSnapshot(r, worker, 4)
 	s.Start, s.End = end.Add(-time.Second), end
-	s.ExitThreshold, s.Capacity, s.InFlight = tau, 8, 8
+	s.ExitThreshold, s.Capacity, s.InFlight = tau, 8, inFlight
 	cum := []float64{0.5, 0.85, 0.95, 1}
 	depth := 4
 	for i, c := range cum {
@@ -32,7 +32,7 @@ func busyWindow(r bus.Ref, worker string, end time.Time, tau float64, n int64, p
 			break
 		}
 	}
-	s.Tokens, s.Requests, s.BusySeconds = n, n/16, 1
+	s.Tokens, s.Requests, s.BusySeconds = n, max(n/16, 1), 1
 	s.LoopSteps = n * int64(depth)
 	s.DepthCounts[depth-1] = n
 	for i := range 4 {
@@ -53,7 +53,7 @@ func busyWindow(r bus.Ref, worker string, end time.Time, tau float64, n int64, p
 
 // feed publishes a busy window every 100ms for each of two workers, under the threshold the
 // LoopModel's status says is in force, until the returned stop is called.
-func feed(t *testing.T, srv *natsServer, ns, name string, p95 func(tau float64) float64) (stop func()) {
+func feed(t *testing.T, srv *natsServer, ns, name string, load func(tau float64) (tokens int64, inFlight int, p95 float64)) (stop func()) {
 	t.Helper()
 	nc, _ := srv.js()
 	r := bus.Ref{Namespace: ns, Name: name}
@@ -71,8 +71,9 @@ func feed(t *testing.T, srv *natsServer, ns, name string, p95 func(tau float64) 
 				if tau == 0 {
 					continue
 				}
+				n, inFlight, p95 := load(tau)
 				for _, w := range []string{"a", "b"} {
-					b, _ := json.Marshal(busyWindow(r, w, now, tau, 400, p95(tau)))
+					b, _ := json.Marshal(busyWindow(r, w, now, tau, n, inFlight, p95))
 					_ = nc.Publish(r.StatsSubject(), b)
 				}
 			}
@@ -111,7 +112,7 @@ func TestTuningAdvisoryReportsOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	markReadyWhenCreated(t, ns, "adv-worker")
-	stop := feed(t, srv, ns, "adv", func(float64) float64 { return 0.060 })
+	stop := feed(t, srv, ns, "adv", func(float64) (int64, int, float64) { return 400, 8, 0.060 })
 	defer stop()
 	await(t, waitLong, "a recommendation", func() error {
 		st := getLoopModel(t, ns, "adv").Status
@@ -145,8 +146,9 @@ func TestTuningAutoLowersAndRestores(t *testing.T) {
 	markReadyWhenCreated(t, ns, "auto-worker")
 	var mu sync.Mutex
 	overloaded := true
-	// Latency grows with depth: 20ms per loop step when overloaded, 5ms when not.
-	stop := feed(t, srv, ns, "auto", func(tau float64) float64 {
+	// Overloaded: every batch slot busy, 20ms per loop step. Light: one request, 40 tokens/s,
+	// 2ms per loop step.
+	stop := feed(t, srv, ns, "auto", func(tau float64) (int64, int, float64) {
 		mu.Lock()
 		defer mu.Unlock()
 		d := 3.0
@@ -154,9 +156,9 @@ func TestTuningAutoLowersAndRestores(t *testing.T) {
 			d = 2
 		}
 		if overloaded {
-			return 0.020 * d
+			return 400, 8, 0.020 * d
 		}
-		return 0.005 * d
+		return 4, 1, 0.002 * d
 	})
 	defer stop()
 	await(t, waitLong, "threshold lowered", func() error {
