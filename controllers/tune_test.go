@@ -42,7 +42,7 @@ func busyWindow(r bus.Ref, worker string, end time.Time, tau float64, n int64, i
 			s.Censored[i] = n
 		}
 	}
-	s.Probes = n / 20
+	s.Probes = max(n/20, 1) // probes let the tuner predict above the threshold in force
 	for i := range 4 {
 		s.ProbeCum[i][bus.CumBin(cum[i])] = s.Probes
 		s.ProbeAgree[i] = s.Probes
@@ -146,7 +146,7 @@ func TestTuningAutoLowersAndRestores(t *testing.T) {
 	markReadyWhenCreated(t, ns, "auto-worker")
 	var mu sync.Mutex
 	overloaded := true
-	// Overloaded: every batch slot busy, 20ms per loop step. Light: one request, 40 tokens/s,
+	// Overloaded: every batch slot busy, 20ms per loop step. Light: one request, 200 tokens/s,
 	// 2ms per loop step.
 	stop := feed(t, srv, ns, "auto", func(tau float64) (int64, int, float64) {
 		mu.Lock()
@@ -158,7 +158,7 @@ func TestTuningAutoLowersAndRestores(t *testing.T) {
 		if overloaded {
 			return 400, 8, 0.020 * d
 		}
-		return 4, 1, 0.002 * d
+		return 20, 1, 0.002 * d
 	})
 	defer stop()
 	await(t, waitLong, "threshold lowered", func() error {
