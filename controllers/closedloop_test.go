@@ -195,6 +195,11 @@ func TestClosedLoopRealWorkers(t *testing.T) {
 		t.Skipf("latency at τ 0.3 (%v) is not clearly below τ 0.9's (%v) on this machine now: no SLO between them", low, high)
 	}
 	slo := time.Duration(math.Sqrt(float64(low) * float64(high)))
+	// The light load of the last step, at the spec's τ: it must leave room under the SLO.
+	clients.Store(1)
+	light := p95(0.9)
+	clients.Store(8)
+	t.Logf("light load at τ 0.9: %v", light)
 	setSpec(func(lm *v1alpha1.LoopModel) {
 		lm.Spec.Loop.MinExitThreshold = ptr.To(0.3)
 		lm.Spec.SLO.TokenLatencyP95 = &metav1.Duration{Duration: slo}
@@ -234,6 +239,9 @@ func TestClosedLoopRealWorkers(t *testing.T) {
 	t.Logf("SLO %v met at τ %v", slo, tuned)
 	await(t, waitLong, "ThresholdLowered event", hasEvent(ns, "loop", EventThresholdLowered))
 
+	if light > slo*8/10 {
+		t.Skipf("one client at τ 0.9 already takes %v of the %v SLO on this machine now: no room to show τ restored", light, slo)
+	}
 	clients.Store(1)
 	await(t, 6*waitLong, "τ back at the spec's", func() error {
 		st := getLoopModel(t, ns, "loop").Status
