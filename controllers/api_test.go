@@ -133,7 +133,7 @@ func TestDefaults(t *testing.T) {
 		Loop:  v1alpha1.LoopSpec{MaxSteps: 4, ExitThreshold: 0.9, ProbeFraction: ptr.To(0.02), KVPolicy: v1alpha1.KVFull},
 		Scaling: v1alpha1.ScalingSpec{Replicas: ptr.To[int32](1), MinReplicas: 1, MaxReplicas: 1,
 			ScaleDownDelay: got.Scaling.ScaleDownDelay},
-		Tuning: v1alpha1.TuningSpec{Mode: v1alpha1.TuningAuto, Interval: got.Tuning.Interval, MaxStep: ptr.To(0.05)},
+		Tuning: v1alpha1.TuningSpec{Mode: v1alpha1.TuningOff, Interval: got.Tuning.Interval, MaxStep: ptr.To(0.05)},
 	}
 	if diff := cmp.Diff(got, want); diff != "" {
 		t.Errorf("defaulted spec (-got +want):\n%s", diff)

@@ -32,6 +32,9 @@ const (
 	ReasonLatencyHigh     = "LatencyAboveSLO"
 	ReasonDepthHigh       = "DepthAboveSLO"
 	ReasonAgreementLow    = "AgreementBelowSLO"
+	// ReasonSLOUnreachable (SLOMet False): the tuning loop cannot meet the SLO even at the floor
+	// threshold with maxReplicas; the workers keep running at the floor.
+	ReasonSLOUnreachable = "SLOUnreachable"
 )
 
 // Event reasons (past tense) for things that happened, besides the Degraded reasons above.
@@ -41,6 +44,8 @@ const (
 	EventRolledOut          = "RolledOut"
 	EventThresholdPublished = "ThresholdPublished"
 	EventQueueDeleted       = "QueueDeleted"
+	EventThresholdLowered   = "ThresholdLowered" // the tuning loop lowered the threshold in force
+	EventThresholdRaised    = "ThresholdRaised"  // the tuning loop raised it back towards the spec's
 	// EventCleanupAbandoned (Warning) says a deleted LoopModel's stream and registry entry were
 	// left on NATS: its credentials Secret was gone, or NATS stayed unreachable for the
 	// finalizer timeout. Deletion (and its namespace's) goes on.

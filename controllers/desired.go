@@ -102,10 +102,16 @@ func desiredReplicas(lm *v1alpha1.LoopModel) int32 {
 	return max(n, s.MinReplicas, 1)
 }
 
-// thresholdInForce is the exit threshold the workers apply. Until the tuning loop lands it is
-// the spec's, which the API server keeps within (0, 1].
+// thresholdInForce is the exit threshold the workers apply: the spec's (which the API server
+// keeps within (0, 1]), or in auto tuning mode the tuned status.exitThreshold once the loop has
+// decided, kept within [minExitThreshold, exitThreshold] so that a spec edit bounds it at once.
 func thresholdInForce(lm *v1alpha1.LoopModel) float64 {
-	return lm.Spec.Loop.ExitThreshold
+	spec := lm.Spec.Loop.ExitThreshold
+	tuned := lm.Status.ExitThreshold
+	if tuningMode(lm) != v1alpha1.TuningAuto || lm.Status.LastTuneTime == nil || !(tuned > 0) {
+		return spec
+	}
+	return min(max(tuned, floorThreshold(lm)), spec)
 }
 
 func desiredConfigMap(lm *v1alpha1.LoopModel, tau float64) (*corev1.ConfigMap, error) {

@@ -59,8 +59,9 @@ type LoopModelReconciler struct {
 	// never blocks a namespace's deletion for good.
 	FinalizerTimeout time.Duration
 
-	stats *statsBook // set up by SetupWithManager
-	creds sync.Map   // bus.Ref -> []byte: the NATS credentials last used, for cleanup after the Secret is gone
+	stats  *statsBook // set up by SetupWithManager
+	tuners tuners     // the tuning loop's state per LoopModel
+	creds  sync.Map   // bus.Ref -> []byte: the NATS credentials last used, for cleanup after the Secret is gone
 }
 
 // +kubebuilder:rbac:groups=loopserve.io,resources=loopmodels,verbs=get;list;watch;update;patch
@@ -95,6 +96,7 @@ func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		retErr = errors.Join(retErr, r.patchStatus(ctx, before, &lm))
 	}()
 
+	r.tune(&lm, time.Now())
 	p, err := r.plan(ctx, &lm)
 	if err == nil {
 		err = r.apply(ctx, &lm, p)
@@ -112,7 +114,7 @@ func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 	if err != nil {
 		return ctrl.Result{}, err
 	}
-	natsErr := r.syncNATS(ctx, &lm, p, ro.available())
+	natsErr := r.syncNATS(ctx, &lm, p, ro.routable())
 	r.setStatus(&lm, p, ro, natsErr)
 	switch {
 	case natsErr != nil:
@@ -120,6 +122,11 @@ func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		return ctrl.Result{}, natsErr
 	case !ro.complete():
 		return ctrl.Result{RequeueAfter: r.pollInterval()}, nil
+	case tuningMode(&lm) != v1alpha1.TuningOff:
+		return ctrl.Result{RequeueAfter: min(r.resync(), tuningInterval(&lm))}, nil
+	case lm.Status.Observed != nil:
+		// Stats arriving ask for reconciles; when they stop, this one clears status.observed.
+		return ctrl.Result{RequeueAfter: min(r.resync(), r.statsWindow())}, nil
 	default:
 		return ctrl.Result{RequeueAfter: r.resync()}, nil
 	}
@@ -130,7 +137,7 @@ func (r *LoopModelReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	limiter := workqueue.NewTypedItemExponentialFailureRateLimiter[reconcile.Request](
 		cmp.Or(r.RetryBase, time.Second), cmp.Or(r.RetryMax, 2*time.Minute))
 	statsEvents := make(chan event.GenericEvent, 64)
-	r.stats = newStatsBook(cmp.Or(r.StatsWindow, time.Minute), cmp.Or(r.StatsInterval, 15*time.Second), statsEvents)
+	r.stats = newStatsBook(r.statsWindow(), cmp.Or(r.StatsInterval, 15*time.Second), statsEvents)
 	return ctrl.NewControllerManagedBy(mgr).
 		For(&v1alpha1.LoopModel{}).
 		Owns(&appsv1.Deployment{}).
@@ -360,6 +367,8 @@ func (r *LoopModelReconciler) finalize(ctx context.Context, lm *v1alpha1.LoopMod
 	}
 	if r.stats != nil {
 		r.stats.forget(ref(lm))
+		r.tuners.forget(ref(lm))
+		forgetMetrics(lm)
 	}
 	r.creds.Delete(ref(lm))
 	patch := client.MergeFromWithOptions(lm.DeepCopy(), client.MergeFromWithOptimisticLock{})
@@ -378,6 +387,8 @@ func (r *LoopModelReconciler) pollInterval() time.Duration {
 	return cmp.Or(r.PollInterval, 10*time.Second)
 }
 func (r *LoopModelReconciler) resync() time.Duration { return cmp.Or(r.Resync, 5*time.Minute) }
+
+func (r *LoopModelReconciler) statsWindow() time.Duration { return cmp.Or(r.StatsWindow, time.Minute) }
 func (r *LoopModelReconciler) natsTimeout() time.Duration {
 	return cmp.Or(r.NATSTimeout, 5*time.Second)
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
 	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/gatepolicy"
 )
 
 // statsBook collects the stats snapshots the workers of each LoopModel publish and turns the
@@ -30,6 +31,7 @@ type modelStats struct {
 	conn      *nats.Conn
 	sub       *nats.Subscription
 	snaps     []bus.StatsSnapshot // by arrival, within the window
+	tau       float64             // the threshold in force at the last observed call
 	lastAsked time.Time
 }
 
@@ -69,9 +71,15 @@ func (b *statsBook) forget(r bus.Ref) {
 }
 
 func (b *statsBook) add(r bus.Ref, data []byte) {
+	// A malformed or misaddressed snapshot is ignored and counted: workers are not trusted to be right.
 	s, err := bus.DecodeStats(data)
-	if err != nil || s.Ref() != r {
-		return // a malformed or misaddressed snapshot is ignored: workers are not trusted to be right
+	if err != nil {
+		statsRejected.WithLabelValues(rejectMalformed).Inc()
+		return
+	}
+	if s.Ref() != r {
+		statsRejected.WithLabelValues(rejectMisaddressed).Inc()
+		return
 	}
 	now := time.Now()
 	b.mu.Lock()
@@ -79,6 +87,9 @@ func (b *statsBook) add(r bus.Ref, data []byte) {
 	if !ok {
 		b.mu.Unlock()
 		return
+	}
+	if ms.tau != 0 && s.ExitThreshold != ms.tau {
+		statsRejected.WithLabelValues(rejectStale).Inc() // kept: it counts if that threshold returns
 	}
 	ms.snaps = append(prune(ms.snaps, now.Add(-b.window)), s)
 	ask := now.Sub(ms.lastAsked) >= b.interval
@@ -96,9 +107,11 @@ func (b *statsBook) add(r bus.Ref, data []byte) {
 	}
 }
 
-// observed aggregates the LoopModel's snapshots of the last window; ok is false when they
-// hold no generated token.
-func (b *statsBook) observed(r bus.Ref, now time.Time) (*v1alpha1.ObservedStats, bool) {
+// observed aggregates the LoopModel's snapshots of the last window taken under tau, the
+// threshold in force; ok is false when they hold no generated token. A snapshot under another
+// threshold (a worker that has not applied the latest, or the window before a change) is left
+// out; add counts it in loopserve_operator_stats_rejected_total.
+func (b *statsBook) observed(r bus.Ref, now time.Time, tau float64) (*v1alpha1.ObservedStats, bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	ms, ok := b.books[r]
@@ -106,7 +119,14 @@ func (b *statsBook) observed(r bus.Ref, now time.Time) (*v1alpha1.ObservedStats,
 		return nil, false
 	}
 	ms.snaps = prune(ms.snaps, now.Add(-b.window))
-	return aggregate(ms.snaps)
+	ms.tau = tau
+	inForce := make([]bus.StatsSnapshot, 0, len(ms.snaps))
+	for _, s := range ms.snaps {
+		if s.ExitThreshold == tau {
+			inForce = append(inForce, s)
+		}
+	}
+	return aggregate(inForce)
 }
 
 func prune(snaps []bus.StatsSnapshot, since time.Time) []bus.StatsSnapshot {
@@ -186,3 +206,23 @@ func aggregate(snaps []bus.StatsSnapshot) (*v1alpha1.ObservedStats, bool) {
 
 // round3 keeps three decimals: finer digits would only churn the status.
 func round3(x float64) float64 { return math.Round(x*1000) / 1000 }
+
+// policyWindow gathers the LoopModel's snapshots that ended in the last interval into a gatepolicy
+// window for the threshold in force; the window refuses (and counts) those under another
+// threshold or step count.
+func (b *statsBook) policyWindow(r bus.Ref, tau float64, maxSteps int, now time.Time, interval time.Duration) *gatepolicy.Window {
+	w := gatepolicy.NewWindow("", tau, maxSteps, interval.Seconds())
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ms, ok := b.books[r]
+	if !ok {
+		return w
+	}
+	since := now.Add(-interval)
+	for _, s := range ms.snaps {
+		if s.End.After(since) && !s.End.After(now) {
+			_ = w.Add(s.Sample()) // a refusal is counted in w.Rejected
+		}
+	}
+	return w
+}

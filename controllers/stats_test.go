@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
@@ -140,5 +141,57 @@ func TestSLOCondition(t *testing.T) {
 				t.Errorf("sloCondition = %v %s/%s (%s), want %s/%s", ok, c.Status, c.Reason, c.Message, tt.status, tt.reason)
 			}
 		})
+	}
+}
+
+// TestStatsBookFilters: the book keeps out malformed, misaddressed and stale-threshold
+// snapshots (counting each), and forgets everything older than its window.
+func TestStatsBookFilters(t *testing.T) {
+	r := bus.Ref{Namespace: "ml", Name: "ouro"}
+	b := newStatsBook(time.Minute, time.Hour, nil)
+	b.books[r] = &modelStats{}
+	count := func(reason string) float64 { return testutil.ToFloat64(statsRejected.WithLabelValues(reason)) }
+	malformed, misaddressed, stale := count(rejectMalformed), count(rejectMisaddressed), count(rejectStale)
+	add := func(s bus.StatsSnapshot) {
+		data, err := json.Marshal(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b.add(r, data)
+	}
+	now := time.Now()
+	if _, ok := b.observed(r, now, 0.9); ok { // sets the threshold in force
+		t.Fatal("observed without snapshots")
+	}
+	b.add(r, []byte("{not json"))
+	add(bus.StatsSnapshot{Namespace: "ml", Name: "ouro", MaxSteps: 4}) // arrays missing
+	add(snapshot(bus.Ref{Namespace: "ml", Name: "other"}, "a", now, []int64{10, 0, 0, 0}, 10, 0.01, 0, nil))
+	lowered := snapshot(r, "b", now, []int64{0, 0, 0, 40}, 160, 0.05, 0, nil)
+	lowered.ExitThreshold = 0.5 // a worker still on a threshold no longer in force
+	add(lowered)
+	add(snapshot(r, "a", now, []int64{10, 20, 10, 0}, 80, 0.02, 0, nil))
+
+	got, ok := b.observed(r, now, 0.9)
+	want := &v1alpha1.ObservedStats{MeanDepth: 2, LoopStepsPerSecond: 40, TokenLatencyP95: &metav1.Duration{Duration: 20 * time.Millisecond}}
+	if !ok {
+		t.Fatal("no observed stats from the snapshot under the threshold in force")
+	}
+	if diff := cmp.Diff(got, want, cmpopts.EquateApprox(0, 1e-3)); diff != "" {
+		t.Errorf("observed (-got +want):\n%s", diff)
+	}
+	for _, c := range []struct {
+		reason    string
+		got, want float64
+	}{
+		{rejectMalformed, count(rejectMalformed) - malformed, 2},
+		{rejectMisaddressed, count(rejectMisaddressed) - misaddressed, 1},
+		{rejectStale, count(rejectStale) - stale, 1},
+	} {
+		if c.got != c.want {
+			t.Errorf("rejected %s = %v, want %v", c.reason, c.got, c.want)
+		}
+	}
+	if _, ok := b.observed(r, now.Add(2*time.Minute), 0.9); ok {
+		t.Error("snapshots older than the window still observed")
 	}
 }

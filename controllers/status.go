@@ -21,8 +21,13 @@ type rollout struct {
 	message                           string
 }
 
-// available: enough ready workers to serve, possibly some still on the previous spec.
+// available: enough ready workers to serve, possibly some still on the previous spec. It is
+// what the Ready condition means.
 func (ro rollout) available() bool { return ro.ready >= ro.desired && ro.desired > 0 }
+
+// routable: at least one worker is ready, so the registry entry lets the gateway queue
+// requests. A scale-up (fewer ready than desired for a while) is no outage.
+func (ro rollout) routable() bool { return ro.ready > 0 }
 
 // complete: every worker runs the current spec and is ready, and no old pod is left.
 func (ro rollout) complete() bool {
@@ -124,7 +129,9 @@ func (r *LoopModelReconciler) setStatus(lm *v1alpha1.LoopModel, p *plan, ro roll
 	}
 
 	if r.stats != nil {
-		if obs, ok := r.stats.observed(ref(lm), time.Now()); ok {
+		// Without stats in the window, status.observed goes: SLOMet never rests on old figures.
+		st.Observed = nil
+		if obs, ok := r.stats.observed(ref(lm), time.Now(), p.tau); ok {
 			st.Observed = obs
 		}
 	}
@@ -183,8 +190,12 @@ func sloCondition(lm *v1alpha1.LoopModel) (metav1.Condition, bool) {
 	if slo.TokenLatencyP95 == nil && slo.MaxMeanDepth == nil && slo.MinAgreement == nil {
 		return metav1.Condition{}, false
 	}
+	if rec := lm.Status.Recommendation; rec != nil && !rec.SLOReachable && tuningMode(lm) == v1alpha1.TuningAuto {
+		return cond(lm, CondSLOMet, metav1.ConditionFalse, ReasonSLOUnreachable,
+			fmt.Sprintf("the SLO is not met even at the floor threshold %g with %d workers: running at the floor", floorThreshold(lm), rec.Replicas)), true
+	}
 	if obs == nil {
-		return cond(lm, CondSLOMet, metav1.ConditionUnknown, ReasonNoStats, "no worker has reported generated tokens yet"), true
+		return cond(lm, CondSLOMet, metav1.ConditionUnknown, ReasonNoStats, "no worker reported generated tokens under the threshold in force in the stats window"), true
 	}
 	if t := slo.TokenLatencyP95; t != nil && obs.TokenLatencyP95 != nil && obs.TokenLatencyP95.Duration > t.Duration {
 		return cond(lm, CondSLOMet, metav1.ConditionFalse, ReasonLatencyHigh,

@@ -300,19 +300,22 @@ type ScalingSpec struct {
 type TuningMode string
 
 const (
-	// TuningAuto applies the tuned threshold and replicas.
+	// TuningAuto applies the tuned threshold.
 	TuningAuto TuningMode = "auto"
 	// TuningAdvisory reports decisions in status without applying them.
 	TuningAdvisory TuningMode = "advisory"
-	// TuningOff keeps spec.loop.exitThreshold and spec.scaling.replicas.
+	// TuningOff keeps spec.loop.exitThreshold and spec.scaling.replicas: the default.
 	TuningOff TuningMode = "off"
 )
 
 // TuningSpec controls the tuning loop.
 type TuningSpec struct {
-	// mode is auto, advisory or off. Until the operator runs the tuning loop, every mode keeps
-	// spec.loop.exitThreshold and spec.scaling.replicas (status.observed is reported anyway).
-	// +kubebuilder:default=auto
+	// mode is auto, advisory or off. off (the default) keeps spec.loop.exitThreshold and lets
+	// spec.scaling.replicas (and /scale: HPA, KEDA) drive the workers; advisory runs the tuning
+	// loop every interval and reports its decision in status.recommendation only; auto also
+	// applies the tuned threshold (status.exitThreshold) within [minExitThreshold,
+	// exitThreshold]. status.observed is reported in every mode.
+	// +kubebuilder:default=off
 	// +optional
 	Mode TuningMode `json:"mode,omitempty"`
 
@@ -442,6 +445,39 @@ type LoopModelStatus struct {
 	// lastTuneTime is when the tuning loop last decided.
 	// +optional
 	LastTuneTime *metav1.Time `json:"lastTuneTime,omitempty"`
+
+	// recommendation is the tuning loop's last decision, filled in auto and advisory modes
+	// (in advisory mode it is the only output).
+	// +optional
+	Recommendation *Recommendation `json:"recommendation,omitempty"`
+}
+
+// Recommendation is one decision of the tuning loop.
+type Recommendation struct {
+	// exitThreshold is the threshold the loop chose.
+	// +optional
+	ExitThreshold float64 `json:"exitThreshold,omitempty"`
+
+	// replicas is the number of workers the loop would run.
+	// +optional
+	Replicas int32 `json:"replicas,omitempty"`
+
+	// predictedMeanDepth is the mean loop steps per token predicted at exitThreshold.
+	// +optional
+	PredictedMeanDepth float64 `json:"predictedMeanDepth,omitempty"`
+
+	// predictedTokenLatencyP95 is the inter-token latency predicted at exitThreshold.
+	// +optional
+	PredictedTokenLatencyP95 *metav1.Duration `json:"predictedTokenLatencyP95,omitempty"`
+
+	// sloReachable is false when the SLO cannot be met even at the floor.
+	// +optional
+	SLOReachable bool `json:"sloReachable,omitempty"`
+
+	// reasons explain the decision, one line each ("ThresholdLowered: ...").
+	// +listType=atomic
+	// +optional
+	Reasons []string `json:"reasons,omitempty"`
 }
 
 // ObservedStats are aggregated from the workers' stats snapshots.

@@ -9,10 +9,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/gatepolicy"
 	"github.com/loopserve/loopserve/internal/progress"
 	"github.com/loopserve/loopserve/runtime/model"
 	"github.com/loopserve/loopserve/runtime/serve"
@@ -24,6 +26,7 @@ func newUpCmd() *cobra.Command {
 		modelDir, ref, listen, dataDir, tokenFile string
 		natsPort                                  int
 		ef                                        serveEngineFlags
+		tf                                        upTuningFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "up",
@@ -41,6 +44,10 @@ production NATS servers with "jetstream { sync_interval: always }" too.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if _, err := ef.options(); err != nil {
+				return err
+			}
+			tuning, err := tf.tuning()
+			if err != nil {
 				return err
 			}
 			tokens, err := readTokenFile(tokenFile)
@@ -61,7 +68,7 @@ production NATS servers with "jetstream { sync_interval: always }" too.`,
 			}
 			log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 			return runUp(cmd.Context(), cmd.OutOrStdout(), log, upConfig{dir: dir, ref: r, listen: listen, dataDir: dataDir,
-				natsPort: natsPort, tokens: tokens, engine: ef})
+				natsPort: natsPort, tokens: tokens, engine: ef, tuning: tuning})
 		},
 	}
 	fl := cmd.Flags()
@@ -72,7 +79,46 @@ production NATS servers with "jetstream { sync_interval: always }" too.`,
 	fl.IntVar(&natsPort, "nats-port", 0, "embedded NATS port on 127.0.0.1, for external workers (0: any free port)")
 	fl.StringVar(&tokenFile, "token-file", "", "file of accepted bearer tokens, one per line; empty: no authentication")
 	ef.register(cmd, 0.7)
+	tf.register(cmd)
 	return cmd
+}
+
+// upTuningFlags set the tuning loop `up` runs on its worker.
+type upTuningFlags struct {
+	slo      time.Duration
+	floor    float64
+	mode     string
+	interval time.Duration
+}
+
+func (f *upTuningFlags) register(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.DurationVar(&f.slo, "slo-token-latency-p95", 0, "inter-token latency p95 to stay under, e.g. 50ms; with --tuning auto the exit threshold is lowered (to --min-threshold at most) to meet it")
+	fl.Float64Var(&f.floor, "min-threshold", 0, "quality floor: the tuning loop never lowers the exit threshold below it (0: --threshold, never lowered)")
+	fl.DurationVar(&f.interval, "tuning-interval", 10*time.Second, "time between two decisions of the tuning loop (the worker reports stats twice as often)")
+	fl.StringVar(&f.mode, "tuning", "", "tuning loop: auto (applies the threshold), advisory (computes and reports only) or off (default: auto when --slo-token-latency-p95 is set, else off)")
+}
+
+// tuning checks the flags; the zero LocalTuning runs no loop.
+func (f upTuningFlags) tuning() (serve.LocalTuning, error) {
+	mode := f.mode
+	if mode == "" {
+		mode = serve.TuningOff
+		if f.slo > 0 {
+			mode = serve.TuningAuto
+		}
+	}
+	switch mode {
+	case serve.TuningOff:
+		return serve.LocalTuning{}, nil
+	case serve.TuningAuto, serve.TuningAdvisory:
+	default:
+		return serve.LocalTuning{}, fmt.Errorf("--tuning %q: want auto, advisory or off", f.mode)
+	}
+	if f.slo < 0 || !(f.floor >= 0 && f.floor <= 1) || f.interval < 0 {
+		return serve.LocalTuning{}, fmt.Errorf("--slo-token-latency-p95 %v must not be negative and --min-threshold %v must lie in [0, 1], --tuning-interval %v must not be negative", f.slo, f.floor, f.interval)
+	}
+	return serve.LocalTuning{Mode: mode, Spec: gatepolicy.Spec{TokenLatencyP95: f.slo, Floor: f.floor}, Interval: f.interval}, nil
 }
 
 type upConfig struct {
@@ -83,6 +129,7 @@ type upConfig struct {
 	natsPort int
 	tokens   []string
 	engine   serveEngineFlags
+	tuning   serve.LocalTuning
 }
 
 // runUp serves until ctx ends.
@@ -116,8 +163,11 @@ func startUp(ctx context.Context, log *slog.Logger, c upConfig) (*serve.Loaded, 
 	wo := l.Worker
 	wo.Capacity = c.engine.capacity
 	wo.Logger = log
+	if c.tuning.Mode != "" && c.tuning.Interval > 0 {
+		wo.StatsInterval = max(c.tuning.Interval/2, 50*time.Millisecond)
+	}
 	local, err := serve.StartLocal(ctx, serve.LocalOptions{Ref: c.ref, DataDir: c.dataDir, NATSPort: c.natsPort, Listen: c.listen,
-		Gen: l.Engine, Tok: l.Tok, Worker: wo, Gateway: serve.GatewayOptions{Tokens: c.tokens, Logger: log}})
+		Gen: l.Engine, Tok: l.Tok, Worker: wo, Gateway: serve.GatewayOptions{Tokens: c.tokens, Logger: log}, Tuning: c.tuning})
 	if err != nil {
 		return nil, nil, nil, errors.Join(err, stopEngine())
 	}

@@ -144,3 +144,98 @@ func TestUpListensOnLoopback(t *testing.T) {
 		}
 	}
 }
+
+// TestUpTuning runs `up` with an inter-token latency SLO no machine meets: in auto mode the
+// tuning loop lowers the threshold in force step by step to --min-threshold under load, and
+// /v1/models and /metrics show it; in advisory mode the decision says so but the threshold in
+// force stays.
+func TestUpTuning(t *testing.T) {
+	modelDir := filepath.Join("..", "..", "testdata", "models", "ouro-tiny-arith")
+	for _, mode := range []string{"auto", "advisory"} {
+		t.Run(mode, func(t *testing.T) {
+			tf := upTuningFlags{slo: time.Microsecond, floor: 0.3, mode: mode, interval: 300 * time.Millisecond}
+			tuning, err := tf.tuning()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			ef := serveEngineFlags{threshold: 0.7, mode: "fast", kvPolicy: "full", capacity: 4}
+			_, local, stop, err := startUp(ctx, slog.New(slog.DiscardHandler), upConfig{dir: modelDir,
+				ref: bus.Ref{Namespace: "default", Name: "ouro-tiny-arith"}, listen: "127.0.0.1:0", engine: ef, tuning: tuning})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				if err := stop(); err != nil {
+					t.Errorf("stopping: %v", err)
+				}
+			}()
+			base := local.URL()
+			var load sync.WaitGroup
+			load.Go(func() {
+				for ctx.Err() == nil {
+					req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/completions",
+						strings.NewReader(`{"model": "default/ouro-tiny-arith", "prompt": "a = 2 ; n = a + 7 ; b = 0 ; ? n =", "max_tokens": 16}`))
+					req.Header.Set("Content-Type", "application/json")
+					if resp, err := http.DefaultClient.Do(req); err == nil {
+						resp.Body.Close()
+					}
+				}
+			})
+			defer load.Wait()
+			defer cancel()
+			threshold := func() float64 {
+				resp, err := http.Get(base + "/v1/models")
+				if err != nil {
+					return -1
+				}
+				defer resp.Body.Close()
+				var body struct {
+					Data []struct {
+						ExitThreshold float64 `json:"exit_threshold"`
+					} `json:"data"`
+				}
+				if json.NewDecoder(resp.Body).Decode(&body) != nil || len(body.Data) != 1 {
+					return -1
+				}
+				return body.Data[0].ExitThreshold
+			}
+			deadline := time.Now().Add(90 * time.Second)
+			for {
+				d, ok := local.Decision()
+				if mode == "auto" && threshold() == 0.3 {
+					break
+				}
+				if mode == "advisory" && ok && d.Tau[""] < 0.7 {
+					if got := threshold(); got != 0.7 {
+						t.Errorf("advisory: /v1/models threshold %v, want 0.7 kept", got)
+					}
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("threshold %v in /v1/models, last decision %+v (%v)", threshold(), d, ok)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			// /metrics shows the threshold the worker applied.
+			metric := regexp.MustCompile(`(?m)^loopserve_exit_threshold\{[^}]*\} ([0-9.]+)$`)
+			for {
+				resp, err := http.Get(base + "/metrics")
+				if err != nil {
+					t.Fatal(err)
+				}
+				var b bytes.Buffer
+				_, _ = b.ReadFrom(resp.Body)
+				resp.Body.Close()
+				if m := metric.FindStringSubmatch(b.String()); m != nil && m[1] == "0.3" {
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("/metrics lacks loopserve_exit_threshold 0.3:\n%s", metric.FindString(b.String()))
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		})
+	}
+}

@@ -165,6 +165,31 @@ func (c *cluster) connect(name string) *nats.Conn {
 	return nc
 }
 
+// setThreshold changes the threshold in force in the registry entry, as the operator does,
+// and waits until the gateway stamps it into new jobs.
+func (c *cluster) setThreshold(tau float64) {
+	c.t.Helper()
+	ctx := context.Background()
+	js, _ := jetstream.New(c.connect("registry"))
+	kv, err := bus.OpenRegistry(ctx, js)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	e, err := kv.Get(ctx, c.ref.Key())
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	m, err := bus.DecodeModel(e.Value())
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	m.ExitThreshold = tau
+	if err := bus.PutModel(ctx, kv, m); err != nil {
+		c.t.Fatal(err)
+	}
+	awaitCond(c.t, func() bool { m, ok := c.gateway.lookup(c.ref.String()); return ok && m.ExitThreshold == tau })
+}
+
 func (c *cluster) awaitModel(id string, present bool) {
 	c.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)

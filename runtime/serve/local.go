@@ -29,6 +29,7 @@ type LocalOptions struct {
 	Worker   WorkerOptions    // Ref is taken from above
 	Queue    bus.QueueOptions // MaxAckPending defaults to the worker's capacity
 	Gateway  GatewayOptions   // Metrics and Gatherer default to a fresh registry
+	Tuning   LocalTuning      // the tuning loop; zero: none
 }
 
 // Local is a running one-machine deployment; stop it with Close. Created by StartLocal.
@@ -42,6 +43,7 @@ type Local struct {
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
 	tempDir string
+	tuner   *localTuner
 	errMu   sync.Mutex
 	err     error
 }
@@ -118,6 +120,11 @@ func StartLocal(ctx context.Context, o LocalOptions) (l *Local, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if o.Tuning.enabled() {
+		if l.tuner, err = newLocalTuner(l.nc, kv, entry, o.Tuning, w.opt.StatsInterval); err != nil {
+			return nil, err
+		}
+	}
 	g, err := NewGateway(l.nc, gopt)
 	if err != nil {
 		return nil, err
@@ -137,6 +144,9 @@ func StartLocal(ctx context.Context, o LocalOptions) (l *Local, err error) {
 	l.cancel = cancel
 	l.wg.Go(func() { l.setErr(w.Run(rctx)) })
 	l.wg.Go(func() { l.setErr(g.Run(rctx)) })
+	if l.tuner != nil {
+		l.wg.Go(func() { l.setErr(l.tuner.Run(rctx)) })
+	}
 	l.wg.Go(func() {
 		if err := l.http.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			l.setErr(fmt.Errorf("serving HTTP: %w", err))

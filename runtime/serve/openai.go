@@ -466,6 +466,10 @@ func (r *openAIRequest) toJob(id string, e bus.ModelEntry, chat bool, now time.T
 		}
 		j.Deadline = now.Add(time.Duration(*d) * time.Millisecond)
 	}
+	// The threshold in force at acceptance travels with the job: a redelivery runs under it.
+	if t := e.ExitThreshold; t > 0 && t <= 1 {
+		j.Threshold = t
+	}
 	return j, nil
 }
 

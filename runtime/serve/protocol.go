@@ -56,9 +56,16 @@ type Job struct {
 	Seed        uint64   `json:"seed,omitempty"` // 0: derived from ID, so redeliveries repeat the output
 	Stop        []string `json:"stop,omitempty"`
 
-	ExitThreshold float64   `json:"exitThreshold,omitempty"`
-	MaxDepth      int       `json:"maxDepth,omitempty"`
-	Deadline      time.Time `json:"deadline,omitzero"` // anytime generation: finish by then (gateway clock: keep hosts in NTP sync)
+	ExitThreshold float64 `json:"exitThreshold,omitempty"` // the request's own exit_threshold
+	// Threshold is the exit threshold in force when the gateway accepted the request (from the
+	// registry entry). The worker runs the job under it rather than under the threshold in
+	// force when it takes the job, so a redelivery after a change regenerates the same tokens.
+	// Deadline-driven depth is the exception: a job with a Deadline stops its loops by the
+	// clock, so a redelivery may differ; the gateway drops indices it already holds, so the
+	// client still sees one stream, but its later tokens may come from another continuation.
+	Threshold float64   `json:"threshold,omitempty"`
+	MaxDepth  int       `json:"maxDepth,omitempty"`
+	Deadline  time.Time `json:"deadline,omitzero"` // anytime generation: finish by then (gateway clock: keep hosts in NTP sync)
 	// Expires is when the gateway stops waiting for the answer (its request timeout); a worker
 	// drops a job taken after it (gateway clock).
 	Expires time.Time `json:"expires,omitzero"`

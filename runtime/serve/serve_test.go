@@ -546,11 +546,14 @@ func TestStatsAndControl(t *testing.T) {
 		t.Errorf("depth counts (-got +want):\n%s", d)
 	}
 
+	// The operator publishes a new threshold and writes it to the registry entry, from which
+	// the gateway stamps it into the jobs it accepts.
 	b, _ := json.Marshal(bus.Control{ExitThreshold: 0.3})
 	if err := nc.Publish(c.ref.ControlSubject(), b); err != nil {
 		t.Fatal(err)
 	}
 	awaitCond(t, func() bool { return gen.Threshold() == 0.3 })
+	c.setThreshold(0.3)
 	low := run()
 	collect(0.3, len(low.Depths))
 	mean := func(ds []int) float64 {

@@ -99,26 +99,33 @@ func (w *statsWindow) request() {
 	w.mu.Unlock()
 }
 
-// token records one generated token: its depth, the c_t of the steps it ran (later steps are
-// censored), and for probes their agreement with full depth.
-func (w *statsWindow) token(t engine.Token) int {
+// token records one generated token: its loop steps, and for probes their c_t and agreement
+// with full depth. The depth histograms (DepthCounts, Cum, Censored) assume the window's
+// threshold, so only a token generated under it (inForce) enters them: a request that set its
+// own exit_threshold, max_depth or deadline, or that was stamped with an earlier threshold,
+// still counts in the load (Tokens, LoopSteps) and as a probe, whose steps all ran. tau is the
+// threshold the token's request ran under, 0 for a request that overrode its depth.
+func (w *statsWindow) token(t engine.Token, tau float64) int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	s := &w.snap
+	inForce := tau > 0 && tau == s.ExitThreshold
 	steps := len(t.Cum)
 	if steps == 0 {
 		steps = t.Depth
 	}
 	s.Tokens++
 	s.LoopSteps += int64(steps)
-	if t.Depth >= 1 && t.Depth <= s.MaxSteps {
-		s.DepthCounts[t.Depth-1]++
-	}
-	for i := range s.MaxSteps {
-		if i < len(t.Cum) {
-			s.Cum[i][bus.CumBin(float64(t.Cum[i]))]++
-		} else {
-			s.Censored[i]++
+	if inForce {
+		if t.Depth >= 1 && t.Depth <= s.MaxSteps {
+			s.DepthCounts[t.Depth-1]++
+		}
+		for i := range s.MaxSteps {
+			if i < len(t.Cum) {
+				s.Cum[i][bus.CumBin(float64(t.Cum[i]))]++
+			} else {
+				s.Censored[i]++
+			}
 		}
 	}
 	if t.Probe && len(t.Cum) >= s.MaxSteps {
@@ -139,9 +146,10 @@ func (w *statsWindow) observe(s *samples, d time.Duration) {
 	w.mu.Unlock()
 }
 
-// rotate closes the window at now and starts the next one under threshold tau. It returns the
-// closed window, and false when it held nothing worth publishing.
-func (w *statsWindow) rotate(now time.Time, tau float64) (bus.StatsSnapshot, bool) {
+// rotate closes the window at now and starts the next one under threshold tau, returning the
+// closed window. Idle windows are published too: the operator divides loop steps by the time
+// the windows cover, so a window left out would inflate the rates.
+func (w *statsWindow) rotate(now time.Time, tau float64) bus.StatsSnapshot {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	out := w.snap
@@ -162,7 +170,7 @@ func (w *statsWindow) rotate(now time.Time, tau float64) (bus.StatsSnapshot, boo
 	w.snap.ExitThreshold = tau
 	w.snap.Start = now
 	w.snap.InFlight = w.active
-	return out, out.Tokens > 0 || out.Requests > 0 || out.InFlight > 0
+	return out
 }
 
 func (w *statsWindow) threshold() float64 {
@@ -171,8 +179,8 @@ func (w *statsWindow) threshold() float64 {
 	return w.snap.ExitThreshold
 }
 
-func (w *Worker) observeToken(t engine.Token) {
-	steps := w.stats.token(t)
+func (w *Worker) observeToken(t engine.Token, tau float64) {
+	steps := w.stats.token(t, tau)
 	m := w.met
 	if m == nil {
 		return
@@ -225,7 +233,7 @@ func (w *Worker) statsLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
-			snap, ok := w.stats.rotate(now, w.stats.threshold())
+			snap := w.stats.rotate(now, w.stats.threshold())
 			if w.met != nil {
 				secs := snap.End.Sub(snap.Start).Seconds()
 				if secs > 0 {
@@ -233,9 +241,7 @@ func (w *Worker) statsLoop(ctx context.Context) {
 					w.met.stepsPerSec.Set(float64(snap.LoopSteps) / secs)
 				}
 			}
-			if ok {
-				w.publishStats(snap)
-			}
+			w.publishStats(snap)
 		}
 	}
 }

@@ -94,6 +94,7 @@ type Worker struct {
 	met   *modelMetrics
 	live  *liveness
 	ready atomic.Bool // bound to the queue and taking requests
+	tauMu sync.Mutex  // serialises threshold changes (control messages, registry watch)
 
 	mu        sync.Mutex
 	cancels   map[string]context.CancelFunc // request id -> stop its generation (client gone)
@@ -148,14 +149,85 @@ func NewWorker(nc *nats.Conn, gen Generator, tok Tokenizer, o WorkerOptions) (*W
 	return w, nil
 }
 
-func (w *Worker) setThreshold(tau float64) {
+// setThreshold applies the threshold in force; it reports whether it changed. The control
+// message and the registry entry both deliver it, so the same value usually arrives twice.
+func (w *Worker) setThreshold(tau float64) bool {
+	w.tauMu.Lock()
+	defer w.tauMu.Unlock()
+	if tau == w.gen.Threshold() && tau == w.stats.threshold() {
+		return false
+	}
 	w.gen.SetThreshold(tau)
 	// A window holds one threshold only: publish what was seen under the old one.
-	if snap, ok := w.stats.rotate(time.Now(), tau); ok {
-		w.publishStats(snap)
-	}
+	w.publishStats(w.stats.rotate(time.Now(), tau))
 	if w.met != nil {
 		w.met.threshold.Set(tau)
+	}
+	return true
+}
+
+// jobThreshold is the exit threshold a job runs under, and the threshold to record its tokens
+// under in the depth histograms (0 when its request overrode its depth: its tokens do not show
+// the threshold in force). A request's own exit_threshold wins; otherwise the threshold the
+// gateway stamped at acceptance, so a redelivery after a change regenerates the same tokens;
+// a job without a stamp runs under the worker's threshold when it starts.
+func (w *Worker) jobThreshold(job Job) (run, record float64) {
+	run = cmp.Or(job.ExitThreshold, job.Threshold, w.gen.Threshold())
+	if job.ExitThreshold != 0 || job.MaxDepth != 0 || !job.Deadline.IsZero() {
+		return run, 0
+	}
+	return run, run
+}
+
+// followRegistry applies the threshold of the LoopModel's registry entry whenever it changes,
+// so a worker that missed a control message (it was reconnecting, or started between two)
+// converges on the threshold in force. The registry may not exist yet (the operator creates
+// it): it retries, backing off, until ctx ends.
+func (w *Worker) followRegistry(ctx context.Context) {
+	pause := 100 * time.Millisecond
+	for {
+		err := w.watchRegistry(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		w.log.Debug("following the registry entry", "err", err)
+		sleepCtx(ctx, pause)
+		pause = min(2*pause, 5*time.Second)
+	}
+}
+
+// watchRegistry applies each threshold the LoopModel's entry carries until ctx ends or the
+// watch fails.
+func (w *Worker) watchRegistry(ctx context.Context) error {
+	kv, err := bus.OpenRegistry(ctx, w.js)
+	if err != nil {
+		return err
+	}
+	watch, err := kv.Watch(ctx, w.opt.Ref.Key())
+	if err != nil {
+		return fmt.Errorf("watching registry entry %s: %w", w.opt.Ref, err)
+	}
+	defer func() { _ = watch.Stop() }()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case e, ok := <-watch.Updates():
+			if !ok {
+				return fmt.Errorf("watching registry entry %s: updates ended", w.opt.Ref)
+			}
+			if e == nil || e.Operation() != jetstream.KeyValuePut {
+				continue // nil marks the end of the initial values
+			}
+			m, err := bus.DecodeModel(e.Value())
+			if err != nil || !(m.ExitThreshold > 0 && m.ExitThreshold <= 1) {
+				w.log.Warn("ignoring registry entry without a valid exit threshold", "err", err, "threshold", m.ExitThreshold)
+				continue
+			}
+			if w.setThreshold(m.ExitThreshold) {
+				w.log.Info("exit threshold applied", "threshold", m.ExitThreshold, "from", "registry")
+			}
+		}
 	}
 }
 
@@ -210,8 +282,9 @@ func (w *Worker) Run(ctx context.Context) error {
 			w.log.Warn("ignoring control message", "err", err)
 			return
 		}
-		w.setThreshold(c.ExitThreshold)
-		w.log.Info("exit threshold applied", "threshold", c.ExitThreshold)
+		if w.setThreshold(c.ExitThreshold) {
+			w.log.Info("exit threshold applied", "threshold", c.ExitThreshold, "from", "control")
+		}
 	})
 	if err != nil {
 		return fmt.Errorf("subscribing to %s: %w", w.opt.Ref.ControlSubject(), err)
@@ -248,6 +321,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	defer hardCancel()
 	var wg, jobs sync.WaitGroup
 	wg.Go(func() { w.statsLoop(ctx) })
+	wg.Go(func() { w.followRegistry(ctx) })
 	defer wg.Wait()
 	defer func() {
 		drained := make(chan struct{})
@@ -538,6 +612,7 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 	if job.TopLogprobs < 0 || job.TopLogprobs > maxTopLogprobs {
 		return bad("", "top_logprobs", "top_logprobs %d outside 0..%d", job.TopLogprobs, maxTopLogprobs)
 	}
+	tau, record := w.jobThreshold(job)
 	start := time.Now()
 	// A stop string ends the engine's work for its choice without ending the request.
 	ectx, ecancel := context.WithCancel(ctx)
@@ -552,7 +627,7 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 			Prompt:     prompt,
 			MaxTokens:  maxTokens,
 			Sampling:   engine.Sampling{Temperature: job.Temperature, TopK: job.TopK, TopP: job.TopP, Seed: job.SeedFor(i)},
-			Exit:       engine.Exit{Threshold: job.ExitThreshold, MaxDepth: cmp.Or(job.MaxDepth, w.opt.MaxSteps)},
+			Exit:       engine.Exit{Threshold: tau, MaxDepth: cmp.Or(job.MaxDepth, w.opt.MaxSteps)},
 			StopTokens: w.opt.StopTokens,
 			Deadline:   job.Deadline,
 		}
@@ -596,7 +671,7 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 					}
 				}
 			}()
-			ends[i], errs[i] = w.runChoice(ctx, job, i, streams[i], cancels[i], reply, echo, func(now time.Time) {
+			ends[i], errs[i] = w.runChoice(ctx, job, record, i, streams[i], cancels[i], reply, echo, func(now time.Time) {
 				first.Do(func() {
 					w.observeTTFT(now.Sub(start))
 					if w.met != nil {
@@ -633,7 +708,7 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 // runChoice streams one choice's events as chunks until it ends; a stop string stops its
 // engine request (stop) and the rest of its events are drained. It returns how the choice
 // ended, or its error. firstToken runs at each token's arrival before anything else.
-func (w *Worker) runChoice(ctx context.Context, job Job, choice int, events <-chan engine.Event, stop context.CancelFunc,
+func (w *Worker) runChoice(ctx context.Context, job Job, record float64, choice int, events <-chan engine.Event, stop context.CancelFunc,
 	reply, echo string, firstToken func(time.Time)) (End, *ChunkError) {
 	dec := w.tok.NewTextDecoder()
 	stops := newStopper(job.Stop)
@@ -663,7 +738,7 @@ func (w *Worker) runChoice(ctx context.Context, job Job, choice int, events <-ch
 			w.observeITL(now.Sub(last))
 		}
 		last = now
-		w.observeToken(ev.Token)
+		w.observeToken(ev.Token, record)
 		if job.PromptOnly {
 			c := Chunk{ID: job.ID, Choice: choice, Echo: &Echo{Text: echo}}
 			if job.Logprobs {
