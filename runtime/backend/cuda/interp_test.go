@@ -41,7 +41,7 @@ func (d *interp) Alloc(bytes int) (cudakern.DevicePtr, error) {
 	words := make([]uint64, (bytes+7)/8)
 	mem := unsafe.Slice((*byte)(unsafe.Pointer(&words[0])), bytes)
 	p := d.next
-	d.next += cudakern.DevicePtr((bytes + 4095) &^ 4095 + 4096) // a gap: overruns fault
+	d.next += cudakern.DevicePtr((bytes+4095)&^4095 + 4096) // a gap: overruns fault
 	d.allocs = append(d.allocs, alloc{p, mem})
 	return p, nil
 }
@@ -76,7 +76,9 @@ func (d *interp) Write(dst cudakern.DevicePtr, src []byte) error {
 
 func (d *interp) MemInfo() (uint64, uint64, error) { return d.free, 2 * d.free, nil }
 
-func (d *interp) Planner() cudakern.Planner { return cudakern.Planner{Spec: d.spec, MaxShared: 227 << 10} }
+func (d *interp) Planner() cudakern.Planner {
+	return cudakern.Planner{Spec: d.spec, MaxShared: 227 << 10}
+}
 
 func (d *interp) NewQueue() (queue, error) { return d, nil }
 
