@@ -32,6 +32,7 @@ and the serving path (requests/s, TTFT, inter-token latency) side by side, repor
 	cmd.AddCommand(newBenchRuntimeCmd())
 	cmd.AddCommand(newBenchServeCmd())
 	cmd.AddCommand(newBenchChaosCmd())
+	cmd.AddCommand(newBenchMkmodelCmd())
 	return cmd
 }
 
