@@ -128,10 +128,14 @@ func interpTarget(bf16 bool) *target {
 	return tg
 }
 
-// targets are the interpreter and, when present, the device; bf16 selects bf16 activations.
+// targets are the interpreter (unless LOOPSERVE_DEVICE_ONLY is set: hack/gpu-check.sh's
+// time-boxed run) and, when present, the device; bf16 selects bf16 activations.
 func targets(t *testing.T, bf16 bool) []*target {
 	t.Helper()
-	out := []*target{interpTarget(bf16)}
+	var out []*target
+	if os.Getenv("LOOPSERVE_DEVICE_ONLY") == "" {
+		out = append(out, interpTarget(bf16))
+	}
 	if err := Available(); err != nil {
 		t.Logf("device run skipped: %v", err)
 	} else {
