@@ -56,7 +56,8 @@ stage() {
 	fi
 	echo "== $name (at most ${limit}s)"
 	local rc=0
-	timeout --kill-after=5 "$limit" "$@" > >(tee "$work/$name.log") 2>&1 || rc=$?
+	# bash -c: the stages below are shell functions (exported), which timeout cannot run itself.
+	timeout --kill-after=5 "$limit" bash -c '"$@"' stage "$@" > >(tee "$work/$name.log") 2>&1 || rc=$?
 	if ((rc != 0)); then
 		((rc == 124 || rc == 137)) && echo "== $name: timed out after ${limit}s"
 		echo "== $name: failed (exit $rc)"
@@ -90,6 +91,9 @@ bench() { # bench BATCH THRESHOLD: one bench runtime run
 	((json)) && args+=(--json)
 	"$bin" "${args[@]}"
 }
+
+export bin testbin testdata work model json
+export -f device parity bench
 
 stage device 30 device
 stage parity 120 parity
