@@ -31,7 +31,6 @@ type stream struct {
 	scr  []float32
 	lgt  []float32
 	top  []engine.Logprob
-	hst  []float32
 }
 
 // devBuf is a growable device allocation.
