@@ -279,15 +279,19 @@ func (d *interp) Launch(l cudakern.Launch) error {
 				return float32(c), float32(s)
 			}
 			for head := range nh + nkv {
+				var x []float32
+				if head < nh {
+					x = d.f32(q.Add(4*(r*ldq+head*HD)), HD)
+				} else {
+					x = d.f32(k.Add(4*(r*ldk+(head-nh)*HD)), HD)
+				}
 				for i := range half {
 					c, s := angle(i)
 					if head < nh {
-						x := d.f32(q.Add(4*(r*ldq+head*HD)), HD)
 						x0, x1 := x[i], x[i+half]
 						x[i], x[i+half] = x0*c-x1*s, x1*c+x0*s
 					} else {
 						kh := head - nh
-						x := d.f32(k.Add(4*(r*ldk+kh*HD)), HD)
 						kd.set(kh*HD+i, x[i]*c-x[i+half]*s)
 						kd.set(kh*HD+i+half, x[i+half]*c+x[i]*s)
 					}
@@ -340,9 +344,12 @@ func (d *interp) Launch(l cudakern.Launch) error {
 						continue
 					}
 					sc := make([]float32, c1-c0)
+					vrows := make([]vec, len(sc))
 					mx := float32(math.Inf(-1))
 					for j := range sc {
-						kr := d.typed(kPool.Add(d.kvSlot(pageTab, off, c0+j)*kvDim*elem(kvb)+kvh*HD*elem(kvb)), HD, kvb)
+						at := d.kvSlot(pageTab, off, c0+j)*kvDim*elem(kvb) + kvh*HD*elem(kvb)
+						kr := d.typed(kPool.Add(at), HD, kvb)
+						vrows[j] = d.typed(vPool.Add(at), HD, kvb)
 						var s float32
 						for e := range HD {
 							s += qv[e] * scale * kr.get(e)
@@ -358,7 +365,7 @@ func (d *interp) Launch(l cudakern.Launch) error {
 					for e := range HD {
 						var acc float32
 						for j := range sc {
-							acc += sc[j] * d.typed(vPool.Add(d.kvSlot(pageTab, off, c0+j)*kvDim*elem(kvb)+kvh*HD*elem(kvb)), HD, kvb).get(e)
+							acc += sc[j] * vrows[j].get(e)
 						}
 						po[at*HD+e] = acc
 					}
@@ -419,9 +426,12 @@ func (d *interp) Launch(l cudakern.Launch) error {
 					kvh := head / G
 					qv := d.f32(q.Add(4*(r*ldq+head*HD)), HD)
 					sc := make([]float32, p+1)
+					vrows := make([]vec, len(sc))
 					mx := float32(math.Inf(-1))
 					for j := range sc {
-						kr := d.typed(kPool.Add(d.kvSlot(pageTab, off0+layerOff, j)*kvDim*elem(kvb)+kvh*HD*elem(kvb)), HD, kvb)
+						at := d.kvSlot(pageTab, off0+layerOff, j)*kvDim*elem(kvb) + kvh*HD*elem(kvb)
+						kr := d.typed(kPool.Add(at), HD, kvb)
+						vrows[j] = d.typed(vPool.Add(at), HD, kvb)
 						var s float32
 						for e := range HD {
 							s += qv[e] * scale * kr.get(e)
@@ -436,7 +446,7 @@ func (d *interp) Launch(l cudakern.Launch) error {
 					for e := range HD {
 						var acc float32
 						for j := range sc {
-							acc += sc[j] * d.typed(vPool.Add(d.kvSlot(pageTab, off0+layerOff, j)*kvDim*elem(kvb)+kvh*HD*elem(kvb)), HD, kvb).get(e)
+							acc += sc[j] * vrows[j].get(e)
 						}
 						o.set(head*HD+e, acc/sum)
 					}
