@@ -35,6 +35,7 @@ var unitTable = []struct {
 		{"rmsnorm", []Param{ptrP("out"), ptrP("x"), ptrP("w"), intP("n"), intP("cols"), floatP("eps")}},
 		{"residual_norm", []Param{ptrP("h"), ptrP("o"), ptrP("w_post"), ptrP("w_mid"), ptrP("w_next"), ptrP("x_out"),
 			ptrP("gate_w"), floatP("gate_b"), ptrP("gate_out"), intP("n"), intP("cols"), floatP("eps")}},
+		{"cast_rows", []Param{ptrP("out"), ptrP("x"), intP("n"), intP("cols")}},
 	}},
 	{"rope.cu", []Kernel{
 		{"rope_kv", []Param{ptrP("q"), intP("ldq"), ptrP("k"), intP("ldk"), ptrP("v"), intP("ldv"), ptrP("pos"), ptrP("tab_off"),

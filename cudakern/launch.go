@@ -69,6 +69,14 @@ func (a *Args) add(k ParamKind, v uint64) *Args {
 // Kinds lists the kinds appended so far.
 func (a *Args) Kinds() []ParamKind { return slices.Clone(a.kinds) }
 
+// Values lists the values appended so far, as the launch passes them: a device address, an
+// int32's bits (sign-extended through uint32) or a float32's bits, in the low bits. Hosts that
+// execute launches without a device (a test interpreter) decode them with Kinds.
+func (a *Args) Values() []uint64 { return slices.Clone(a.vals) }
+
+// Err is the first argument that did not fit its kind, or nil.
+func (a *Args) Err() error { return a.err }
+
 // Kernel is a kernel's name and parameter list: the host's record of its C signature, which
 // the tests check against what NVRTC compiled.
 type Kernel struct {

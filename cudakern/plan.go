@@ -120,6 +120,16 @@ func (p Planner) RMSNorm(out, x, w DevicePtr, n, cols int, eps float32) (Launch,
 	return l, nil
 }
 
+// CastRows plans out[n, cols] (act) = x[n, cols] (f32).
+func (p Planner) CastRows(out, x DevicePtr, n, cols int) (Launch, error) {
+	if err := rows("cast_rows", n, math.MaxInt32); err != nil {
+		return Launch{}, err
+	}
+	l := Launch{Kernel: "cast_rows", Grid: Dim3{uint32(n), 1, 1}, Block: Dim3{blockFor(cols, normThreads), 1, 1}}
+	l.Args.Ptr(out).Ptr(x).Int(n).Int(cols)
+	return l, nil
+}
+
 // ResidualNorm is residual_norm's buffers (see kernels/norm.cu); WMid, WNext and GateW are
 // optional (0), XOut goes with WNext and GateOut with GateW.
 type ResidualNorm struct {

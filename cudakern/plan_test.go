@@ -50,6 +50,7 @@ func TestPlannedLaunches(t *testing.T) {
 		{"embed", func() (Launch, error) { return p.Embed(ptr, ptr, ptr, 3, 2048, 49152) }, shape{Dim3{3, 1, 1}, Dim3{256, 1, 1}, 0}},
 		{"embed narrow", func() (Launch, error) { return p.Embed(ptr, ptr, ptr, 3, 40, 1024) }, shape{Dim3{3, 1, 1}, Dim3{64, 1, 1}, 0}},
 		{"rmsnorm", func() (Launch, error) { return p.RMSNorm(ptr, ptr, ptr, 5, 2048, 1e-6) }, shape{Dim3{5, 1, 1}, Dim3{256, 1, 1}, 0}},
+		{"cast_rows", func() (Launch, error) { return p.CastRows(ptr, ptr, 4, 2048) }, shape{Dim3{4, 1, 1}, Dim3{256, 1, 1}, 0}},
 		{"residual_norm", func() (Launch, error) {
 			return p.ResidualNorm(ResidualNorm{H: ptr, O: ptr, WPost: ptr, WNext: ptr, XOut: ptr}, 7, 2048, 1e-6)
 		}, shape{Dim3{7, 1, 1}, Dim3{256, 1, 1}, 0}},

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -12,9 +11,6 @@ import (
 	"github.com/loopserve/loopserve/runtime/engine"
 )
 
-// errCUDANotBuilt answers --backend cuda until the CUDA backend lands.
-var errCUDANotBuilt = errors.New("--backend cuda: the CUDA backend is not built yet (runtime/backend/cuda); use --backend cpu")
-
 // backendFlags choose the compute backend: shared by worker, up, bench and the developer tools.
 type backendFlags struct {
 	name     string
@@ -24,8 +20,8 @@ type backendFlags struct {
 
 func (f *backendFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
-	fl.StringVar(&f.name, "backend", "cpu", "compute backend: cpu, or cuda (not built yet)")
-	fl.StringVar(&f.numerics, "numerics", "exact", "CPU backend arithmetic: exact (float32 activations, the goldens') or bf16 (bfloat16 activations with AVX-512 BF16 dot products: faster, less accurate)")
+	fl.StringVar(&f.name, "backend", "cpu", "compute backend: cpu, or cuda (NVIDIA GPU through libcuda.so.1 and NVRTC, loaded at start; never run on a GPU yet: parity and speed unmeasured)")
+	fl.StringVar(&f.numerics, "numerics", "exact", "arithmetic: exact (float32 activations, the goldens') or bf16 (bfloat16 activations: on the CPU AVX-512 BF16 dot products; faster, less accurate)")
 	fl.IntVar(&f.threads, "threads", 0, "CPU backend goroutines per loop step (0: GOMAXPROCS)")
 }
 
@@ -46,7 +42,15 @@ func (f *backendFlags) backend() (engine.Backend, error) {
 		}
 		return be, nil
 	case "cuda":
-		return nil, errCUDANotBuilt
+		num, err := cpu.ParseNumerics(f.numerics)
+		if err != nil {
+			return nil, fmt.Errorf("--numerics: %w", err)
+		}
+		be, err := cudaBackend(num == cpu.BF16)
+		if err != nil {
+			return nil, fmt.Errorf("--backend cuda: %w", err)
+		}
+		return be, nil
 	}
 	return nil, fmt.Errorf("--backend %q: want cpu or cuda", f.name)
 }

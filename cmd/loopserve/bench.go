@@ -33,6 +33,7 @@ and the serving path (requests/s, TTFT, inter-token latency) side by side, repor
 	cmd.AddCommand(newBenchServeCmd())
 	cmd.AddCommand(newBenchChaosCmd())
 	cmd.AddCommand(newBenchTunerCmd())
+	cmd.AddCommand(newBenchMkmodelCmd())
 	return cmd
 }
 

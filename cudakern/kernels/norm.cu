@@ -88,3 +88,14 @@ extern "C" __global__ void residual_norm(float* __restrict__ h, const float* __r
         if (threadIdx.x == 0) gate_out[r] = g + gate_b;
     }
 }
+
+// cast_rows: out[r] = x[r] as act_t (the LM head's input: the normed state, f32, rounded to
+// the GEMM input type; a plain copy in the f32 mode).
+// grid (n), block 256. out [n, cols] act_t, x [n, cols] f32.
+extern "C" __global__ void cast_rows(act_t* __restrict__ out, const float* __restrict__ x, int n, int cols) {
+    int r = blockIdx.x;
+    if (r >= n) return;
+    const float* xr = x + (i64)r * cols;
+    act_t* o = out + (i64)r * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) store(o + c, xr[c]);
+}
