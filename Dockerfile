@@ -6,15 +6,16 @@
 # `make docker-build` builds both. The default tiny model is embedded for `loopserve up`; real
 # models come from the LoopModel's volume (pvc / hostPath / image).
 
-# Static build: CGO_ENABLED=0 links no libc (file(1): "statically linked", no NEEDED entries), so
-# it runs on a base with no C library. cudakern cannot dlopen libcuda from a static binary; this
-# binary runs the CPU engine.
+# Static build: CGO_ENABLED=0 with the nocuda tag links no libc (file(1): "statically linked", no
+# NEEDED entries), so it runs on a base with no C library. Without the tag, purego (the CUDA
+# backend's loader) makes even a CGO_ENABLED=0 binary ask for the dynamic loader; this binary runs
+# the CPU engine, and --backend cuda there says it was built without the CUDA backend.
 FROM golang:1.26 AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /out/loopserve ./cmd/loopserve
+RUN CGO_ENABLED=0 go build -tags nocuda -trimpath -ldflags "-s -w" -o /out/loopserve ./cmd/loopserve
 
 # GPU build: dynamically linked against glibc so that cudakern (purego) can dlopen libcuda.so.1
 # (mounted by the NVIDIA container runtime) and libnvrtc (in the CUDA runtime image). Built on
