@@ -172,6 +172,13 @@ func conditionIs(ns, name, typ string, status metav1.ConditionStatus, reason str
 // is updated, ready and available for the current generation.
 func markDeploymentReady(t *testing.T, ns, name string) {
 	t.Helper()
+	setReadyWorkers(t, ns, name, -1)
+}
+
+// setReadyWorkers plays the Deployment controller with ready of the desired pods ready and
+// available (all of them when ready < 0), every desired pod updated for the current generation.
+func setReadyWorkers(t *testing.T, ns, name string, ready int32) {
+	t.Helper()
 	ctx := context.Background()
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		var dep appsv1.Deployment
@@ -179,14 +186,18 @@ func markDeploymentReady(t *testing.T, ns, name string) {
 			return err
 		}
 		n := ptr.Deref(dep.Spec.Replicas, 1)
+		r := ready
+		if r < 0 {
+			r = n
+		}
 		dep.Status = appsv1.DeploymentStatus{
 			ObservedGeneration: dep.Generation,
-			Replicas:           n, UpdatedReplicas: n, ReadyReplicas: n, AvailableReplicas: n,
+			Replicas:           n, UpdatedReplicas: n, ReadyReplicas: r, AvailableReplicas: r,
 		}
 		return k8s.Status().Update(ctx, &dep)
 	})
 	if err != nil {
-		t.Fatalf("marking Deployment %s ready: %v", name, err)
+		t.Fatalf("setting ready workers of Deployment %s: %v", name, err)
 	}
 }
 

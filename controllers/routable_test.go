@@ -7,31 +7,11 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/loopserve/loopserve/bus"
 )
-
-// setReadyWorkers reports ready of the Deployment's desired workers as ready.
-func setReadyWorkers(t *testing.T, ns, name string, ready int32) {
-	t.Helper()
-	ctx := context.Background()
-	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		var dep appsv1.Deployment
-		if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, &dep); err != nil {
-			return err
-		}
-		n := ptr.Deref(dep.Spec.Replicas, 1)
-		dep.Status = appsv1.DeploymentStatus{ObservedGeneration: dep.Generation,
-			Replicas: n, UpdatedReplicas: n, ReadyReplicas: ready, AvailableReplicas: ready}
-		return k8s.Status().Update(ctx, &dep)
-	})
-	if err != nil {
-		t.Fatalf("setting ready workers of %s: %v", name, err)
-	}
-}
 
 // TestRoutableWhileScalingUp: with one of three workers ready the model is not Ready (not all
 // desired workers are), yet its registry entry stays routable, so a scale-up is no outage;
