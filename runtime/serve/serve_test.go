@@ -483,22 +483,7 @@ func TestStatsAndControl(t *testing.T) {
 		t.Errorf("threshold after the file = %v, want 0.9", got)
 	}
 	nc := c.connect("operator")
-	snaps := make(chan bus.StatsSnapshot, 64)
-	sub, err := nc.Subscribe(c.ref.StatsSubject(), func(m *nats.Msg) {
-		s, err := bus.DecodeStats(m.Data)
-		if err != nil {
-			t.Errorf("bad snapshot: %v", err)
-			return
-		}
-		select {
-		case snaps <- s:
-		default:
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
+	snaps := c.subscribeStats(nc, 64)
 	ctx := context.Background()
 	run := func() result {
 		r, err := post(ctx, c.gw.URL, "/v1/completions", map[string]any{"model": "ouro-tiny-arith", "prompt": arithPrompt, "max_tokens": 16})
@@ -690,4 +675,29 @@ func TestHeartbeatsKeepLongRequests(t *testing.T) {
 	if n := tokensGenerated(t, c); int(n) != got.Usage.CompletionTokens {
 		t.Errorf("workers generated %v tokens for a %d-token answer: the request was redelivered", n, got.Usage.CompletionTokens)
 	}
+}
+
+// subscribeStats returns the stats snapshots published from now on, received over nc
+// (buffered up to n; later ones are dropped while the buffer is full). The subscription ends
+// with the test; a snapshot that does not decode fails the test.
+func (c *cluster) subscribeStats(nc *nats.Conn, n int) <-chan bus.StatsSnapshot {
+	c.t.Helper()
+	t := c.t
+	snaps := make(chan bus.StatsSnapshot, n)
+	sub, err := nc.Subscribe(c.ref.StatsSubject(), func(m *nats.Msg) {
+		s, err := bus.DecodeStats(m.Data)
+		if err != nil {
+			t.Errorf("bad snapshot: %v", err)
+			return
+		}
+		select {
+		case snaps <- s:
+		default:
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	return snaps
 }

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/nats-io/nats.go"
 
 	"github.com/loopserve/loopserve/bus"
 	"github.com/loopserve/loopserve/runtime/engine"
@@ -64,22 +63,7 @@ func TestStatsWindowKeepsOverridesOut(t *testing.T) {
 func TestWorkerFollowsRegistry(t *testing.T) {
 	c := newCluster(t, clusterOptions{})
 	nc := c.connect("observer")
-	snaps := make(chan bus.StatsSnapshot, 256)
-	sub, err := nc.Subscribe(c.ref.StatsSubject(), func(m *nats.Msg) {
-		s, err := bus.DecodeStats(m.Data)
-		if err != nil {
-			t.Errorf("bad snapshot: %v", err)
-			return
-		}
-		select {
-		case snaps <- s:
-		default:
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
+	snaps := c.subscribeStats(nc, 256)
 	gen := newGenerator(t)
 	c.startWorker("w1", gen, WorkerOptions{})
 	awaitCond(t, func() bool { return gen.Threshold() == 0.9 }) // the entry's, not the engine's 0.7
