@@ -34,8 +34,10 @@ import (
 	"github.com/loopserve/loopserve/api/v1alpha1"
 )
 
-// LoopModelReconciler reconciles LoopModels. Fill it in and call SetupWithManager; it is
-// called by one controller worker at a time per object, and its NATS pool is shared.
+// LoopModelReconciler reconciles LoopModels. Fill it in and call SetupWithManager, which runs
+// its full reconcile (Reconcile) and its stats path (reconcileStats) as two controllers: each
+// runs one request at a time per object, but the two may run at once for one object, so what
+// they share (the stats book, the tuners, the NATS pool) is safe for concurrent use.
 type LoopModelReconciler struct {
 	Client    client.Client        // cached client of the manager
 	APIReader client.Reader        // uncached reads of objects the operator does not watch (pods, PVCs, Secrets)
@@ -53,7 +55,8 @@ type LoopModelReconciler struct {
 	RetryMax     time.Duration // longest retry delay after repeated errors, e.g. NATS down (2m when zero)
 
 	// StatsWindow is how far back status.observed looks at the workers' stats (1m when zero);
-	// StatsInterval is the least time between two status updates caused by stats (15s when zero).
+	// StatsInterval is the least time between two wake-ups of the stats path by arriving stats
+	// (15s when zero).
 	StatsWindow, StatsInterval time.Duration
 
 	// FinalizerTimeout is how long a deleted LoopModel waits for NATS to be reachable for its

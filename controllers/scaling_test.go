@@ -14,6 +14,7 @@ import (
 	eventsv1 "k8s.io/api/events/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -65,12 +66,13 @@ func scaledLoopModel(ns, name, url string, mode v1alpha1.TuningMode) *v1alpha1.L
 }
 
 // scalingLoad is feed's load for scaledLoopModel: heavy, each of the two simulated workers
-// reports 50 tokens at depth 3 every 100ms (about 3000 loop steps/s in all, more than two
-// workers' 1000 each: three wanted, the maximum); light, 5 tokens (about 300: one worker).
+// reports 100 tokens at depth 3 every 100ms (about 6000 loop steps/s in all, more than
+// maxReplicas 3 workers of 1000 carry: three wanted, even if half the reports were late);
+// light, 5 tokens (about 300: one worker).
 func scalingLoad(heavy *atomic.Bool) func(float64) (int64, int, float64) {
 	return func(float64) (int64, int, float64) {
 		if heavy.Load() {
-			return 50, 2, 0.005
+			return 100, 2, 0.005
 		}
 		return 5, 1, 0.002
 	}
@@ -184,20 +186,17 @@ func TestScaleRefusedInAuto(t *testing.T) {
 	}
 	markReadyWhenCreated(t, ns, "owned-worker")
 
-	lm := getLoopModel(t, ns, "owned")
-	var scale autoscalingv1.Scale
-	if err := k8s.SubResource("scale").Get(ctx, lm, &scale); err != nil {
-		t.Fatalf("reading /scale: %v", err)
-	}
-	scale.Spec.Replicas = 2
-	err := k8s.SubResource("scale").Update(ctx, lm, client.WithSubResourceBody(&scale))
+	err := writeScale(ns, "owned", 2)
 	if !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), "the tuning loop owns the worker count") {
 		t.Fatalf("scaling through /scale in auto mode: %v, want Invalid saying the tuning loop owns the count", err)
 	}
 	t.Logf("/scale in auto mode: %v", err)
-	lm = getLoopModel(t, ns, "owned")
-	lm.Spec.Scaling.Replicas = ptr.To[int32](3)
-	if err := k8s.Update(ctx, lm); !apierrors.IsInvalid(err) {
+	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		lm := getLoopModel(t, ns, "owned")
+		lm.Spec.Scaling.Replicas = ptr.To[int32](3)
+		return k8s.Update(ctx, lm)
+	})
+	if !apierrors.IsInvalid(err) {
 		t.Errorf("editing spec.scaling.replicas in auto mode: %v, want Invalid", err)
 	}
 	updateLoopModel(t, ns, "owned", func(lm *v1alpha1.LoopModel) { lm.Spec.Loop.ExitThreshold = 0.8 })
@@ -221,14 +220,25 @@ func TestScaleRefusedInAuto(t *testing.T) {
 // HPA does.
 func scaleTo(t *testing.T, ns, name string, n int32) {
 	t.Helper()
-	ctx := context.Background()
-	lm := getLoopModel(t, ns, name)
-	var scale autoscalingv1.Scale
-	if err := k8s.SubResource("scale").Get(ctx, lm, &scale); err != nil {
-		t.Fatalf("reading /scale: %v", err)
-	}
-	scale.Spec.Replicas = n
-	if err := k8s.SubResource("scale").Update(ctx, lm, client.WithSubResourceBody(&scale)); err != nil {
+	if err := writeScale(ns, name, n); err != nil {
 		t.Fatalf("scaling %s to %d: %v", name, n, err)
 	}
+}
+
+// writeScale reads the LoopModel's /scale and writes n replicas back, again when a status write
+// came in between (a Scale carries the LoopModel's resourceVersion).
+func writeScale(ns, name string, n int32) error {
+	ctx := context.Background()
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		var lm v1alpha1.LoopModel
+		if err := k8s.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, &lm); err != nil {
+			return err
+		}
+		var scale autoscalingv1.Scale
+		if err := k8s.SubResource("scale").Get(ctx, &lm, &scale); err != nil {
+			return fmt.Errorf("reading /scale: %w", err)
+		}
+		scale.Spec.Replicas = n
+		return k8s.SubResource("scale").Update(ctx, &lm, client.WithSubResourceBody(&scale))
+	})
 }
