@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -333,5 +334,35 @@ func configMapThreshold(ns, name string, tau float64) func() error {
 			return fmt.Errorf("ConfigMap threshold %v, want %v", c.ExitThreshold, tau)
 		}
 		return nil
+	}
+}
+
+// TestTuneKeepsDecision: within an interval both paths write the tuner's last decision, even
+// from a copy of the LoopModel that missed it (a status patch lost to a conflict, a stale
+// cache), and a new decision comes only once the interval has passed.
+func TestTuneKeepsDecision(t *testing.T) {
+	r := &LoopModelReconciler{stats: newStatsBook(time.Minute, time.Hour, nil)}
+	lm := defaulted()
+	lm.Spec.Tuning = v1alpha1.TuningSpec{Mode: v1alpha1.TuningAdvisory, Interval: &metav1.Duration{Duration: 30 * time.Second}}
+	stale := lm.DeepCopy()
+	t0 := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+
+	r.tune(lm, t0)
+	first := lm.Status.DeepCopy()
+	if first.Recommendation == nil || first.LastTuneTime == nil || !first.LastTuneTime.Time.Equal(t0) {
+		t.Fatalf("status after the first decision: %+v", first)
+	}
+	r.tune(stale, t0.Add(10*time.Second))
+	if diff := cmp.Diff(stale.Status, *first); diff != "" {
+		t.Errorf("within the interval, from a copy that missed the decision (-got +want):\n%s", diff)
+	}
+	r.tune(stale, t0.Add(30*time.Second))
+	if got := stale.Status.LastTuneTime; got == nil || !got.Time.Equal(t0.Add(30*time.Second)) {
+		t.Errorf("lastTuneTime after the interval = %v, want a new decision at %v", got, t0.Add(30*time.Second))
+	}
+	lm.Spec.Tuning.Mode = v1alpha1.TuningOff
+	r.tune(lm, t0.Add(31*time.Second))
+	if lm.Status.Recommendation != nil {
+		t.Errorf("off mode kept recommendation %+v", lm.Status.Recommendation)
 	}
 }
