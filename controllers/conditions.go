@@ -46,6 +46,8 @@ const (
 	EventQueueDeleted       = "QueueDeleted"
 	EventThresholdLowered   = "ThresholdLowered" // the tuning loop lowered the threshold in force
 	EventThresholdRaised    = "ThresholdRaised"  // the tuning loop raised it back towards the spec's
+	EventScaledUp           = "ScaledUp"         // the tuning loop (auto mode) added workers
+	EventScaledDown         = "ScaledDown"       // the tuning loop removed workers after scaleDownDelay
 	// EventCleanupAbandoned (Warning) says a deleted LoopModel's stream and registry entry were
 	// left on NATS: its credentials Secret was gone, or NATS stayed unreachable for the
 	// finalizer timeout. Deletion (and its namespace's) goes on.

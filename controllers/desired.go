@@ -91,13 +91,30 @@ func objectLabels(lm *v1alpha1.LoopModel) map[string]string {
 
 // desiredReplicas is spec.scaling.replicas clamped to [minReplicas, maxReplicas].
 func desiredReplicas(lm *v1alpha1.LoopModel) int32 {
-	s := lm.Spec.Scaling
-	n := s.MinReplicas
-	if s.Replicas != nil {
-		n = *s.Replicas
+	n := lm.Spec.Scaling.MinReplicas
+	if r := lm.Spec.Scaling.Replicas; r != nil {
+		n = *r
 	}
-	if s.MaxReplicas > 0 && n > s.MaxReplicas {
-		n = s.MaxReplicas
+	return clampReplicas(lm, n)
+}
+
+// replicasInForce is the number of workers the Deployment runs: desiredReplicas, or in auto
+// tuning mode the tuned status.recommendation.replicas once the loop has decided, kept within
+// [minReplicas, maxReplicas] so that a spec edit bounds it at once. In auto mode the API server
+// refuses changes of spec.scaling.replicas (/scale included): the loop owns the count.
+func replicasInForce(lm *v1alpha1.LoopModel) int32 {
+	rec := lm.Status.Recommendation
+	if tuningMode(lm) != v1alpha1.TuningAuto || lm.Status.LastTuneTime == nil || rec == nil || rec.Replicas < 1 {
+		return desiredReplicas(lm)
+	}
+	return clampReplicas(lm, rec.Replicas)
+}
+
+// clampReplicas keeps n within [minReplicas, maxReplicas] (maxReplicas 0: unbounded), and at least 1.
+func clampReplicas(lm *v1alpha1.LoopModel, n int32) int32 {
+	s := lm.Spec.Scaling
+	if s.MaxReplicas > 0 {
+		n = min(n, s.MaxReplicas)
 	}
 	return max(n, s.MinReplicas, 1)
 }
@@ -236,7 +253,7 @@ func desiredDeployment(lm *v1alpha1.LoopModel, d defaults) (*appsv1.Deployment, 
 	}
 	rt := lm.Spec.Runtime
 	res := d.resolved(lm)
-	replicas := desiredReplicas(lm)
+	replicas := replicasInForce(lm)
 
 	env := append([]corev1.EnvVar(nil), rt.Env...)
 	mounts := []corev1.VolumeMount{

@@ -20,20 +20,24 @@ import (
 	"k8s.io/client-go/tools/events"
 	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
 )
 
-// LoopModelReconciler reconciles LoopModels. Fill it in and call SetupWithManager; it is
-// called by one controller worker at a time per object, and its NATS pool is shared.
+// LoopModelReconciler reconciles LoopModels. Fill it in and call SetupWithManager, which runs
+// its full reconcile (Reconcile) and its stats path (reconcileStats) as two controllers: each
+// runs one request at a time per object, but the two may run at once for one object, so what
+// they share (the stats book, the tuners, the NATS pool) is safe for concurrent use.
 type LoopModelReconciler struct {
 	Client    client.Client        // cached client of the manager
 	APIReader client.Reader        // uncached reads of objects the operator does not watch (pods, PVCs, Secrets)
@@ -51,7 +55,8 @@ type LoopModelReconciler struct {
 	RetryMax     time.Duration // longest retry delay after repeated errors, e.g. NATS down (2m when zero)
 
 	// StatsWindow is how far back status.observed looks at the workers' stats (1m when zero);
-	// StatsInterval is the least time between two status updates caused by stats (15s when zero).
+	// StatsInterval is the least time between two wake-ups of the stats path by arriving stats
+	// (15s when zero).
 	StatsWindow, StatsInterval time.Duration
 
 	// FinalizerTimeout is how long a deleted LoopModel waits for NATS to be reachable for its
@@ -96,7 +101,7 @@ func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		retErr = errors.Join(retErr, r.patchStatus(ctx, before, &lm))
 	}()
 
-	r.tune(&lm, time.Now())
+	r.refresh(&lm, time.Now())
 	p, err := r.plan(ctx, &lm)
 	if err == nil {
 		err = r.apply(ctx, &lm, p)
@@ -122,31 +127,43 @@ func (r *LoopModelReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		return ctrl.Result{}, natsErr
 	case !ro.complete():
 		return ctrl.Result{RequeueAfter: r.pollInterval()}, nil
-	case tuningMode(&lm) != v1alpha1.TuningOff:
-		return ctrl.Result{RequeueAfter: min(r.resync(), tuningInterval(&lm))}, nil
-	case lm.Status.Observed != nil:
-		// Stats arriving ask for reconciles; when they stop, this one clears status.observed.
-		return ctrl.Result{RequeueAfter: min(r.resync(), r.statsWindow())}, nil
 	default:
+		// Decisions and status.observed are the stats path's to keep fresh (reconcileStats).
 		return ctrl.Result{RequeueAfter: r.resync()}, nil
 	}
 }
 
-// SetupWithManager registers the controller: LoopModels and the objects they own.
+// SetupWithManager registers two controllers sharing the stats book and the tuners: the full
+// reconcile ("loopmodel"), woken by the LoopModels' changes it acts on (actsOn) and by the
+// objects they own, and the stats path ("loopmodel-stats"), woken by the workers' stats.
 func (r *LoopModelReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	limiter := workqueue.NewTypedItemExponentialFailureRateLimiter[reconcile.Request](
-		cmp.Or(r.RetryBase, time.Second), cmp.Or(r.RetryMax, 2*time.Minute))
 	statsEvents := make(chan event.GenericEvent, 64)
 	r.stats = newStatsBook(r.statsWindow(), cmp.Or(r.StatsInterval, 15*time.Second), statsEvents)
-	return ctrl.NewControllerManagedBy(mgr).
-		For(&v1alpha1.LoopModel{}).
+	err := ctrl.NewControllerManagedBy(mgr).
+		For(&v1alpha1.LoopModel{}, builder.WithPredicates(predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
+			old, okOld := e.ObjectOld.(*v1alpha1.LoopModel)
+			cur, okCur := e.ObjectNew.(*v1alpha1.LoopModel)
+			return !okOld || !okCur || actsOn(old, cur)
+		}})).
 		Owns(&appsv1.Deployment{}).
 		Owns(&corev1.Service{}).
 		Owns(&corev1.ConfigMap{}).
-		WatchesRawSource(source.Channel(statsEvents, &handler.EnqueueRequestForObject{})).
-		WithOptions(controller.Options{RateLimiter: limiter}).
+		WithOptions(controller.Options{RateLimiter: r.rateLimiter()}).
 		Named("loopmodel").
 		Complete(r)
+	if err != nil {
+		return err
+	}
+	return ctrl.NewControllerManagedBy(mgr).
+		WatchesRawSource(source.Channel(statsEvents, &handler.EnqueueRequestForObject{})).
+		WithOptions(controller.Options{RateLimiter: r.rateLimiter()}).
+		Named("loopmodel-stats").
+		Complete(reconcile.Func(r.reconcileStats))
+}
+
+// rateLimiter spaces the retries of one LoopModel after errors: RetryBase doubling up to RetryMax.
+func (r *LoopModelReconciler) rateLimiter() workqueue.TypedRateLimiter[reconcile.Request] {
+	return workqueue.NewTypedItemExponentialFailureRateLimiter[reconcile.Request](r.retryBase(), cmp.Or(r.RetryMax, 2*time.Minute))
 }
 
 // CacheOptions limit the manager's cache of Deployments, Services and ConfigMaps to the ones
@@ -330,11 +347,11 @@ func (r *LoopModelReconciler) observe(ctx context.Context, dep *appsv1.Deploymen
 }
 
 // patchStatus writes the status once per reconcile, and only when it changed.
-func (r *LoopModelReconciler) patchStatus(ctx context.Context, before, lm *v1alpha1.LoopModel) error {
+func (r *LoopModelReconciler) patchStatus(ctx context.Context, before, lm *v1alpha1.LoopModel, opts ...client.MergeFromOption) error {
 	if equality.Semantic.DeepEqual(before.Status, lm.Status) {
 		return nil
 	}
-	if err := r.Client.Status().Patch(ctx, lm, client.MergeFrom(before)); err != nil {
+	if err := r.Client.Status().Patch(ctx, lm, client.MergeFromWithOptions(before, opts...)); err != nil {
 		if apierrors.IsNotFound(err) {
 			return nil
 		}
@@ -386,7 +403,8 @@ func (r *LoopModelReconciler) finalizerTimeout() time.Duration {
 func (r *LoopModelReconciler) pollInterval() time.Duration {
 	return cmp.Or(r.PollInterval, 10*time.Second)
 }
-func (r *LoopModelReconciler) resync() time.Duration { return cmp.Or(r.Resync, 5*time.Minute) }
+func (r *LoopModelReconciler) resync() time.Duration    { return cmp.Or(r.Resync, 5*time.Minute) }
+func (r *LoopModelReconciler) retryBase() time.Duration { return cmp.Or(r.RetryBase, time.Second) }
 
 func (r *LoopModelReconciler) statsWindow() time.Duration { return cmp.Or(r.StatsWindow, time.Minute) }
 func (r *LoopModelReconciler) natsTimeout() time.Duration {

@@ -15,13 +15,14 @@ import (
 )
 
 // statsBook collects the stats snapshots the workers of each LoopModel publish and turns the
-// recent ones into status.observed. It subscribes once per LoopModel on the operator's pooled
-// connection (nats.go resubscribes after reconnects) and asks for a reconcile, at most once per
-// interval, when snapshots arrive. Safe for concurrent use.
+// recent ones into status.observed and tuning windows. It subscribes once per LoopModel on the
+// operator's pooled connection (nats.go resubscribes after reconnects) and wakes the stats path
+// (reconcileStats), at most once per interval, when snapshots arrive; the full reconcile
+// subscribes, both paths read. Safe for concurrent use.
 type statsBook struct {
 	window   time.Duration             // snapshots older than this are dropped
-	interval time.Duration             // least time between two reconciles asked for one LoopModel
-	notify   chan<- event.GenericEvent // reconcile requests; sends never block
+	interval time.Duration             // least time between two wake-ups of the stats path for one LoopModel
+	notify   chan<- event.GenericEvent // stats path requests; sends never block
 
 	mu    sync.Mutex
 	books map[bus.Ref]*modelStats
@@ -102,7 +103,7 @@ func (b *statsBook) add(r bus.Ref, data []byte) {
 		lm.Namespace, lm.Name = r.Namespace, r.Name
 		select {
 		case b.notify <- event.GenericEvent{Object: lm}:
-		default: // a reconcile is already queued
+		default: // a request is already queued
 		}
 	}
 }

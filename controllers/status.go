@@ -87,7 +87,8 @@ func truncate(s string, n int) string {
 	return s[:n] + "…"
 }
 
-// setStatus fills the status from one reconcile's outcome: the rollout and the NATS sync.
+// setStatus fills the status from one reconcile's outcome: the rollout and the NATS sync
+// (refresh fills what the stats decide).
 func (r *LoopModelReconciler) setStatus(lm *v1alpha1.LoopModel, p *plan, ro rollout, natsErr error) {
 	st := &lm.Status
 	st.Replicas = ro.replicas
@@ -128,10 +129,23 @@ func (r *LoopModelReconciler) setStatus(lm *v1alpha1.LoopModel, p *plan, ro roll
 			fmt.Sprintf("%d of %d workers ready; requests go to %s", ro.ready, ro.desired, ref(lm).RequestSubject())))
 	}
 
+	if natsErr == nil {
+		st.NATSURL = p.resolved.NATSURL
+		st.ExitThreshold = p.tau
+		st.ObservedGeneration = lm.Generation
+	}
+}
+
+// refresh recomputes the part of the status that the workers' stats decide: the tuning
+// decision (tune), status.observed and the SLOMet condition. It reads memory only (the stats
+// book and the tuners), never the API or NATS: the full reconcile and the stats path both call it.
+func (r *LoopModelReconciler) refresh(lm *v1alpha1.LoopModel, now time.Time) {
+	r.tune(lm, now)
+	st := &lm.Status
 	if r.stats != nil {
 		// Without stats in the window, status.observed goes: SLOMet never rests on old figures.
 		st.Observed = nil
-		if obs, ok := r.stats.observed(ref(lm), time.Now(), p.tau); ok {
+		if obs, ok := r.stats.observed(ref(lm), now, thresholdInForce(lm)); ok {
 			st.Observed = obs
 		}
 	}
@@ -139,11 +153,6 @@ func (r *LoopModelReconciler) setStatus(lm *v1alpha1.LoopModel, p *plan, ro roll
 		r.setCondition(lm, c)
 	} else {
 		meta.RemoveStatusCondition(&st.Conditions, CondSLOMet)
-	}
-	if natsErr == nil {
-		st.NATSURL = p.resolved.NATSURL
-		st.ExitThreshold = p.tau
-		st.ObservedGeneration = lm.Generation
 	}
 }
 

@@ -71,8 +71,9 @@ func policySpec(lm *v1alpha1.LoopModel) gatepolicy.Spec {
 
 // tuners keeps one gatepolicy.Tuner per LoopModel, since its state (last τ, capacity fit,
 // scale-down candidate) spans intervals; it is rebuilt when the policy spec changes. Safe for
-// concurrent use; each Tuner is used by one reconcile at a time (the controller never runs two
-// reconciles of one object at once).
+// concurrent use. The full reconcile and the stats path may refresh one LoopModel at once:
+// each tunerOf serialises its decisions and holds the last one, so that both paths write the
+// same decision into status however stale their cached copy of the LoopModel is.
 type tuners struct {
 	mu sync.Mutex
 	m  map[bus.Ref]*tunerOf
@@ -81,13 +82,18 @@ type tuners struct {
 type tunerOf struct {
 	spec  gatepolicy.Spec
 	tuner *gatepolicy.Tuner
+
+	mu   sync.Mutex               // held for a decision and while its result is read
+	at   time.Time                // when the last decision was taken; zero before the first
+	mode v1alpha1.TuningMode      // the mode it was taken in
+	rec  *v1alpha1.Recommendation // the last decision
 }
 
-func (ts *tuners) get(r bus.Ref, spec gatepolicy.Spec) (*gatepolicy.Tuner, error) {
+func (ts *tuners) get(r bus.Ref, spec gatepolicy.Spec) (*tunerOf, error) {
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
 	if t, ok := ts.m[r]; ok && equalSpec(t.spec, spec) {
-		return t.tuner, nil
+		return t, nil
 	}
 	t, err := gatepolicy.NewTuner(spec)
 	if err != nil {
@@ -96,8 +102,9 @@ func (ts *tuners) get(r bus.Ref, spec gatepolicy.Spec) (*gatepolicy.Tuner, error
 	if ts.m == nil {
 		ts.m = make(map[bus.Ref]*tunerOf)
 	}
-	ts.m[r] = &tunerOf{spec: spec, tuner: t}
-	return t, nil
+	to := &tunerOf{spec: spec, tuner: t}
+	ts.m[r] = to
+	return to, nil
 }
 
 func (ts *tuners) forget(r bus.Ref) {
@@ -112,9 +119,12 @@ func equalSpec(a, b gatepolicy.Spec) bool {
 
 // tune runs one step of the tuning loop when the mode asks for it and an interval has passed
 // since the last decision: the workers' stats of the last interval go to gatepolicy, whose
-// decision fills status.recommendation; in auto mode its threshold becomes status.exitThreshold,
-// the threshold in force (thresholdInForce), which the reconcile then writes to the ConfigMap,
-// the registry entry and the workers. Off clears what an earlier mode reported.
+// decision fills status.recommendation and status.lastTuneTime. In auto mode its threshold
+// becomes status.exitThreshold (thresholdInForce) and its replicas the replicas in force
+// (replicasInForce), which the full reconcile then writes to the ConfigMap, the registry entry,
+// the workers and the Deployment. Between decisions it writes the last decision again, so a
+// status write lost to a conflict is not a decision lost. Off clears what an earlier mode
+// reported.
 func (r *LoopModelReconciler) tune(lm *v1alpha1.LoopModel, now time.Time) {
 	st := &lm.Status
 	mode := tuningMode(lm)
@@ -122,19 +132,36 @@ func (r *LoopModelReconciler) tune(lm *v1alpha1.LoopModel, now time.Time) {
 		st.Recommendation = nil
 		return
 	}
-	interval := tuningInterval(lm)
-	if last := st.LastTuneTime; last != nil && now.Sub(last.Time) < interval && st.Recommendation != nil {
-		return
-	}
-	tau := thresholdInForce(lm)
-	t, err := r.tuners.get(ref(lm), policySpec(lm))
+	to, err := r.tuners.get(ref(lm), policySpec(lm))
 	if err != nil {
-		st.Recommendation = &v1alpha1.Recommendation{ExitThreshold: tau, Replicas: desiredReplicas(lm),
+		st.Recommendation = &v1alpha1.Recommendation{ExitThreshold: thresholdInForce(lm), Replicas: replicasInForce(lm),
 			Reasons: []string{"InvalidSpec: " + err.Error()}}
 		return
 	}
+	to.mu.Lock()
+	defer to.mu.Unlock()
+	if to.rec == nil || to.mode != mode || now.Sub(to.at) >= tuningInterval(lm) {
+		to.rec, to.at, to.mode = r.decide(lm, to.tuner, now), now, mode
+		if mode == v1alpha1.TuningAuto {
+			r.announce(lm, to.rec)
+		}
+	}
+	// Seconds: the API server keeps no finer time, and a finer one would differ at every write.
+	st.LastTuneTime = &metav1.Time{Time: to.at.Truncate(time.Second)}
+	st.Recommendation = to.rec.DeepCopy()
+	if mode == v1alpha1.TuningAuto && to.rec.ExitThreshold > 0 {
+		st.ExitThreshold = to.rec.ExitThreshold
+	}
+}
+
+// decide asks the tuner for the decision of the interval that ends now, from the stats of
+// that interval and the τ and replicas in force.
+func (r *LoopModelReconciler) decide(lm *v1alpha1.LoopModel, t *gatepolicy.Tuner, now time.Time) *v1alpha1.Recommendation {
+	st := &lm.Status
+	interval := tuningInterval(lm)
+	tau := thresholdInForce(lm)
 	win := r.stats.policyWindow(ref(lm), tau, t.Spec().MaxSteps, now, interval)
-	desired := int(desiredReplicas(lm))
+	desired := int(replicasInForce(lm))
 	d := t.Decide(gatepolicy.Observation{
 		Now:              now,
 		Windows:          map[string]*gatepolicy.Window{"": win},
@@ -144,7 +171,6 @@ func (r *LoopModelReconciler) tune(lm *v1alpha1.LoopModel, now time.Time) {
 		StartingReplicas: max(desired-int(st.ReadyReplicas), 0),
 	})
 	r.tuneMetrics(lm, d)
-	st.LastTuneTime = &metav1.Time{Time: now}
 	rec := &v1alpha1.Recommendation{ExitThreshold: d.Tau[""], Replicas: int32(d.Replicas), SLOReachable: d.SLOReachable}
 	if !math.IsNaN(d.PredictedDepth) {
 		rec.PredictedMeanDepth = round3(d.PredictedDepth)
@@ -155,15 +181,25 @@ func (r *LoopModelReconciler) tune(lm *v1alpha1.LoopModel, now time.Time) {
 	for _, reason := range d.Reasons {
 		rec.Reasons = append(rec.Reasons, truncate(reason.Code+": "+reason.Message, maxMessage))
 	}
-	st.Recommendation = rec
-	if mode != v1alpha1.TuningAuto || !(rec.ExitThreshold > 0) || sameThreshold(rec.ExitThreshold, tau) {
-		return
+	return rec
+}
+
+// announce records an event for each thing an auto-mode decision changes: the threshold in
+// force and the replicas in force, with the decision's reasons.
+func (r *LoopModelReconciler) announce(lm *v1alpha1.LoopModel, rec *v1alpha1.Recommendation) {
+	why := truncate(fmt.Sprint(rec.Reasons), maxMessage)
+	if tau := thresholdInForce(lm); rec.ExitThreshold > 0 && !sameThreshold(rec.ExitThreshold, tau) {
+		reason := EventThresholdLowered
+		if rec.ExitThreshold > tau {
+			reason = EventThresholdRaised
+		}
+		r.Events.Eventf(lm, nil, corev1.EventTypeNormal, reason, "Tune", "exit threshold tuned from %g to %g: %s", tau, rec.ExitThreshold, why)
 	}
-	reason := EventThresholdLowered
-	if rec.ExitThreshold > tau {
-		reason = EventThresholdRaised
+	if n, want := replicasInForce(lm), clampReplicas(lm, rec.Replicas); want != n {
+		reason := EventScaledDown
+		if want > n {
+			reason = EventScaledUp
+		}
+		r.Events.Eventf(lm, nil, corev1.EventTypeNormal, reason, "Tune", "workers tuned from %d to %d: %s", n, want, why)
 	}
-	r.Events.Eventf(lm, nil, corev1.EventTypeNormal, reason, "Tune", "exit threshold tuned from %g to %g: %s",
-		tau, rec.ExitThreshold, truncate(fmt.Sprint(rec.Reasons), maxMessage))
-	st.ExitThreshold = rec.ExitThreshold
 }

@@ -134,8 +134,8 @@ func TestTuningAdvisoryReportsOnly(t *testing.T) {
 }
 
 // TestTuningAutoLowersAndRestores: in auto mode, with latency above the SLO at the spec's
-// threshold, the loop lowers the threshold in force (status, registry entry, an event); when
-// the latency falls back under the SLO it returns to the spec's.
+// threshold, the loop lowers the threshold in force (status, registry entry, ConfigMap, an
+// event); when the latency falls back under the SLO it returns to the spec's.
 func TestTuningAutoLowersAndRestores(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t)
@@ -170,12 +170,21 @@ func TestTuningAutoLowersAndRestores(t *testing.T) {
 	})
 	t.Logf("lowered: %+v", getLoopModel(t, ns, "auto").Status.Recommendation)
 	await(t, waitLong, "ThresholdLowered event", hasEvent(ns, "auto", EventThresholdLowered))
+	// The decision came through the stats path's status patch; the full reconcile it woke
+	// writes the registry entry and the ConfigMap.
 	await(t, waitLong, "registry follows", func() error {
 		e, err := srv.registryEntryOf(ctx, bus.Ref{Namespace: ns, Name: "auto"})
 		if err != nil || !(e.ExitThreshold < 0.9) {
 			return fmt.Errorf("registry entry %+v, %v", e, err)
 		}
 		return nil
+	})
+	await(t, waitLong, "ConfigMap follows", func() error {
+		tau := getLoopModel(t, ns, "auto").Status.ExitThreshold
+		if !(tau < 0.9) {
+			return fmt.Errorf("status.exitThreshold %v", tau)
+		}
+		return configMapThreshold(ns, "auto-config", tau)()
 	})
 	mu.Lock()
 	overloaded = false

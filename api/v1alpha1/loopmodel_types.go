@@ -43,6 +43,12 @@ type LoopModelList struct {
 
 // LoopModelSpec is the desired state of a LoopModel. Only exitThreshold may change without
 // restarting the workers: it is applied live over NATS.
+//
+// While tuning.mode stays auto the tuning loop owns the worker count, so scaling.replicas cannot
+// change: writes through /scale (HPA, KEDA, kubectl scale) are refused instead of being fought.
+// Changing the mode away from auto in the same write is allowed.
+//
+// +kubebuilder:validation:XValidation:rule="!(has(self.tuning) && has(self.tuning.mode) && self.tuning.mode == 'auto' && has(oldSelf.tuning) && has(oldSelf.tuning.mode) && oldSelf.tuning.mode == 'auto') || ((has(self.scaling) && has(self.scaling.replicas)) ? self.scaling.replicas : -1) == ((has(oldSelf.scaling) && has(oldSelf.scaling.replicas)) ? oldSelf.scaling.replicas : -1)",message="spec.scaling.replicas cannot change while spec.tuning.mode is auto: the tuning loop owns the worker count (status.recommendation.replicas); set spec.tuning.mode to advisory or off to scale through /scale (HPA, KEDA, kubectl scale)"
 type LoopModelSpec struct {
 	// model says where the weights are.
 	// +required
@@ -264,7 +270,8 @@ type SLOSpec struct {
 // +kubebuilder:validation:XValidation:rule="!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",message="minReplicas must be less than or equal to maxReplicas"
 type ScalingSpec struct {
 	// replicas is the desired number of workers, clamped to [minReplicas, maxReplicas]; the
-	// /scale subresource writes it (HPA, KEDA, kubectl scale).
+	// /scale subresource writes it (HPA, KEDA, kubectl scale). In auto tuning mode the tuning
+	// loop sets the workers instead, and changes of replicas are refused.
 	// +kubebuilder:default=1
 	// +kubebuilder:validation:Minimum=0
 	// +optional
@@ -313,8 +320,10 @@ type TuningSpec struct {
 	// mode is auto, advisory or off. off (the default) keeps spec.loop.exitThreshold and lets
 	// spec.scaling.replicas (and /scale: HPA, KEDA) drive the workers; advisory runs the tuning
 	// loop every interval and reports its decision in status.recommendation only; auto also
-	// applies the tuned threshold (status.exitThreshold) within [minExitThreshold,
-	// exitThreshold]. status.observed is reported in every mode.
+	// applies it: the tuned threshold (status.exitThreshold) within [minExitThreshold,
+	// exitThreshold] and the replicas (status.recommendation.replicas) within [minReplicas,
+	// maxReplicas], refusing changes of scaling.replicas meanwhile. status.observed is reported
+	// in every mode.
 	// +kubebuilder:default=off
 	// +optional
 	Mode TuningMode `json:"mode,omitempty"`
