@@ -101,3 +101,32 @@ func (t Thresholds) Equal(o Thresholds) bool {
 func near(a, b float64) bool { return a-b < 1e-9 && b-a < 1e-9 }
 
 func in01(x float64) bool { return x > 0 && x <= 1 }
+
+// PerTier returns τ per tier keyed as gatepolicy keys tiers: the declared tiers, or
+// {"": ExitThreshold} for a model without tiers. The map is a copy.
+func (t Thresholds) PerTier() map[string]float64 {
+	if len(t.Tiers) == 0 {
+		return map[string]float64{"": t.ExitThreshold}
+	}
+	return maps.Clone(t.Tiers)
+}
+
+// With returns t with each tier's τ taken from taus (keyed as PerTier's; tiers absent from
+// taus keep theirs), ExitThreshold following the default tier.
+func (t Thresholds) With(taus map[string]float64) Thresholds {
+	out := Thresholds{ExitThreshold: t.ExitThreshold, DefaultTier: t.DefaultTier}
+	if len(t.Tiers) == 0 {
+		if v, ok := taus[""]; ok {
+			out.ExitThreshold = v
+		}
+		return out
+	}
+	out.Tiers = maps.Clone(t.Tiers)
+	for k := range out.Tiers {
+		if v, ok := taus[k]; ok {
+			out.Tiers[k] = v
+		}
+	}
+	out.ExitThreshold = out.Tiers[out.DefaultTier]
+	return out
+}

@@ -143,6 +143,7 @@ func (r *LoopModelReconciler) setStatus(lm *v1alpha1.LoopModel, p *plan, ro roll
 	if natsErr == nil {
 		st.NATSURL = p.resolved.NATSURL
 		st.ExitThreshold = p.tau
+		st.Tiers = tierStatuses(lm, p.thresholds.Tiers)
 		st.ObservedGeneration = lm.Generation
 	}
 }

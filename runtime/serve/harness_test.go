@@ -102,7 +102,7 @@ func newCluster(t testing.TB, o clusterOptions) *cluster {
 		o.ctxLen = 2048
 	}
 	if err := bus.PutModel(ctx, kv, bus.ModelEntry{Namespace: c.ref.Namespace, Name: c.ref.Name, ContextLength: o.ctxLen,
-		ExitThreshold: 0.9, MaxSteps: 4, Ready: true}); err != nil {
+		Thresholds: bus.Thresholds{ExitThreshold: 0.9}, MaxSteps: 4, Ready: true}); err != nil {
 		t.Fatal(err)
 	}
 	c.reg = prometheus.NewRegistry()
