@@ -134,7 +134,9 @@ func TestWorkerStatsPerTier(t *testing.T) {
 	gen := newGenerator(t)
 	c.startWorker("w1", gen, WorkerOptions{})
 	c.setThresholds(tieredThresholds)
-	awaitCond(t, func() bool { return gen.Threshold() == 0.8 && c.workers["w1"].stats.thresholds().Equal(tieredThresholds) })
+	awaitCond(t, func() bool {
+		return gen.Threshold() == 0.8 && c.workers["w1"].stats.thresholds().Equal(tieredThresholds)
+	})
 	ctx := context.Background()
 	for _, tier := range []string{"batch", "gold"} {
 		got, err := post(ctx, c.gw.URL, "/v1/completions", map[string]any{"model": c.ref.String(), "prompt": arithPrompt, "max_tokens": 6, "tier": tier})
