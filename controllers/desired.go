@@ -102,10 +102,6 @@ func desiredReplicas(lm *v1alpha1.LoopModel) int32 {
 	return max(n, s.MinReplicas, 1)
 }
 
-// thresholdInForce is the exit threshold the workers apply to the default tier (see
-// thresholdsInForce).
-func thresholdInForce(lm *v1alpha1.LoopModel) float64 { return thresholdsInForce(lm).ExitThreshold }
-
 func desiredConfigMap(lm *v1alpha1.LoopModel, th bus.Thresholds) (*corev1.ConfigMap, error) {
 	// The worker reads the file at start (--threshold-file); later changes reach it over NATS.
 	b, err := json.Marshal(bus.Control{Thresholds: th})

@@ -209,9 +209,10 @@ func equalSpec(a, b gatepolicy.Spec) bool {
 
 // tune runs one step of the tuning loop when the mode asks for it and an interval has passed
 // since the last decision: the workers' stats of the last interval go to gatepolicy, whose
-// decision fills status.recommendation; in auto mode its threshold becomes status.exitThreshold,
-// the threshold in force (thresholdInForce), which the reconcile then writes to the ConfigMap,
-// the registry entry and the workers. Off clears what an earlier mode reported.
+// decision fills status.recommendation; in auto mode its thresholds become status.exitThreshold
+// (the default tier's) and status.tiers, the thresholds in force (thresholdsInForce), which the
+// reconcile then writes to the ConfigMap, the registry entry and the workers. Off clears what an
+// earlier mode reported.
 func (r *LoopModelReconciler) tune(lm *v1alpha1.LoopModel, now time.Time) {
 	st := &lm.Status
 	mode := tuningMode(lm)

@@ -66,10 +66,6 @@ func (s *samples) quantile(q float64) float64 {
 	return s.xs[max(0, min(i, len(s.xs)-1))]
 }
 
-func (s *samples) reset() {
-	s.xs, s.seen = s.xs[:0], 0
-}
-
 func newStatsWindow(r bus.Ref, worker string, steps, capacity int, th bus.Thresholds) *statsWindow {
 	w := &statsWindow{}
 	w.snap = bus.StatsSnapshot{Namespace: r.Namespace, Name: r.Name, Worker: worker, MaxSteps: steps, Capacity: capacity, Start: time.Now()}

@@ -43,16 +43,16 @@ func TestGatewayStampsTier(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for m := range batch.Messages() {
-			_ = m.Term()
-			j, err := decodeJob(m.Data())
-			if err != nil {
-				t.Fatal(err)
-			}
-			return j
+		m, ok := <-batch.Messages()
+		if !ok {
+			t.Fatalf("no job queued for %v", body)
 		}
-		t.Fatalf("no job queued for %v", body)
-		return Job{}
+		_ = m.Term()
+		j, err := decodeJob(m.Data())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return j
 	}
 	completion := func(extra map[string]any) map[string]any {
 		b := map[string]any{"model": c.ref.String(), "prompt": arithPrompt, "max_tokens": 2}
