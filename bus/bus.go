@@ -272,16 +272,17 @@ func DeleteQueue(ctx context.Context, js jetstream.JetStream, r Ref) error {
 }
 
 // ModelEntry is a LoopModel's record in the registry: what the gateway needs to route and
-// validate requests without Kubernetes access.
+// validate requests without Kubernetes access, and the thresholds in force per quality tier,
+// which workers follow (a KV watch) and the gateway stamps into each job.
 type ModelEntry struct {
-	Namespace     string    `json:"namespace"`
-	Name          string    `json:"name"`
-	Subject       string    `json:"subject"`
-	ContextLength int       `json:"contextLength"`
-	ExitThreshold float64   `json:"exitThreshold"`
-	MaxSteps      int       `json:"maxSteps"`
-	Ready         bool      `json:"ready"`
-	Updated       time.Time `json:"updated"`
+	Namespace     string `json:"namespace"`
+	Name          string `json:"name"`
+	Subject       string `json:"subject"`
+	ContextLength int    `json:"contextLength"`
+	Thresholds
+	MaxSteps int       `json:"maxSteps"`
+	Ready    bool      `json:"ready"`
+	Updated  time.Time `json:"updated"`
 }
 
 // Ref returns the entry's LoopModel reference.
@@ -402,7 +403,9 @@ func DeleteModel(ctx context.Context, kv jetstream.KeyValue, r Ref) error {
 	return nil
 }
 
-// DecodeModel parses a registry value.
+// DecodeModel parses a registry value: its reference must be valid, and its thresholds too
+// when it names tiers (an entry without any threshold is kept: its model serves at the
+// workers' own).
 func DecodeModel(b []byte) (ModelEntry, error) {
 	var e ModelEntry
 	if err := json.Unmarshal(b, &e); err != nil {
@@ -410,6 +413,11 @@ func DecodeModel(b []byte) (ModelEntry, error) {
 	}
 	if err := e.Ref().Validate(); err != nil {
 		return ModelEntry{}, err
+	}
+	if len(e.Tiers) > 0 || e.DefaultTier != "" {
+		if err := e.Thresholds.Validate(); err != nil {
+			return ModelEntry{}, fmt.Errorf("decoding registry entry %s: %w", e.ID(), err)
+		}
 	}
 	return e, nil
 }

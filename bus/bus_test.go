@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"math"
+	"strings"
 	"testing"
 	"time"
 
@@ -155,8 +156,9 @@ func TestRegistryRoundTrip(t *testing.T) {
 	if _, err := OpenRegistry(ctx, js); err != nil {
 		t.Fatal(err)
 	}
-	e := ModelEntry{Namespace: "default", Name: "m", ContextLength: 2048, ExitThreshold: 0.9, MaxSteps: 4, Ready: true,
-		Updated: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+	e := ModelEntry{Namespace: "default", Name: "m", ContextLength: 2048, MaxSteps: 4, Ready: true,
+		Thresholds: Thresholds{ExitThreshold: 0.8, DefaultTier: "standard", Tiers: map[string]float64{"gold": 0.9, "standard": 0.8, "batch": 0.6}},
+		Updated:    time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
 	if err := PutModel(ctx, kv, e); err != nil {
 		t.Fatal(err)
 	}
@@ -171,6 +173,13 @@ func TestRegistryRoundTrip(t *testing.T) {
 	e.Subject = "loopserve.req.default.m"
 	if d := cmp.Diff(dec, e); d != "" {
 		t.Errorf("entry (-got +want):\n%s", d)
+	}
+	// An entry from an operator that knows no tiers still decodes; a broken tier map does not.
+	if old, err := DecodeModel([]byte(`{"namespace":"default","name":"m","exitThreshold":0.9}`)); err != nil || old.ExitThreshold != 0.9 || old.Tiers != nil {
+		t.Errorf("entry without tiers: %+v, %v", old, err)
+	}
+	if _, err := DecodeModel([]byte(`{"namespace":"default","name":"m","exitThreshold":0.9,"defaultTier":"gold","tiers":{"gold":0.9,"batch":0}}`)); err == nil || !strings.Contains(err.Error(), `tier "batch"`) {
+		t.Errorf("entry with a zero tier threshold: err = %v, want one naming the tier", err)
 	}
 	if err := PutModel(ctx, kv, ModelEntry{Namespace: "Bad", Name: "m"}); !errors.Is(err, ErrInvalidRef) {
 		t.Errorf("invalid entry: err = %v, want ErrInvalidRef", err)
@@ -227,25 +236,140 @@ func TestDecodeMaxDeliveries(t *testing.T) {
 }
 
 func TestDecodeControl(t *testing.T) {
+	tiers := map[string]float64{"gold": 0.9, "standard": 0.8, "batch": 0.5}
 	for _, tc := range []struct {
 		in      string
-		want    float64
-		wantErr bool
+		want    Thresholds
+		wantErr string
 	}{
-		{in: `{"exitThreshold":0.7}`, want: 0.7},
-		{in: `{"exitThreshold":1}`, want: 1},
-		{in: `{"exitThreshold":0}`, wantErr: true},
-		{in: `{"exitThreshold":1.5}`, wantErr: true},
-		{in: `{}`, wantErr: true},
-		{in: `nope`, wantErr: true},
+		{in: `{"exitThreshold":0.7}`, want: Thresholds{ExitThreshold: 0.7}},
+		{in: `{"exitThreshold":1}`, want: Thresholds{ExitThreshold: 1}},
+		{in: `{"exitThreshold":0.8,"defaultTier":"standard","tiers":{"gold":0.9,"standard":0.8,"batch":0.5}}`,
+			want: Thresholds{ExitThreshold: 0.8, DefaultTier: "standard", Tiers: tiers}},
+		{in: `{"exitThreshold":0}`, wantErr: "exitThreshold 0 outside (0, 1]"},
+		{in: `{"exitThreshold":1.5}`, wantErr: "exitThreshold 1.5 outside (0, 1]"},
+		{in: `{}`, wantErr: "exitThreshold 0 outside (0, 1]"},
+		{in: `nope`, wantErr: "invalid character"},
+		{in: `{"exitThreshold":0.8,"defaultTier":"standard","tiers":{"standard":0.8,"batch":1.2}}`, wantErr: `tier "batch": exitThreshold 1.2 outside (0, 1]`},
+		{in: `{"exitThreshold":0.8,"defaultTier":"standard","tiers":{"standard":0.8,"batch":-1}}`, wantErr: `tier "batch": exitThreshold -1 outside (0, 1]`},
+		{in: `{"exitThreshold":0.8,"defaultTier":"silver","tiers":{"standard":0.8}}`, wantErr: `defaultTier "silver" is not one of the tiers [standard]`},
+		{in: `{"exitThreshold":0.7,"defaultTier":"standard","tiers":{"standard":0.8}}`, wantErr: `differs from the default tier "standard"'s 0.8`},
+		{in: `{"exitThreshold":0.8,"defaultTier":"Std","tiers":{"Std":0.8}}`, wantErr: `tier name "Std" is not a DNS label`},
+		{in: `{"exitThreshold":0.8,"defaultTier":"standard"}`, wantErr: `defaultTier "standard" without tiers`},
 	} {
 		got, err := DecodeControl([]byte(tc.in))
-		if (err != nil) != tc.wantErr {
-			t.Errorf("DecodeControl(%s) error = %v, wantErr %v", tc.in, err, tc.wantErr)
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("DecodeControl(%s) error = %v, want one containing %q", tc.in, err, tc.wantErr)
+			}
 			continue
 		}
-		if got.ExitThreshold != tc.want {
-			t.Errorf("DecodeControl(%s) = %v, want %v", tc.in, got.ExitThreshold, tc.want)
+		if err != nil {
+			t.Errorf("DecodeControl(%s): %v", tc.in, err)
+			continue
+		}
+		if d := cmp.Diff(got.Thresholds, tc.want); d != "" {
+			t.Errorf("DecodeControl(%s) (-got +want):\n%s", tc.in, d)
+		}
+	}
+}
+
+func TestThresholdOfTier(t *testing.T) {
+	tiered := Thresholds{ExitThreshold: 0.8, DefaultTier: "standard", Tiers: map[string]float64{"gold": 0.9, "standard": 0.8, "batch": 0.5}}
+	plain := Thresholds{ExitThreshold: 0.7}
+	for _, tc := range []struct {
+		th       Thresholds
+		tier     string
+		wantName string
+		wantTau  float64
+		wantErr  string
+	}{
+		{tiered, "", "standard", 0.8, ""},
+		{tiered, "gold", "gold", 0.9, ""},
+		{tiered, "batch", "batch", 0.5, ""},
+		{tiered, "silver", "", 0, `unknown quality tier "silver": known tiers are [batch gold standard]`},
+		{plain, "", "", 0.7, ""},
+		{plain, "gold", "", 0, `unknown quality tier "gold": the model declares no tiers`},
+	} {
+		name, tau, err := tc.th.Threshold(tc.tier)
+		if tc.wantErr != "" {
+			if !errors.Is(err, ErrUnknownTier) || err.Error() != tc.wantErr {
+				t.Errorf("Threshold(%q) error = %v, want ErrUnknownTier %q", tc.tier, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || name != tc.wantName || tau != tc.wantTau {
+			t.Errorf("Threshold(%q) = %q, %v, %v; want %q, %v", tc.tier, name, tau, err, tc.wantName, tc.wantTau)
+		}
+	}
+	if !tiered.Equal(Thresholds{ExitThreshold: 0.8 + 1e-12, DefaultTier: "standard", Tiers: map[string]float64{"gold": 0.9, "standard": 0.8, "batch": 0.5}}) {
+		t.Error("thresholds equal within 1e-9 compare unequal")
+	}
+	if tiered.Equal(Thresholds{ExitThreshold: 0.8, DefaultTier: "standard", Tiers: map[string]float64{"gold": 0.9, "standard": 0.8, "batch": 0.55}}) {
+		t.Error("a changed tier threshold compares equal")
+	}
+}
+
+// TestStatsPerTierRoundTrip: a snapshot with the default tier and two others survives the wire
+// and becomes one policy sample per tier, each under its own threshold with its own counts.
+func TestStatsPerTierRoundTrip(t *testing.T) {
+	const R = 3
+	r := Ref{"default", "m"}
+	s := NewStatsSnapshot(r, "w1", R)
+	s.Start, s.End = time.Unix(100, 0).UTC(), time.Unix(105, 0).UTC()
+	s.Capacity, s.InFlight, s.BusySeconds = 8, 3, 4.5
+	s.Tier, s.ExitThreshold, s.Tokens, s.LoopSteps = "standard", 0.8, 10, 25
+	s.DepthCounts[2] = 10
+	batch := NewTierStats("batch", R)
+	batch.ExitThreshold, batch.Tokens, batch.LoopSteps, batch.TokenLatencyP95 = 0.5, 40, 60, 0.02
+	batch.DepthCounts[0], batch.DepthCounts[1] = 20, 20
+	batch.Probes, batch.ProbeAgree = 2, []int64{1, 2, 2}
+	gold := NewTierStats("gold", R)
+	gold.ExitThreshold, gold.Tokens, gold.LoopSteps = 0.9, 1, 3
+	s.Tiers = []TierStats{batch, gold}
+	b, err := json.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := DecodeStats(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(back, s); d != "" {
+		t.Errorf("snapshot after the wire (-got +want):\n%s", d)
+	}
+	type row struct {
+		Tier               string
+		Tau                float64
+		Tokens, LoopSteps  int64
+		Capacity, InFlight int
+		Busy               float64
+	}
+	var got []row
+	for _, p := range back.Samples() {
+		if err := p.Validate(); err != nil {
+			t.Errorf("sample of tier %q: %v", p.Tier, err)
+		}
+		got = append(got, row{p.Tier, p.ExitThreshold, p.Tokens, p.LoopSteps, p.Capacity, p.InFlight, p.BusySeconds})
+	}
+	want := []row{{"standard", 0.8, 10, 25, 8, 3, 4.5}, {"batch", 0.5, 40, 60, 8, 3, 0}, {"gold", 0.9, 1, 3, 8, 3, 0}}
+	if d := cmp.Diff(got, want); d != "" {
+		t.Errorf("samples (-got +want):\n%s", d)
+	}
+	if got, want := back.Tiers[0].MeanDepth(), 1.5; got != want {
+		t.Errorf("batch mean depth = %v, want %v", got, want)
+	}
+
+	// A snapshot naming one tier twice, or a tier with short arrays, is refused.
+	dup := s
+	dup.Tiers = []TierStats{batch, batch}
+	short := s
+	bad := NewTierStats("batch", R-1)
+	short.Tiers = []TierStats{bad}
+	for name, snap := range map[string]StatsSnapshot{"tier twice": dup, "short arrays": short} {
+		b, _ := json.Marshal(snap)
+		if _, err := DecodeStats(b); !errors.Is(err, ErrInvalidStats) {
+			t.Errorf("%s: err = %v, want ErrInvalidStats", name, err)
 		}
 	}
 }

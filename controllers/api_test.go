@@ -3,6 +3,7 @@ package controllers
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -72,6 +73,46 @@ func TestInvalidLoopModelsRejected(t *testing.T) {
 			"metadata.name must be a DNS-1035 label"},
 		{"name starting with a digit", func(lm *v1alpha1.LoopModel) { lm.Name = "1model" },
 			"metadata.name must be a DNS-1035 label"},
+		{"tier named twice", func(lm *v1alpha1.LoopModel) {
+			withTiers(lm, v1alpha1.Tier{Name: "gold"}, v1alpha1.Tier{Name: "gold"})
+		}, `spec.tiers[1]: Duplicate value: {"name":"gold"}`},
+		{"tier name not a DNS label", func(lm *v1alpha1.LoopModel) {
+			withTiers(lm, v1alpha1.Tier{Name: "Gold"})
+			lm.Spec.DefaultTier = "Gold"
+		}, "spec.tiers[0].name in body should match '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'"},
+		{"tiers without a default", func(lm *v1alpha1.LoopModel) {
+			withTiers(lm, v1alpha1.Tier{Name: "gold"})
+			lm.Spec.DefaultTier = ""
+		}, "defaultTier must be set when tiers are"},
+		{"default tier not a tier", func(lm *v1alpha1.LoopModel) {
+			withTiers(lm, v1alpha1.Tier{Name: "gold"})
+			lm.Spec.DefaultTier = "silver"
+		}, "defaultTier must name one of spec.tiers"},
+		{"default tier without tiers", func(lm *v1alpha1.LoopModel) { lm.Spec.DefaultTier = "gold" },
+			"defaultTier must name one of spec.tiers"},
+		{"tier floor above the threshold", func(lm *v1alpha1.LoopModel) {
+			withTiers(lm, v1alpha1.Tier{Name: "gold", MinExitThreshold: ptr.To(0.95)})
+		}, "a tier's minExitThreshold must be less than or equal to spec.loop.exitThreshold"},
+		{"tier floor below the spec's floor", func(lm *v1alpha1.LoopModel) {
+			withTiers(lm, v1alpha1.Tier{Name: "batch", MinExitThreshold: ptr.To(0.3)})
+		}, "a tier's minExitThreshold must be greater than or equal to spec.loop.minExitThreshold"},
+		{"tier floor below an unset spec floor", func(lm *v1alpha1.LoopModel) {
+			withTiers(lm, v1alpha1.Tier{Name: "batch", MinExitThreshold: ptr.To(0.6)})
+			lm.Spec.Loop.MinExitThreshold = nil
+		}, "a tier's minExitThreshold must be greater than or equal to spec.loop.minExitThreshold (spec.loop.exitThreshold when unset)"},
+		{"tier floor zero", func(lm *v1alpha1.LoopModel) {
+			withTiers(lm, v1alpha1.Tier{Name: "batch", MinExitThreshold: ptr.To(0.0)})
+		}, "spec.tiers[0].minExitThreshold in body should be greater than 0"},
+		{"tier min depth above max steps", func(lm *v1alpha1.LoopModel) {
+			withTiers(lm, v1alpha1.Tier{Name: "gold", MinDepth: ptr.To(5.0)})
+		}, "a tier's minDepth must be less than or equal to spec.loop.maxSteps"},
+		{"seventeen tiers", func(lm *v1alpha1.LoopModel) {
+			var ts []v1alpha1.Tier
+			for i := range 17 {
+				ts = append(ts, v1alpha1.Tier{Name: fmt.Sprintf("t%d", i)})
+			}
+			withTiers(lm, ts...)
+		}, "spec.tiers: Too many: 17: must have at most 16 items"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -85,6 +126,30 @@ func TestInvalidLoopModelsRejected(t *testing.T) {
 				t.Errorf("create error = %v\nwant it to contain %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// withTiers gives a LoopModel spec.tiers with the first tier as the default, thresholds
+// [0.5, 0.9] and 4 loop steps.
+func withTiers(lm *v1alpha1.LoopModel, ts ...v1alpha1.Tier) {
+	lm.Spec.Loop.MaxSteps, lm.Spec.Loop.ExitThreshold, lm.Spec.Loop.MinExitThreshold = 4, 0.9, ptr.To(0.5)
+	lm.Spec.Tiers, lm.Spec.DefaultTier = ts, ts[0].Name
+}
+
+// TestTieredLoopModelAccepted: a spec with gold (never lowered), standard and batch tiers is
+// accepted as written.
+func TestTieredLoopModelAccepted(t *testing.T) {
+	ns := newNamespace(t)
+	lm := newLoopModel(ns, "tiered", "nats://127.0.0.1:4222")
+	withTiers(lm, v1alpha1.Tier{Name: "batch"}, v1alpha1.Tier{Name: "standard", MinExitThreshold: ptr.To(0.7)},
+		v1alpha1.Tier{Name: "gold", MinExitThreshold: ptr.To(0.9), MinDepth: ptr.To(3.0)})
+	lm.Spec.DefaultTier = "standard"
+	if err := k8s.Create(context.Background(), lm); err != nil {
+		t.Fatalf("API server refused a valid tiered spec: %v", err)
+	}
+	got := getLoopModel(t, ns, "tiered").Spec
+	if d := cmp.Diff(got.Tiers, lm.Spec.Tiers); d != "" || got.DefaultTier != "standard" {
+		t.Errorf("tiers (-got +want):\n%s\ndefault %q", d, got.DefaultTier)
 	}
 }
 

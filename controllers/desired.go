@@ -119,21 +119,9 @@ func clampReplicas(lm *v1alpha1.LoopModel, n int32) int32 {
 	return max(n, s.MinReplicas, 1)
 }
 
-// thresholdInForce is the exit threshold the workers apply: the spec's (which the API server
-// keeps within (0, 1]), or in auto tuning mode the tuned status.exitThreshold once the loop has
-// decided, kept within [minExitThreshold, exitThreshold] so that a spec edit bounds it at once.
-func thresholdInForce(lm *v1alpha1.LoopModel) float64 {
-	spec := lm.Spec.Loop.ExitThreshold
-	tuned := lm.Status.ExitThreshold
-	if tuningMode(lm) != v1alpha1.TuningAuto || lm.Status.LastTuneTime == nil || !(tuned > 0) {
-		return spec
-	}
-	return min(max(tuned, floorThreshold(lm)), spec)
-}
-
-func desiredConfigMap(lm *v1alpha1.LoopModel, tau float64) (*corev1.ConfigMap, error) {
+func desiredConfigMap(lm *v1alpha1.LoopModel, th bus.Thresholds) (*corev1.ConfigMap, error) {
 	// The worker reads the file at start (--threshold-file); later changes reach it over NATS.
-	b, err := json.Marshal(bus.Control{ExitThreshold: tau})
+	b, err := json.Marshal(bus.Control{Thresholds: th})
 	if err != nil {
 		return nil, fmt.Errorf("encoding the threshold file: %w", err)
 	}
@@ -373,13 +361,13 @@ func desiredDeployment(lm *v1alpha1.LoopModel, d defaults) (*appsv1.Deployment, 
 }
 
 // registryEntry is the LoopModel's record for the gateway.
-func registryEntry(lm *v1alpha1.LoopModel, tau float64, ready bool) bus.ModelEntry {
+func registryEntry(lm *v1alpha1.LoopModel, th bus.Thresholds, ready bool) bus.ModelEntry {
 	return bus.ModelEntry{
 		Namespace:     lm.Namespace,
 		Name:          lm.Name,
 		Subject:       ref(lm).RequestSubject(),
 		ContextLength: int(lm.Spec.Model.ContextLength),
-		ExitThreshold: tau,
+		Thresholds:    th,
 		MaxSteps:      int(lm.Spec.Loop.MaxSteps),
 		Ready:         ready,
 	}

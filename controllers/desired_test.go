@@ -22,6 +22,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
+	"github.com/loopserve/loopserve/bus"
 )
 
 var testDefaults = defaults{NATSURL: "nats://nats:4222", Image: "loopserve:1"}
@@ -278,7 +279,7 @@ func TestSummarize(t *testing.T) {
 }
 
 func TestDesiredConfigMap(t *testing.T) {
-	cm, err := desiredConfigMap(defaulted(), 0.75)
+	cm, err := desiredConfigMap(defaulted(), bus.Thresholds{ExitThreshold: 0.75})
 	if err != nil {
 		t.Fatal(err)
 	}

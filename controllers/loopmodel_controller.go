@@ -32,6 +32,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
+	"github.com/loopserve/loopserve/bus"
 )
 
 // LoopModelReconciler reconciles LoopModels. Fill it in and call SetupWithManager, which runs
@@ -188,9 +189,10 @@ func CacheOptions(namespaces ...string) cache.Options {
 
 // plan is what one reconcile wants to exist, computed before any write.
 type plan struct {
-	resolved   defaults // effective NATS URL and image
-	creds      []byte   // NATS .creds content, if the spec names a Secret
-	tau        float64  // exit threshold in force
+	resolved   defaults       // effective NATS URL and image
+	creds      []byte         // NATS .creds content, if the spec names a Secret
+	tau        float64        // exit threshold in force (the default tier's)
+	thresholds bus.Thresholds // exit thresholds in force per tier
 	configMap  *corev1.ConfigMap
 	service    *corev1.Service
 	deployment *appsv1.Deployment
@@ -207,7 +209,11 @@ func (e *specError) Error() string { return e.msg }
 
 func (r *LoopModelReconciler) plan(ctx context.Context, lm *v1alpha1.LoopModel) (*plan, error) {
 	d := defaults{NATSURL: r.NATSURL, Image: r.WorkerImage}
-	p := &plan{resolved: d.resolved(lm), tau: thresholdInForce(lm)}
+	if err := checkTiers(lm); err != nil {
+		return nil, &specError{ReasonInvalidSpec, err.Error()}
+	}
+	th := thresholdsInForce(lm)
+	p := &plan{resolved: d.resolved(lm), tau: th.ExitThreshold, thresholds: th}
 	if p.resolved.Image == "" {
 		return nil, &specError{ReasonInvalidSpec, "spec.runtime.image is empty and the operator has no default --worker-image"}
 	}
@@ -231,7 +237,7 @@ func (r *LoopModelReconciler) plan(ctx context.Context, lm *v1alpha1.LoopModel) 
 	p.creds = creds
 	r.creds.Store(ref(lm), creds)
 
-	if p.configMap, err = desiredConfigMap(lm, p.tau); err != nil {
+	if p.configMap, err = desiredConfigMap(lm, p.thresholds); err != nil {
 		return nil, err
 	}
 	p.service = desiredService(lm)

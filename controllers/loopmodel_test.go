@@ -122,7 +122,7 @@ func TestLoopModelLifecycle(t *testing.T) {
 		t.Fatalf("registry entry: %v", err)
 	}
 	entry.Updated = time.Time{}
-	wantEntry := bus.ModelEntry{Namespace: ns, Name: "tiny", Subject: ref.RequestSubject(), ContextLength: 2048, ExitThreshold: 0.9, MaxSteps: 4}
+	wantEntry := bus.ModelEntry{Namespace: ns, Name: "tiny", Subject: ref.RequestSubject(), ContextLength: 2048, Thresholds: bus.Thresholds{ExitThreshold: 0.9}, MaxSteps: 4}
 	if diff := cmp.Diff(entry, wantEntry); diff != "" {
 		t.Errorf("registry entry before rollout (-got +want):\n%s", diff)
 	}

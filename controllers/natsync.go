@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -50,20 +51,20 @@ func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopMod
 	if err != nil {
 		return err
 	}
-	want := registryEntry(lm, p.tau, ready)
+	want := registryEntry(lm, p.thresholds, ready)
 	prev, found, err := getEntry(ctx, kv, ref(lm))
 	if err != nil {
 		return err
 	}
 	// Publish before writing the entry: the entry records what was published, so a failed
 	// publish is retried on the next reconcile.
-	if !found || !sameThreshold(prev.ExitThreshold, p.tau) {
-		if err := publishThreshold(ctx, nc, ref(lm), p.tau); err != nil {
+	if !found || !prev.Thresholds.Equal(p.thresholds) {
+		if err := publishThreshold(ctx, nc, ref(lm), p.thresholds); err != nil {
 			return err
 		}
 		if found {
 			r.Events.Eventf(lm, nil, corev1.EventTypeNormal, EventThresholdPublished, "Publish",
-				"exit threshold %g published on %s (was %g)", p.tau, ref(lm).ControlSubject(), prev.ExitThreshold)
+				"exit threshold %s published on %s (was %s)", describeThresholds(p.thresholds), ref(lm).ControlSubject(), describeThresholds(prev.Thresholds))
 		}
 	}
 	if !found || !sameEntry(prev, want) {
@@ -75,10 +76,23 @@ func (r *LoopModelReconciler) syncNATS(ctx context.Context, lm *v1alpha1.LoopMod
 	return nil
 }
 
-// publishThreshold sends the threshold in force to the LoopModel's workers (plain NATS: a
-// worker that misses it reads the ConfigMap at its next start).
-func publishThreshold(ctx context.Context, nc *nats.Conn, br bus.Ref, tau float64) error {
-	b, err := json.Marshal(bus.Control{ExitThreshold: tau})
+// describeThresholds renders thresholds for an event: "0.9", or "0.8 (batch 0.6, gold 0.9,
+// standard 0.8)" with tiers.
+func describeThresholds(th bus.Thresholds) string {
+	if len(th.Tiers) == 0 {
+		return fmt.Sprint(th.ExitThreshold)
+	}
+	var parts []string
+	for _, k := range th.TierNames() {
+		parts = append(parts, fmt.Sprintf("%s %g", k, th.Tiers[k]))
+	}
+	return fmt.Sprintf("%g (%s)", th.ExitThreshold, strings.Join(parts, ", "))
+}
+
+// publishThreshold sends the thresholds in force to the LoopModel's workers (plain NATS: a
+// worker that misses it follows the registry entry, and reads the ConfigMap at its next start).
+func publishThreshold(ctx context.Context, nc *nats.Conn, br bus.Ref, th bus.Thresholds) error {
+	b, err := json.Marshal(bus.Control{Thresholds: th})
 	if err != nil {
 		return fmt.Errorf("encoding control message: %w", err)
 	}
@@ -189,7 +203,7 @@ func getEntry(ctx context.Context, kv jetstream.KeyValue, r bus.Ref) (bus.ModelE
 
 // sameEntry compares two registry entries, ignoring their write times.
 func sameEntry(a, b bus.ModelEntry) bool {
-	return sameThreshold(a.ExitThreshold, b.ExitThreshold) &&
+	return a.Thresholds.Equal(b.Thresholds) &&
 		a.Namespace == b.Namespace && a.Name == b.Name && a.ContextLength == b.ContextLength &&
 		a.MaxSteps == b.MaxSteps && a.Ready == b.Ready
 }

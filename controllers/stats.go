@@ -208,22 +208,36 @@ func aggregate(snaps []bus.StatsSnapshot) (*v1alpha1.ObservedStats, bool) {
 // round3 keeps three decimals: finer digits would only churn the status.
 func round3(x float64) float64 { return math.Round(x*1000) / 1000 }
 
-// policyWindow gathers the LoopModel's snapshots that ended in the last interval into a gatepolicy
-// window for the threshold in force; the window refuses (and counts) those under another
-// threshold or step count.
-func (b *statsBook) policyWindow(r bus.Ref, tau float64, maxSteps int, now time.Time, interval time.Duration) *gatepolicy.Window {
-	w := gatepolicy.NewWindow("", tau, maxSteps, interval.Seconds())
+// policyWindows gathers the LoopModel's snapshots that ended in the last interval into one
+// gatepolicy window per tier of taus, each for its tier's threshold in force; a window refuses
+// (and counts) samples under another threshold or step count, and the default tier def's
+// window those of a tier the spec does not declare.
+func (b *statsBook) policyWindows(r bus.Ref, taus map[string]float64, def string, maxSteps int, now time.Time, interval time.Duration) map[string]*gatepolicy.Window {
+	ws := make(map[string]*gatepolicy.Window, len(taus))
+	for tier, tau := range taus {
+		ws[tier] = gatepolicy.NewWindow(tier, tau, maxSteps, interval.Seconds())
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	ms, ok := b.books[r]
 	if !ok {
-		return w
+		return ws
 	}
 	since := now.Add(-interval)
 	for _, s := range ms.snaps {
-		if s.End.After(since) && !s.End.After(now) {
-			_ = w.Add(s.Sample()) // a refusal is counted in w.Rejected
+		if !s.End.After(since) || s.End.After(now) {
+			continue
+		}
+		for _, p := range s.Samples() {
+			w, ok := ws[p.Tier]
+			if !ok {
+				w = ws[def] // refuses it as misaddressed, and counts it
+			}
+			if w == nil {
+				continue
+			}
+			_ = w.Add(p) // a refusal is counted in w.Rejected
 		}
 	}
-	return w
+	return ws
 }

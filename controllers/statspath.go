@@ -58,7 +58,7 @@ func (r *LoopModelReconciler) statsRecheck(lm *v1alpha1.LoopModel) time.Duration
 }
 
 // actsOn tells whether a LoopModel update changes something the full reconcile acts on: the
-// spec (generation), annotations, finalizers, deletion, or the τ or replicas in force that the
+// spec (generation), annotations, finalizers, deletion, or the τ per tier or replicas in force that the
 // tuning loop writes in status. The stats path's other status writes (observed, the
 // recommendation in advisory mode, SLOMet) and the full reconcile's own status writes do not
 // wake it.
@@ -67,6 +67,6 @@ func actsOn(old, cur *v1alpha1.LoopModel) bool {
 		!maps.Equal(old.Annotations, cur.Annotations) ||
 		!slices.Equal(old.Finalizers, cur.Finalizers) ||
 		!old.DeletionTimestamp.Equal(cur.DeletionTimestamp) ||
-		!sameThreshold(thresholdInForce(old), thresholdInForce(cur)) ||
+		!thresholdsInForce(old).Equal(thresholdsInForce(cur)) ||
 		replicasInForce(old) != replicasInForce(cur)
 }

@@ -132,6 +132,7 @@ func (r *LoopModelReconciler) setStatus(lm *v1alpha1.LoopModel, p *plan, ro roll
 	if natsErr == nil {
 		st.NATSURL = p.resolved.NATSURL
 		st.ExitThreshold = p.tau
+		st.Tiers = tierStatuses(lm, p.thresholds.Tiers)
 		st.ObservedGeneration = lm.Generation
 	}
 }
@@ -145,7 +146,7 @@ func (r *LoopModelReconciler) refresh(lm *v1alpha1.LoopModel, now time.Time) {
 	if r.stats != nil {
 		// Without stats in the window, status.observed goes: SLOMet never rests on old figures.
 		st.Observed = nil
-		if obs, ok := r.stats.observed(ref(lm), now, thresholdInForce(lm)); ok {
+		if obs, ok := r.stats.observed(ref(lm), now, thresholdsInForce(lm).ExitThreshold); ok {
 			st.Observed = obs
 		}
 	}

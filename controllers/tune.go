@@ -3,7 +3,10 @@ package controllers
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"math"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -66,7 +69,101 @@ func policySpec(lm *v1alpha1.LoopModel) gatepolicy.Spec {
 	if a := s.SLO.MinAgreement; a != nil {
 		ps.MinAgreement = *a
 	}
+	// Tiers are listed cheapest first: the list position is the brownout order.
+	ps.DefaultTier = s.DefaultTier
+	for i, t := range s.Tiers {
+		ps.Tiers = append(ps.Tiers, gatepolicy.Tier{Name: t.Name, Floor: tierFloor(lm, t), MinDepth: ptrOr(t.MinDepth), BrownoutOrder: i})
+	}
 	return ps
+}
+
+func ptrOr(p *float64) float64 {
+	if p == nil {
+		return 0
+	}
+	return *p
+}
+
+// tierFloor is a tier's minExitThreshold, or the spec's floor when unset.
+func tierFloor(lm *v1alpha1.LoopModel, t v1alpha1.Tier) float64 {
+	if m := t.MinExitThreshold; m != nil {
+		return *m
+	}
+	return floorThreshold(lm)
+}
+
+// checkTiers is the operator's own check of spec.tiers (the API server's rules may be older
+// than the operator): unique DNS-label names, a default tier among them, floors within
+// [spec.loop.minExitThreshold, spec.loop.exitThreshold], minDepth within [1, maxSteps].
+func checkTiers(lm *v1alpha1.LoopModel) error {
+	s := lm.Spec
+	if len(s.Tiers) == 0 {
+		if s.DefaultTier != "" {
+			return fmt.Errorf("spec.defaultTier %q is set without spec.tiers", s.DefaultTier)
+		}
+		return nil
+	}
+	lo, hi := floorThreshold(lm), s.Loop.ExitThreshold
+	seen := map[string]bool{}
+	for i, t := range s.Tiers {
+		switch {
+		case !bus.ValidTierName(t.Name):
+			return fmt.Errorf("spec.tiers[%d].name %q is not a DNS label", i, t.Name)
+		case seen[t.Name]:
+			return fmt.Errorf("spec.tiers[%d].name %q is used twice", i, t.Name)
+		case t.MinExitThreshold != nil && !(*t.MinExitThreshold >= lo && *t.MinExitThreshold <= hi):
+			return fmt.Errorf("spec.tiers[%d] (%s): minExitThreshold %g outside [%g, %g] (spec.loop.minExitThreshold, exitThreshold)", i, t.Name, *t.MinExitThreshold, lo, hi)
+		case t.MinDepth != nil && !(*t.MinDepth >= 1 && *t.MinDepth <= float64(cmp.Or(s.Loop.MaxSteps, 4))):
+			return fmt.Errorf("spec.tiers[%d] (%s): minDepth %g outside [1, %d] (spec.loop.maxSteps)", i, t.Name, *t.MinDepth, cmp.Or(s.Loop.MaxSteps, 4))
+		}
+		seen[t.Name] = true
+	}
+	if !seen[s.DefaultTier] {
+		return fmt.Errorf("spec.defaultTier %q is not one of spec.tiers", s.DefaultTier)
+	}
+	return nil
+}
+
+// thresholdsInForce is what the workers apply per tier: the spec's exitThreshold for every
+// tier, or in auto tuning mode, once the loop has decided, the tuned status.tiers
+// (status.exitThreshold without tiers), each kept within [its floor, exitThreshold] so that a
+// spec edit bounds it at once. The default tier's τ is also ExitThreshold.
+func thresholdsInForce(lm *v1alpha1.LoopModel) bus.Thresholds {
+	spec := lm.Spec.Loop.ExitThreshold
+	tuned := tuningMode(lm) == v1alpha1.TuningAuto && lm.Status.LastTuneTime != nil
+	in := func(v, floor float64) float64 {
+		if !tuned || !(v > 0) {
+			return spec
+		}
+		return min(max(v, floor), spec)
+	}
+	if len(lm.Spec.Tiers) == 0 {
+		return bus.Thresholds{ExitThreshold: in(lm.Status.ExitThreshold, floorThreshold(lm))}
+	}
+	th := bus.Thresholds{DefaultTier: lm.Spec.DefaultTier, Tiers: make(map[string]float64, len(lm.Spec.Tiers))}
+	for _, t := range lm.Spec.Tiers {
+		th.Tiers[t.Name] = in(statusTier(lm.Status.Tiers, t.Name), tierFloor(lm, t))
+	}
+	th.ExitThreshold = th.Tiers[th.DefaultTier]
+	return th
+}
+
+func statusTier(ts []v1alpha1.TierStatus, name string) float64 {
+	for _, t := range ts {
+		if t.Name == name {
+			return t.ExitThreshold
+		}
+	}
+	return 0
+}
+
+// tierStatuses lists taus in the order of spec.tiers (nil without tiers).
+func tierStatuses(lm *v1alpha1.LoopModel, taus map[string]float64) []v1alpha1.TierStatus {
+	var out []v1alpha1.TierStatus
+	for _, t := range lm.Spec.Tiers {
+		out = append(out, v1alpha1.TierStatus{Name: t.Name, ExitThreshold: taus[t.Name]})
+	}
+	return out
 }
 
 // tuners keeps one gatepolicy.Tuner per LoopModel, since its state (last τ, capacity fit,
@@ -119,12 +216,12 @@ func equalSpec(a, b gatepolicy.Spec) bool {
 
 // tune runs one step of the tuning loop when the mode asks for it and an interval has passed
 // since the last decision: the workers' stats of the last interval go to gatepolicy, whose
-// decision fills status.recommendation and status.lastTuneTime. In auto mode its threshold
-// becomes status.exitThreshold (thresholdInForce) and its replicas the replicas in force
-// (replicasInForce), which the full reconcile then writes to the ConfigMap, the registry entry,
-// the workers and the Deployment. Between decisions it writes the last decision again, so a
-// status write lost to a conflict is not a decision lost. Off clears what an earlier mode
-// reported.
+// decision fills status.recommendation and status.lastTuneTime. In auto mode its thresholds
+// become status.exitThreshold (the default tier's) and status.tiers, the thresholds in force
+// (thresholdsInForce), and its replicas the replicas in force (replicasInForce), which the full
+// reconcile then writes to the ConfigMap, the registry entry, the workers and the Deployment.
+// Between decisions it writes the last decision again, so a status write lost to a conflict is
+// not a decision lost. Off clears what an earlier mode reported.
 func (r *LoopModelReconciler) tune(lm *v1alpha1.LoopModel, now time.Time) {
 	st := &lm.Status
 	mode := tuningMode(lm)
@@ -134,8 +231,9 @@ func (r *LoopModelReconciler) tune(lm *v1alpha1.LoopModel, now time.Time) {
 	}
 	to, err := r.tuners.get(ref(lm), policySpec(lm))
 	if err != nil {
-		st.Recommendation = &v1alpha1.Recommendation{ExitThreshold: thresholdInForce(lm), Replicas: replicasInForce(lm),
-			Reasons: []string{"InvalidSpec: " + err.Error()}}
+		th := thresholdsInForce(lm)
+		st.Recommendation = &v1alpha1.Recommendation{ExitThreshold: th.ExitThreshold, Tiers: tierStatuses(lm, th.Tiers),
+			Replicas: replicasInForce(lm), Reasons: []string{"InvalidSpec: " + err.Error()}}
 		return
 	}
 	to.mu.Lock()
@@ -151,27 +249,29 @@ func (r *LoopModelReconciler) tune(lm *v1alpha1.LoopModel, now time.Time) {
 	st.Recommendation = to.rec.DeepCopy()
 	if mode == v1alpha1.TuningAuto && to.rec.ExitThreshold > 0 {
 		st.ExitThreshold = to.rec.ExitThreshold
+		st.Tiers = slices.Clone(to.rec.Tiers)
 	}
 }
 
 // decide asks the tuner for the decision of the interval that ends now, from the stats of
-// that interval and the τ and replicas in force.
+// that interval (one window per tier) and the thresholds and replicas in force.
 func (r *LoopModelReconciler) decide(lm *v1alpha1.LoopModel, t *gatepolicy.Tuner, now time.Time) *v1alpha1.Recommendation {
 	st := &lm.Status
 	interval := tuningInterval(lm)
-	tau := thresholdInForce(lm)
-	win := r.stats.policyWindow(ref(lm), tau, t.Spec().MaxSteps, now, interval)
+	taus := thresholdsInForce(lm).PerTier()
+	wins := r.stats.policyWindows(ref(lm), taus, lm.Spec.DefaultTier, t.Spec().MaxSteps, now, interval)
 	desired := int(replicasInForce(lm))
 	d := t.Decide(gatepolicy.Observation{
 		Now:              now,
-		Windows:          map[string]*gatepolicy.Window{"": win},
-		Tau:              map[string]float64{"": tau},
+		Windows:          wins,
+		Tau:              taus,
 		ReadyReplicas:    int(st.ReadyReplicas),
 		DesiredReplicas:  desired,
 		StartingReplicas: max(desired-int(st.ReadyReplicas), 0),
 	})
 	r.tuneMetrics(lm, d)
-	rec := &v1alpha1.Recommendation{ExitThreshold: d.Tau[""], Replicas: int32(d.Replicas), SLOReachable: d.SLOReachable}
+	rec := &v1alpha1.Recommendation{ExitThreshold: d.Tau[lm.Spec.DefaultTier], Tiers: tierStatuses(lm, d.Tau),
+		Replicas: int32(d.Replicas), SLOReachable: d.SLOReachable}
 	if !math.IsNaN(d.PredictedDepth) {
 		rec.PredictedMeanDepth = round3(d.PredictedDepth)
 	}
@@ -184,16 +284,36 @@ func (r *LoopModelReconciler) decide(lm *v1alpha1.LoopModel, t *gatepolicy.Tuner
 	return rec
 }
 
-// announce records an event for each thing an auto-mode decision changes: the threshold in
-// force and the replicas in force, with the decision's reasons.
+// announce records an event for each thing an auto-mode decision changes: the thresholds in
+// force (one event naming every tier that moved) and the replicas in force, with the
+// decision's reasons.
 func (r *LoopModelReconciler) announce(lm *v1alpha1.LoopModel, rec *v1alpha1.Recommendation) {
 	why := truncate(fmt.Sprint(rec.Reasons), maxMessage)
-	if tau := thresholdInForce(lm); rec.ExitThreshold > 0 && !sameThreshold(rec.ExitThreshold, tau) {
-		reason := EventThresholdLowered
-		if rec.ExitThreshold > tau {
-			reason = EventThresholdRaised
+	if rec.ExitThreshold > 0 {
+		taus := thresholdsInForce(lm).PerTier()
+		next := map[string]float64{lm.Spec.DefaultTier: rec.ExitThreshold}
+		for _, t := range rec.Tiers {
+			next[t.Name] = t.ExitThreshold
 		}
-		r.Events.Eventf(lm, nil, corev1.EventTypeNormal, reason, "Tune", "exit threshold tuned from %g to %g: %s", tau, rec.ExitThreshold, why)
+		var changes []string
+		reason := EventThresholdRaised
+		for _, k := range slices.Sorted(maps.Keys(taus)) {
+			was, to := taus[k], next[k]
+			if !(to > 0) || sameThreshold(was, to) {
+				continue
+			}
+			if to < was {
+				reason = EventThresholdLowered
+			}
+			if k == "" {
+				changes = append(changes, fmt.Sprintf("from %g to %g", was, to))
+			} else {
+				changes = append(changes, fmt.Sprintf("tier %s from %g to %g", k, was, to))
+			}
+		}
+		if len(changes) > 0 {
+			r.Events.Eventf(lm, nil, corev1.EventTypeNormal, reason, "Tune", "exit threshold tuned %s: %s", strings.Join(changes, ", "), why)
+		}
 	}
 	if n, want := replicasInForce(lm), clampReplicas(lm, rec.Replicas); want != n {
 		reason := EventScaledDown

@@ -41,14 +41,19 @@ type LoopModelList struct {
 	Items           []LoopModel `json:"items"`
 }
 
-// LoopModelSpec is the desired state of a LoopModel. Only exitThreshold may change without
-// restarting the workers: it is applied live over NATS.
+// LoopModelSpec is the desired state of a LoopModel. Only exitThreshold and the tiers may
+// change without restarting the workers: they are applied live over NATS.
 //
 // While tuning.mode stays auto the tuning loop owns the worker count, so scaling.replicas cannot
 // change: writes through /scale (HPA, KEDA, kubectl scale) are refused instead of being fought.
 // Changing the mode away from auto in the same write is allowed.
 //
 // +kubebuilder:validation:XValidation:rule="!(has(self.tuning) && has(self.tuning.mode) && self.tuning.mode == 'auto' && has(oldSelf.tuning) && has(oldSelf.tuning.mode) && oldSelf.tuning.mode == 'auto') || ((has(self.scaling) && has(self.scaling.replicas)) ? self.scaling.replicas : -1) == ((has(oldSelf.scaling) && has(oldSelf.scaling.replicas)) ? oldSelf.scaling.replicas : -1)",message="spec.scaling.replicas cannot change while spec.tuning.mode is auto: the tuning loop owns the worker count (status.recommendation.replicas); set spec.tuning.mode to advisory or off to scale through /scale (HPA, KEDA, kubectl scale)"
+// +kubebuilder:validation:XValidation:rule="!has(self.tiers) || has(self.defaultTier)",message="defaultTier must be set when tiers are"
+// +kubebuilder:validation:XValidation:rule="!has(self.defaultTier) || (has(self.tiers) && self.tiers.exists(t, t.name == self.defaultTier))",message="defaultTier must name one of spec.tiers"
+// +kubebuilder:validation:XValidation:rule="!has(self.tiers) || self.tiers.all(t, !has(t.minExitThreshold) || t.minExitThreshold <= self.loop.exitThreshold)",message="a tier's minExitThreshold must be less than or equal to spec.loop.exitThreshold"
+// +kubebuilder:validation:XValidation:rule="!has(self.tiers) || self.tiers.all(t, !has(t.minExitThreshold) || t.minExitThreshold >= (has(self.loop.minExitThreshold) ? self.loop.minExitThreshold : self.loop.exitThreshold))",message="a tier's minExitThreshold must be greater than or equal to spec.loop.minExitThreshold (spec.loop.exitThreshold when unset)"
+// +kubebuilder:validation:XValidation:rule="!has(self.tiers) || self.tiers.all(t, !has(t.minDepth) || t.minDepth <= self.loop.maxSteps)",message="a tier's minDepth must be less than or equal to spec.loop.maxSteps"
 type LoopModelSpec struct {
 	// model says where the weights are.
 	// +required
@@ -73,6 +78,22 @@ type LoopModelSpec struct {
 	// +optional
 	Tuning TuningSpec `json:"tuning,omitempty"`
 
+	// tiers are the model's quality tiers, listed cheapest first: brownout lowers the first
+	// tier's threshold down to its floor before it touches the second, and so on. A request
+	// picks its tier by name (its "tier" field or the X-Loopserve-Tier header). A tier whose
+	// minExitThreshold equals spec.loop.exitThreshold (gold) is never lowered. Unset, the model
+	// has one implicit tier with spec.loop's floor.
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=16
+	// +optional
+	Tiers []Tier `json:"tiers,omitempty"`
+
+	// defaultTier is the tier of requests that name none; required when tiers are set.
+	// +kubebuilder:validation:MaxLength=63
+	// +optional
+	DefaultTier string `json:"defaultTier,omitempty"`
+
 	// runtime sets the worker pods' image, resources and placement.
 	// +optional
 	Runtime RuntimeSpec `json:"runtime,omitempty"`
@@ -81,6 +102,33 @@ type LoopModelSpec struct {
 	// --nats-url applies when it is empty.
 	// +optional
 	NATS NATSSpec `json:"nats,omitempty"`
+}
+
+// Tier is one quality tier of a LoopModel.
+type Tier struct {
+	// name identifies the tier in requests, status and metrics: a DNS label.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	// +required
+	Name string `json:"name"`
+
+	// minExitThreshold is the tier's floor: tuning never lowers its threshold below it. It lies
+	// within [spec.loop.minExitThreshold, spec.loop.exitThreshold]; equal to exitThreshold the
+	// tier is never lowered. Unset, spec.loop.minExitThreshold applies.
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:ExclusiveMinimum=true
+	// +kubebuilder:validation:Maximum=1
+	// +optional
+	MinExitThreshold *float64 `json:"minExitThreshold,omitempty"`
+
+	// minDepth is the least predicted mean loop depth the tier keeps (e.g. for safety-sensitive
+	// traffic): tuning does not lower its threshold below the one that gives this depth, except
+	// briefly while new workers start.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=64
+	// +optional
+	MinDepth *float64 `json:"minDepth,omitempty"`
 }
 
 // ModelFormat is the on-disk layout of a model.
@@ -443,9 +491,16 @@ type LoopModelStatus struct {
 	// +optional
 	NATSURL string `json:"natsURL,omitempty"`
 
-	// exitThreshold is the threshold in force, published to the workers.
+	// exitThreshold is the threshold in force, published to the workers (the default tier's
+	// when spec.tiers is set).
 	// +optional
 	ExitThreshold float64 `json:"exitThreshold,omitempty"`
+
+	// tiers is the threshold in force per quality tier (empty without spec.tiers).
+	// +listType=map
+	// +listMapKey=name
+	// +optional
+	Tiers []TierStatus `json:"tiers,omitempty"`
 
 	// observed holds the depth and latency statistics the workers report.
 	// +optional
@@ -461,11 +516,28 @@ type LoopModelStatus struct {
 	Recommendation *Recommendation `json:"recommendation,omitempty"`
 }
 
+// TierStatus is one quality tier's threshold.
+type TierStatus struct {
+	// name of the tier.
+	// +required
+	Name string `json:"name"`
+
+	// exitThreshold is the tier's threshold.
+	// +required
+	ExitThreshold float64 `json:"exitThreshold"`
+}
+
 // Recommendation is one decision of the tuning loop.
 type Recommendation struct {
-	// exitThreshold is the threshold the loop chose.
+	// exitThreshold is the threshold the loop chose (the default tier's when spec.tiers is set).
 	// +optional
 	ExitThreshold float64 `json:"exitThreshold,omitempty"`
+
+	// tiers is the threshold the loop chose per quality tier (empty without spec.tiers).
+	// +listType=map
+	// +listMapKey=name
+	// +optional
+	Tiers []TierStatus `json:"tiers,omitempty"`
 
 	// replicas is the number of workers the loop would run.
 	// +optional
@@ -489,7 +561,8 @@ type Recommendation struct {
 	Reasons []string `json:"reasons,omitempty"`
 }
 
-// ObservedStats are aggregated from the workers' stats snapshots.
+// ObservedStats are aggregated from the workers' stats snapshots (of the default tier when
+// spec.tiers is set).
 type ObservedStats struct {
 	// meanDepth is the mean loop steps per generated token.
 	// +optional

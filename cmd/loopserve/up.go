@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -83,12 +84,14 @@ production NATS servers with "jetstream { sync_interval: always }" too.`,
 	return cmd
 }
 
-// upTuningFlags set the tuning loop `up` runs on its worker.
+// upTuningFlags set the tuning loop `up` runs on its worker, and the model's quality tiers.
 type upTuningFlags struct {
-	slo      time.Duration
-	floor    float64
-	mode     string
-	interval time.Duration
+	slo         time.Duration
+	floor       float64
+	mode        string
+	interval    time.Duration
+	tiers       []string // name=floor[,minDepth=N], cheapest first
+	defaultTier string
 }
 
 func (f *upTuningFlags) register(cmd *cobra.Command) {
@@ -97,10 +100,54 @@ func (f *upTuningFlags) register(cmd *cobra.Command) {
 	fl.Float64Var(&f.floor, "min-threshold", 0, "quality floor: the tuning loop never lowers the exit threshold below it (0: --threshold, never lowered)")
 	fl.DurationVar(&f.interval, "tuning-interval", 10*time.Second, "time between two decisions of the tuning loop (the worker reports stats twice as often)")
 	fl.StringVar(&f.mode, "tuning", "", "tuning loop: auto (applies the threshold), advisory (computes and reports only) or off (default: auto when --slo-token-latency-p95 is set, else off)")
+	fl.StringArrayVar(&f.tiers, "tier", nil, "quality tier name=floor[,minDepth=N], repeatable, cheapest first: brownout lowers the first tier to its floor before the next; a floor equal to --threshold is never lowered (requests pick a tier with \"tier\" or the "+serve.HeaderTier+" header)")
+	fl.StringVar(&f.defaultTier, "default-tier", "", "tier of requests that name none (required with --tier)")
 }
 
-// tuning checks the flags; the zero LocalTuning runs no loop.
+// parseTier reads one --tier value: name=floor[,minDepth=N].
+func parseTier(s string, order int) (gatepolicy.Tier, error) {
+	head, opts, _ := strings.Cut(s, ",")
+	name, floor, ok := strings.Cut(head, "=")
+	if !ok || !bus.ValidTierName(name) {
+		return gatepolicy.Tier{}, fmt.Errorf("--tier %q: want name=floor[,minDepth=N] with a DNS-label name", s)
+	}
+	t := gatepolicy.Tier{Name: name, BrownoutOrder: order}
+	f, err := strconv.ParseFloat(floor, 64)
+	if err != nil || !(f > 0 && f <= 1) {
+		return gatepolicy.Tier{}, fmt.Errorf("--tier %q: floor %q must be a number in (0, 1]", s, floor)
+	}
+	t.Floor = f
+	if opts != "" {
+		key, val, ok := strings.Cut(opts, "=")
+		d, err := strconv.ParseFloat(val, 64)
+		if !ok || key != "minDepth" || err != nil || !(d >= 1 && d <= 64) {
+			return gatepolicy.Tier{}, fmt.Errorf("--tier %q: want minDepth=N with N in [1, 64] after the floor", s)
+		}
+		t.MinDepth = d
+	}
+	return t, nil
+}
+
+// tuning checks the flags; a LocalTuning without Mode runs no loop (its tiers still route
+// requests, each at the threshold).
 func (f upTuningFlags) tuning() (serve.LocalTuning, error) {
+	var tiers []gatepolicy.Tier
+	lowest := 1.0
+	for i, s := range f.tiers {
+		t, err := parseTier(s, i)
+		if err != nil {
+			return serve.LocalTuning{}, err
+		}
+		tiers = append(tiers, t)
+		lowest = min(lowest, t.Floor)
+	}
+	if (len(tiers) > 0) != (f.defaultTier != "") {
+		return serve.LocalTuning{}, fmt.Errorf("--default-tier %q: give it exactly when --tier is given", f.defaultTier)
+	}
+	floor := f.floor
+	if floor == 0 && len(tiers) > 0 {
+		floor = lowest // the tiers' floors bound the model's
+	}
 	mode := f.mode
 	if mode == "" {
 		mode = serve.TuningOff
@@ -110,7 +157,7 @@ func (f upTuningFlags) tuning() (serve.LocalTuning, error) {
 	}
 	switch mode {
 	case serve.TuningOff:
-		return serve.LocalTuning{}, nil
+		return serve.LocalTuning{Spec: gatepolicy.Spec{Tiers: tiers, DefaultTier: f.defaultTier}}, nil
 	case serve.TuningAuto, serve.TuningAdvisory:
 	default:
 		return serve.LocalTuning{}, fmt.Errorf("--tuning %q: want auto, advisory or off", f.mode)
@@ -118,7 +165,8 @@ func (f upTuningFlags) tuning() (serve.LocalTuning, error) {
 	if f.slo < 0 || !(f.floor >= 0 && f.floor <= 1) || f.interval < 0 {
 		return serve.LocalTuning{}, fmt.Errorf("--slo-token-latency-p95 %v must not be negative and --min-threshold %v must lie in [0, 1], --tuning-interval %v must not be negative", f.slo, f.floor, f.interval)
 	}
-	return serve.LocalTuning{Mode: mode, Spec: gatepolicy.Spec{TokenLatencyP95: f.slo, Floor: f.floor}, Interval: f.interval}, nil
+	return serve.LocalTuning{Mode: mode, Spec: gatepolicy.Spec{TokenLatencyP95: f.slo, Floor: floor, Tiers: tiers, DefaultTier: f.defaultTier},
+		Interval: f.interval}, nil
 }
 
 type upConfig struct {

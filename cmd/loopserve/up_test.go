@@ -14,9 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/spf13/cobra"
 
 	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/gatepolicy"
+	"github.com/loopserve/loopserve/runtime/serve"
 )
 
 func TestLoopModelName(t *testing.T) {
@@ -237,5 +240,129 @@ func TestUpTuning(t *testing.T) {
 				time.Sleep(50 * time.Millisecond)
 			}
 		})
+	}
+}
+
+func TestUpTierFlags(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		flags   upTuningFlags
+		want    serve.LocalTuning
+		wantErr string
+	}{
+		{"tiers without tuning", upTuningFlags{tiers: []string{"batch=0.4", "gold=0.7,minDepth=3"}, defaultTier: "gold"},
+			serve.LocalTuning{Spec: gatepolicy.Spec{DefaultTier: "gold", Tiers: []gatepolicy.Tier{{Name: "batch", Floor: 0.4}, {Name: "gold", Floor: 0.7, MinDepth: 3, BrownoutOrder: 1}}}}, ""},
+		{"tiers set the floor", upTuningFlags{slo: time.Millisecond, interval: time.Second, tiers: []string{"batch=0.4", "std=0.6"}, defaultTier: "std"},
+			serve.LocalTuning{Mode: serve.TuningAuto, Interval: time.Second, Spec: gatepolicy.Spec{TokenLatencyP95: time.Millisecond, Floor: 0.4, DefaultTier: "std",
+				Tiers: []gatepolicy.Tier{{Name: "batch", Floor: 0.4}, {Name: "std", Floor: 0.6, BrownoutOrder: 1}}}}, ""},
+		{"no default", upTuningFlags{tiers: []string{"batch=0.4"}}, serve.LocalTuning{}, "--default-tier \"\": give it exactly when --tier is given"},
+		{"default without tiers", upTuningFlags{defaultTier: "gold"}, serve.LocalTuning{}, "give it exactly when --tier is given"},
+		{"no floor", upTuningFlags{tiers: []string{"batch"}, defaultTier: "batch"}, serve.LocalTuning{}, `--tier "batch": want name=floor`},
+		{"bad name", upTuningFlags{tiers: []string{"Batch=0.4"}, defaultTier: "Batch"}, serve.LocalTuning{}, "DNS-label name"},
+		{"floor out of range", upTuningFlags{tiers: []string{"batch=1.5"}, defaultTier: "batch"}, serve.LocalTuning{}, `floor "1.5" must be a number in (0, 1]`},
+		{"bad option", upTuningFlags{tiers: []string{"batch=0.4,depth=2"}, defaultTier: "batch"}, serve.LocalTuning{}, "want minDepth=N"},
+	} {
+		got, err := tc.flags.tuning()
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("%s: err = %v, want %q", tc.name, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %v", tc.name, err)
+			continue
+		}
+		if d := cmp.Diff(got, tc.want); d != "" {
+			t.Errorf("%s (-got +want):\n%s", tc.name, d)
+		}
+	}
+}
+
+// TestUpTiers: `up` with tiers and an SLO it cannot meet lowers the tier with traffic to its
+// floor, never lowers the tier whose floor is the threshold, and shows both in /v1/models;
+// a request for an unknown tier is refused.
+func TestUpTiers(t *testing.T) {
+	modelDir := filepath.Join("..", "..", "testdata", "models", "ouro-tiny-arith")
+	tf := upTuningFlags{slo: time.Microsecond, mode: "auto", interval: 300 * time.Millisecond,
+		tiers: []string{"batch=0.3", "gold=0.7"}, defaultTier: "gold"}
+	tuning, err := tf.tuning()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ef := serveEngineFlags{threshold: 0.7, mode: "fast", kvPolicy: "full", capacity: 4}
+	_, local, stop, err := startUp(ctx, slog.New(slog.DiscardHandler), upConfig{dir: modelDir,
+		ref: bus.Ref{Namespace: "default", Name: "ouro-tiny-arith"}, listen: "127.0.0.1:0", engine: ef, tuning: tuning})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := stop(); err != nil {
+			t.Errorf("stopping: %v", err)
+		}
+	}()
+	base := local.URL()
+	send := func(ctx context.Context, tier string) int {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/completions",
+			strings.NewReader(`{"model": "default/ouro-tiny-arith", "prompt": "a = 2 ; n = a + 7 ; b = 0 ; ? n =", "max_tokens": 16}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set(serve.HeaderTier, tier)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if got := send(ctx, "silver"); got != http.StatusBadRequest {
+		t.Errorf("unknown tier: status %d, want 400", got)
+	}
+	var load sync.WaitGroup
+	load.Go(func() {
+		for ctx.Err() == nil {
+			send(ctx, "batch")
+		}
+	})
+	defer load.Wait()
+	defer cancel()
+	tiers := func() map[string]float64 {
+		resp, err := http.Get(base + "/v1/models")
+		if err != nil {
+			return nil
+		}
+		defer resp.Body.Close()
+		var body struct {
+			Data []struct {
+				Tiers []struct {
+					Name          string  `json:"name"`
+					ExitThreshold float64 `json:"exit_threshold"`
+				} `json:"tiers"`
+			} `json:"data"`
+		}
+		if json.NewDecoder(resp.Body).Decode(&body) != nil || len(body.Data) != 1 {
+			return nil
+		}
+		m := map[string]float64{}
+		for _, t := range body.Data[0].Tiers {
+			m[t.Name] = t.ExitThreshold
+		}
+		return m
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		m := tiers()
+		if m["gold"] != 0.7 {
+			t.Fatalf("/v1/models tiers %v: gold must stay at 0.7", m)
+		}
+		if m["batch"] == 0.3 {
+			return
+		}
+		if time.Now().After(deadline) {
+			d, ok := local.Decision()
+			t.Fatalf("tiers %v in /v1/models, last decision %+v (%v)", m, d, ok)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

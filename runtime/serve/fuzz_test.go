@@ -14,7 +14,8 @@ import (
 // OpenAI error body (message, type, param, code); an accepted request becomes a job within the
 // limits that survives the trip through the queue.
 func fuzzRequest(t *testing.T, body []byte, chat bool) {
-	entry := bus.ModelEntry{Namespace: "default", Name: "m", ContextLength: 2048, MaxSteps: 4, Ready: true}
+	entry := bus.ModelEntry{Namespace: "default", Name: "m", ContextLength: 2048, MaxSteps: 4, Ready: true,
+		Thresholds: bus.Thresholds{ExitThreshold: 0.8, DefaultTier: "standard", Tiers: map[string]float64{"gold": 0.9, "standard": 0.8, "batch": 0.5}}}
 	r, aerr := decodeRequest(body, chat)
 	var job Job
 	if aerr == nil {
@@ -43,7 +44,8 @@ func fuzzRequest(t *testing.T, body []byte, chat bool) {
 	case job.N < 0 || job.N > maxChoices, len(job.Stop) > maxStops, job.TopLogprobs < 0 || job.TopLogprobs > maxTopLogprobs,
 		job.MaxTokens < 0 || job.MaxTokens >= entry.ContextLength, job.MaxDepth < 0 || job.MaxDepth > entry.MaxSteps,
 		job.Temperature < 0 || job.Temperature > 2, job.TopP < 0 || job.TopP > 1, job.ExitThreshold < 0 || job.ExitThreshold > 1,
-		chat && len(job.Messages) == 0, !chat && job.Prompt == "" && len(job.PromptIDs) == 0:
+		chat && len(job.Messages) == 0, !chat && job.Prompt == "" && len(job.PromptIDs) == 0,
+		job.Threshold != entry.Tiers[job.Tier]:
 		t.Fatalf("accepted job outside the limits: %+v", job)
 	}
 	for _, s := range job.Stop {
@@ -56,7 +58,8 @@ func fuzzRequest(t *testing.T, body []byte, chat bool) {
 		t.Fatalf("job does not encode: %v", err)
 	}
 	back, err := decodeJob(b)
-	if err != nil || back.ID != job.ID || back.N != job.N || back.Prompt != job.Prompt || len(back.Messages) != len(job.Messages) {
+	if err != nil || back.ID != job.ID || back.N != job.N || back.Prompt != job.Prompt || len(back.Messages) != len(job.Messages) ||
+		back.Tier != job.Tier || back.Threshold != job.Threshold {
 		t.Fatalf("job does not survive the queue: %v %+v", err, back)
 	}
 }
@@ -72,6 +75,11 @@ var fuzzSeeds = []string{
 	`{"model": "m", "messages": [{"role": "user", "content": "x", "name": "n"}], "response_format": {"type": "json_object"}}`,
 	`{"model": "m", "messages": [], "max_completion_tokens": -1, "frequency_penalty": 1e309}`,
 	`{"model": "m", "prompt": null, "stop": 3, "n": 1e3, "seed": 1.5}`,
+	`{"model": "m", "prompt": "x", "tier": "batch"}`,
+	`{"model": "m", "messages": [{"role": "user", "content": "x"}], "tier": "gold", "exit_threshold": 0.3}`,
+	`{"model": "m", "prompt": "x", "tier": "silver"}`,
+	`{"model": "m", "prompt": "x", "tier": ["gold"]}`,
+	`{"model": "m", "prompt": "x", "tier": ""}`,
 	`[{"model": "m"}]`, `null`, `{"model": "m", "prompt": "\ud800"}`, `{"model":` + strings.Repeat(`[`, 64),
 }
 

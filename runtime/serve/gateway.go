@@ -447,8 +447,12 @@ func (g *Gateway) listModels(w http.ResponseWriter, _ *http.Request) {
 	g.mu.RLock()
 	out := modelList{Object: "list", Data: []modelObject{}}
 	for _, m := range g.models {
-		out.Data = append(out.Data, modelObject{ID: m.ID(), Object: "model", Created: m.Updated.Unix(), OwnedBy: m.Namespace,
-			ContextLength: m.ContextLength, ExitThreshold: m.ExitThreshold, MaxSteps: m.MaxSteps, Ready: m.Ready})
+		o := modelObject{ID: m.ID(), Object: "model", Created: m.Updated.Unix(), OwnedBy: m.Namespace,
+			ContextLength: m.ContextLength, ExitThreshold: m.ExitThreshold, MaxSteps: m.MaxSteps, Ready: m.Ready, DefaultTier: m.DefaultTier}
+		for _, name := range m.TierNames() {
+			o.Tiers = append(o.Tiers, tierObject{Name: name, ExitThreshold: m.Tiers[name]})
+		}
+		out.Data = append(out.Data, o)
 	}
 	g.mu.RUnlock()
 	slices.SortFunc(out.Data, func(a, b modelObject) int { return strings.Compare(a.ID, b.ID) })
@@ -523,6 +527,9 @@ func (g *Gateway) complete(rw http.ResponseWriter, r *http.Request, chat bool) {
 	if aerr != nil {
 		aerr.write(w)
 		return
+	}
+	if h := r.Header.Get(HeaderTier); req.Tier == nil && h != "" {
+		req.Tier = &h // the body's "tier" wins over the header
 	}
 	if req.Model == "" {
 		badRequest("model", "model is required").write(w)
@@ -1212,12 +1219,19 @@ type modelList struct {
 }
 
 type modelObject struct {
-	ID            string  `json:"id"`
-	Object        string  `json:"object"`
-	Created       int64   `json:"created"`
-	OwnedBy       string  `json:"owned_by"`
-	ContextLength int     `json:"context_length"`
+	ID            string       `json:"id"`
+	Object        string       `json:"object"`
+	Created       int64        `json:"created"`
+	OwnedBy       string       `json:"owned_by"`
+	ContextLength int          `json:"context_length"`
+	ExitThreshold float64      `json:"exit_threshold"` // the default tier's
+	MaxSteps      int          `json:"max_steps"`
+	Ready         bool         `json:"ready"`
+	DefaultTier   string       `json:"default_tier,omitempty"`
+	Tiers         []tierObject `json:"tiers,omitempty"` // τ in force per quality tier, by name
+}
+
+type tierObject struct {
+	Name          string  `json:"name"`
 	ExitThreshold float64 `json:"exit_threshold"`
-	MaxSteps      int     `json:"max_steps"`
-	Ready         bool    `json:"ready"`
 }

@@ -102,7 +102,7 @@ func newCluster(t testing.TB, o clusterOptions) *cluster {
 		o.ctxLen = 2048
 	}
 	if err := bus.PutModel(ctx, kv, bus.ModelEntry{Namespace: c.ref.Namespace, Name: c.ref.Name, ContextLength: o.ctxLen,
-		ExitThreshold: 0.9, MaxSteps: 4, Ready: true}); err != nil {
+		Thresholds: bus.Thresholds{ExitThreshold: 0.9}, MaxSteps: 4, Ready: true}); err != nil {
 		t.Fatal(err)
 	}
 	c.reg = prometheus.NewRegistry()
@@ -169,6 +169,13 @@ func (c *cluster) connect(name string) *nats.Conn {
 // and waits until the gateway stamps it into new jobs.
 func (c *cluster) setThreshold(tau float64) {
 	c.t.Helper()
+	c.setThresholds(bus.Thresholds{ExitThreshold: tau})
+}
+
+// setThresholds changes the thresholds in force (per tier) in the registry entry, as the
+// operator does, and waits until the gateway stamps them into new jobs.
+func (c *cluster) setThresholds(th bus.Thresholds) {
+	c.t.Helper()
 	ctx := context.Background()
 	js, _ := jetstream.New(c.connect("registry"))
 	kv, err := bus.OpenRegistry(ctx, js)
@@ -183,11 +190,11 @@ func (c *cluster) setThreshold(tau float64) {
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	m.ExitThreshold = tau
+	m.Thresholds = th
 	if err := bus.PutModel(ctx, kv, m); err != nil {
 		c.t.Fatal(err)
 	}
-	awaitCond(c.t, func() bool { m, ok := c.gateway.lookup(c.ref.String()); return ok && m.ExitThreshold == tau })
+	awaitCond(c.t, func() bool { m, ok := c.gateway.lookup(c.ref.String()); return ok && m.Thresholds.Equal(th) })
 }
 
 func (c *cluster) awaitModel(id string, present bool) {

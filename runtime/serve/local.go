@@ -93,8 +93,12 @@ func StartLocal(ctx context.Context, o LocalOptions) (l *Local, err error) {
 	if err != nil {
 		return nil, err
 	}
+	th, err := o.Tuning.thresholds(o.Gen.Threshold())
+	if err != nil {
+		return nil, err
+	}
 	entry := bus.ModelEntry{Namespace: o.Ref.Namespace, Name: o.Ref.Name, ContextLength: wo.ContextLength,
-		ExitThreshold: o.Gen.Threshold(), MaxSteps: wo.MaxSteps, Ready: true, Updated: time.Now().UTC()}
+		Thresholds: th, MaxSteps: wo.MaxSteps, Ready: true, Updated: time.Now().UTC()}
 	if err := bus.PutModel(ctx, kv, entry); err != nil {
 		return nil, err
 	}

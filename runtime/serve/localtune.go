@@ -2,6 +2,7 @@ package serve
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,9 +22,10 @@ const (
 )
 
 // LocalTuning is the tuning loop of `loopserve up`: the same gatepolicy code as the operator,
-// fed by the local worker's stats snapshots, for one worker (replicas fixed at 1). In auto mode
-// each decision's threshold is written to the registry entry, which the worker follows and the
-// gateway stamps into new jobs and shows in /v1/models; advisory only records the decision.
+// fed by the local worker's stats snapshots, for one worker (replicas fixed at 1), with the
+// quality tiers of Spec.Tiers. In auto mode each decision's thresholds are written to the
+// registry entry, which the worker follows and the gateway stamps into new jobs and shows in
+// /v1/models; advisory only records the decision.
 type LocalTuning struct {
 	Mode     string          // TuningAuto or TuningAdvisory; "" or TuningOff runs no loop
 	Spec     gatepolicy.Spec // Ceiling and MaxSteps default to the engine's threshold and the worker's MaxSteps
@@ -31,6 +33,26 @@ type LocalTuning struct {
 }
 
 func (o LocalTuning) enabled() bool { return o.Mode == TuningAuto || o.Mode == TuningAdvisory }
+
+// thresholds are the model's thresholds at start: every tier of Spec.Tiers (none: the one
+// implicit tier) at ceiling, the engine's threshold. Requests pick a tier whatever the mode.
+func (o LocalTuning) thresholds(ceiling float64) (bus.Thresholds, error) {
+	th := bus.Thresholds{ExitThreshold: ceiling}
+	if len(o.Spec.Tiers) == 0 {
+		return th, nil
+	}
+	th.DefaultTier, th.Tiers = o.Spec.DefaultTier, map[string]float64{}
+	for _, t := range o.Spec.Tiers {
+		if _, dup := th.Tiers[t.Name]; dup {
+			return bus.Thresholds{}, fmt.Errorf("tier %q given twice", t.Name)
+		}
+		th.Tiers[t.Name] = ceiling
+	}
+	if err := th.Validate(); err != nil {
+		return bus.Thresholds{}, fmt.Errorf("tiers: %w", err)
+	}
+	return th, nil
+}
 
 // localTuner owns the loop's state; Run is its only goroutine.
 type localTuner struct {
@@ -99,20 +121,28 @@ func (lt *localTuner) decide(ctx context.Context, now time.Time) {
 	snaps := lt.snaps
 	lt.snaps = nil
 	lt.mu.Unlock()
-	tau := lt.entry.ExitThreshold
-	win := gatepolicy.NewWindow("", tau, lt.entry.MaxSteps, lt.interval.Seconds())
-	for _, s := range snaps {
-		_ = win.Add(s.Sample()) // refusals (a window under an older threshold) are counted in win.Rejected
+	taus := lt.entry.PerTier()
+	wins := make(map[string]*gatepolicy.Window, len(taus))
+	for tier, tau := range taus {
+		wins[tier] = gatepolicy.NewWindow(tier, tau, lt.entry.MaxSteps, lt.interval.Seconds())
 	}
-	d := lt.tuner.Decide(gatepolicy.Observation{Now: now, Windows: map[string]*gatepolicy.Window{"": win},
-		Tau: map[string]float64{"": tau}, ReadyReplicas: 1, DesiredReplicas: 1})
+	for _, s := range snaps {
+		for _, p := range s.Samples() {
+			w, ok := wins[p.Tier]
+			if !ok {
+				w = wins[lt.entry.DefaultTier] // refuses it as misaddressed
+			}
+			_ = w.Add(p) // refusals (a window under an older threshold) are counted in w.Rejected
+		}
+	}
+	d := lt.tuner.Decide(gatepolicy.Observation{Now: now, Windows: wins, Tau: taus, ReadyReplicas: 1, DesiredReplicas: 1})
 	lt.last.Store(&d)
-	next := d.Tau[""]
-	if lt.mode != TuningAuto || !(next > 0 && next <= 1) || next == tau {
+	next := lt.entry.With(d.Tau)
+	if lt.mode != TuningAuto || next.Validate() != nil || next.Equal(lt.entry.Thresholds) {
 		return
 	}
 	e := lt.entry
-	e.ExitThreshold, e.Updated = next, now.UTC()
+	e.Thresholds, e.Updated = next, now.UTC()
 	if err := bus.PutModel(ctx, lt.kv, e); err != nil {
 		return // retried at the next decision
 	}

@@ -64,7 +64,7 @@ const (
 )
 
 // openAIRequest is the union of the completion and chat completion request bodies, plus
-// loopserve's extensions (top_k, exit_threshold, max_depth, deadline_ms). Only the fields
+// loopserve's extensions (top_k, exit_threshold, max_depth, deadline_ms, tier). Only the fields
 // loopserve implements are decoded; checkFields refuses every other one that would change the
 // answer (see knownFields).
 type openAIRequest struct {
@@ -89,7 +89,12 @@ type openAIRequest struct {
 	ExitThreshold *float64 `json:"exit_threshold"`
 	MaxDepth      *int     `json:"max_depth"`
 	DeadlineMS    *int64   `json:"deadline_ms"`
+	// Tier is the quality tier (the X-Loopserve-Tier header when absent; the body wins).
+	Tier *string `json:"tier"`
 }
+
+// HeaderTier is the request header that picks a quality tier when the body has no "tier".
+const HeaderTier = "X-Loopserve-Tier"
 
 type streamOptions struct {
 	IncludeUsage bool `json:"include_usage"`
@@ -143,6 +148,7 @@ var knownFields = map[string]fieldRule{
 	"exit_threshold": {endpoints: forBoth},
 	"max_depth":      {endpoints: forBoth},
 	"deadline_ms":    {endpoints: forBoth},
+	"tier":           {endpoints: forBoth, check: checkString("tier")},
 
 	// Not implemented: refused unless they hold their no-op default.
 	"frequency_penalty":   {endpoints: forBoth, inert: isZeroNumber, why: " (only 0)"},
@@ -466,11 +472,35 @@ func (r *openAIRequest) toJob(id string, e bus.ModelEntry, chat bool, now time.T
 		}
 		j.Deadline = now.Add(time.Duration(*d) * time.Millisecond)
 	}
-	// The threshold in force at acceptance travels with the job: a redelivery runs under it.
-	if t := e.ExitThreshold; t > 0 && t <= 1 {
-		j.Threshold = t
+	// The tier's threshold in force at acceptance travels with the job: a redelivery runs
+	// under it.
+	tier := ""
+	if r.Tier != nil {
+		tier = *r.Tier
+	}
+	name, tau, terr := e.Threshold(tier)
+	if terr != nil {
+		known := "it declares no tiers"
+		if names := e.TierNames(); len(names) > 0 {
+			known = "its tiers are " + strings.Join(names, ", ")
+		}
+		return Job{}, &apiError{Status: http.StatusBadRequest, Type: "invalid_request_error", Code: "unknown_tier", Param: "tier",
+			Message: fmt.Sprintf("the model %q has no tier %q: %s", e.ID(), truncateRunes(tier, bus.MaxTierName+1), known)}
+	}
+	j.Tier = name
+	if tau > 0 && tau <= 1 {
+		j.Threshold = tau
 	}
 	return j, nil
+}
+
+// truncateRunes keeps the first n runes of s (a client's string quoted in an error).
+func truncateRunes(s string, n int) string {
+	r := []rune(s)
+	if len(r) <= n {
+		return s
+	}
+	return string(r[:n]) + "…"
 }
 
 // parseLogprobs reads logprobs (completions: an integer 0..5, the alternatives per position;

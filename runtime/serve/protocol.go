@@ -63,9 +63,13 @@ type Job struct {
 	// Deadline-driven depth is the exception: a job with a Deadline stops its loops by the
 	// clock, so a redelivery may differ; the gateway drops indices it already holds, so the
 	// client still sees one stream, but its later tokens may come from another continuation.
-	Threshold float64   `json:"threshold,omitempty"`
-	MaxDepth  int       `json:"maxDepth,omitempty"`
-	Deadline  time.Time `json:"deadline,omitzero"` // anytime generation: finish by then (gateway clock: keep hosts in NTP sync)
+	Threshold float64 `json:"threshold,omitempty"`
+	// Tier is the quality tier the request chose (or the model's default tier), resolved by the
+	// gateway; Threshold is that tier's threshold. "" means the default tier (a job from a
+	// gateway that knows no tiers).
+	Tier     string    `json:"tier,omitempty"`
+	MaxDepth int       `json:"maxDepth,omitempty"`
+	Deadline time.Time `json:"deadline,omitzero"` // anytime generation: finish by then (gateway clock: keep hosts in NTP sync)
 	// Expires is when the gateway stops waiting for the answer (its request timeout); a worker
 	// drops a job taken after it (gateway clock).
 	Expires time.Time `json:"expires,omitzero"`

@@ -533,7 +533,7 @@ func TestStatsAndControl(t *testing.T) {
 
 	// The operator publishes a new threshold and writes it to the registry entry, from which
 	// the gateway stamps it into the jobs it accepts.
-	b, _ := json.Marshal(bus.Control{ExitThreshold: 0.3})
+	b, _ := json.Marshal(bus.Control{Thresholds: bus.Thresholds{ExitThreshold: 0.3}})
 	if err := nc.Publish(c.ref.ControlSubject(), b); err != nil {
 		t.Fatal(err)
 	}

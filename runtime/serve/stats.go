@@ -3,6 +3,7 @@ package serve
 import (
 	"context"
 	"encoding/json"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -14,16 +15,24 @@ import (
 // maxSamples bounds the latency samples a window keeps for its quantiles (reservoir sampling).
 const maxSamples = 4096
 
-// statsWindow accumulates one worker's bus.StatsSnapshot between publications. Safe for
-// concurrent use.
+// statsWindow accumulates one worker's bus.StatsSnapshot between publications: the worker's
+// load, and per quality tier its counts and histograms under the tier's threshold in force.
+// Safe for concurrent use.
 type statsWindow struct {
 	mu       sync.Mutex
-	snap     bus.StatsSnapshot
+	snap     bus.StatsSnapshot // the worker's fields; the tiers' are filled in by rotate
+	th       bus.Thresholds    // in force during the window
+	tiers    map[string]*tierWindow
 	active   int       // requests generating
 	busyFrom time.Time // when active last became > 0
-	itl      samples
-	ttft     samples
-	wait     samples
+}
+
+// tierWindow is one tier's part of the window, with the latency samples of its requests.
+type tierWindow struct {
+	st   bus.TierStats
+	itl  samples
+	ttft samples
+	wait samples
 }
 
 type samples struct {
@@ -57,20 +66,44 @@ func (s *samples) quantile(q float64) float64 {
 	return s.xs[max(0, min(i, len(s.xs)-1))]
 }
 
-func (s *samples) reset() {
-	s.xs, s.seen = s.xs[:0], 0
+func newStatsWindow(r bus.Ref, worker string, steps, capacity int, th bus.Thresholds) *statsWindow {
+	w := &statsWindow{}
+	w.snap = bus.StatsSnapshot{Namespace: r.Namespace, Name: r.Name, Worker: worker, MaxSteps: steps, Capacity: capacity, Start: time.Now()}
+	w.reset(th)
+	return w
 }
 
-func newStatsWindow(r bus.Ref, worker string, steps, capacity int, tau float64) *statsWindow {
-	w := &statsWindow{}
-	w.snap = bus.NewStatsSnapshot(r, worker, steps)
-	w.snap.Capacity = capacity
-	w.snap.ExitThreshold = tau
-	w.snap.Start = time.Now()
-	for _, s := range []*samples{&w.itl, &w.ttft, &w.wait} {
-		s.rng = 0x9e3779b97f4a7c15
+// reset starts empty tier windows under th; the caller holds mu (or owns w).
+func (w *statsWindow) reset(th bus.Thresholds) {
+	w.th = th
+	w.tiers = make(map[string]*tierWindow, max(len(th.Tiers), 1))
+	add := func(name string, tau float64) {
+		tw := &tierWindow{st: bus.NewTierStats(name, w.snap.MaxSteps)}
+		tw.st.ExitThreshold = tau
+		for _, s := range []*samples{&tw.itl, &tw.ttft, &tw.wait} {
+			s.rng = 0x9e3779b97f4a7c15
+		}
+		w.tiers[name] = tw
 	}
-	return w
+	if len(th.Tiers) == 0 {
+		add("", th.ExitThreshold)
+		return
+	}
+	for name, tau := range th.Tiers {
+		add(name, tau)
+	}
+}
+
+// tier returns the window of a tier ("" is the default tier); a tier the worker does not know
+// (yet) counts in the default tier's load, known is false.
+func (w *statsWindow) tier(name string) (tw *tierWindow, known bool) {
+	if name == "" {
+		name = w.th.DefaultTier
+	}
+	if tw, ok := w.tiers[name]; ok {
+		return tw, true
+	}
+	return w.tiers[w.th.DefaultTier], false
 }
 
 func (w *statsWindow) begin() {
@@ -93,23 +126,27 @@ func (w *statsWindow) end() {
 	w.snap.InFlight = w.active
 }
 
-func (w *statsWindow) request() {
+func (w *statsWindow) request(tier string) {
 	w.mu.Lock()
-	w.snap.Requests++
+	tw, _ := w.tier(tier)
+	tw.st.Requests++
 	w.mu.Unlock()
 }
 
-// token records one generated token: its loop steps, and for probes their c_t and agreement
-// with full depth. The depth histograms (DepthCounts, Cum, Censored) assume the window's
-// threshold, so only a token generated under it (inForce) enters them: a request that set its
-// own exit_threshold, max_depth or deadline, or that was stamped with an earlier threshold,
-// still counts in the load (Tokens, LoopSteps) and as a probe, whose steps all ran. tau is the
-// threshold the token's request ran under, 0 for a request that overrode its depth.
-func (w *statsWindow) token(t engine.Token, tau float64) int {
+// token records one generated token of a tier's request: its loop steps, and for probes their
+// c_t and agreement with full depth. The depth histograms (DepthCounts, Cum, Censored) assume
+// the tier's threshold in force, so only a token generated under it (inForce) enters them: a
+// request that set its own exit_threshold, max_depth or deadline, or that was stamped with an
+// earlier threshold, still counts in the load (Tokens, LoopSteps) and as a probe, whose steps
+// all ran. tau is the threshold the token's request ran under, 0 for a request that overrode
+// its depth.
+func (w *statsWindow) token(t engine.Token, tier string, tau float64) int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	s := &w.snap
-	inForce := tau > 0 && tau == s.ExitThreshold
+	tw, known := w.tier(tier)
+	s := &tw.st
+	maxSteps := w.snap.MaxSteps
+	inForce := known && tau > 0 && tau == s.ExitThreshold
 	steps := len(t.Cum)
 	if steps == 0 {
 		steps = t.Depth
@@ -117,10 +154,10 @@ func (w *statsWindow) token(t engine.Token, tau float64) int {
 	s.Tokens++
 	s.LoopSteps += int64(steps)
 	if inForce {
-		if t.Depth >= 1 && t.Depth <= s.MaxSteps {
+		if t.Depth >= 1 && t.Depth <= maxSteps {
 			s.DepthCounts[t.Depth-1]++
 		}
-		for i := range s.MaxSteps {
+		for i := range maxSteps {
 			if i < len(t.Cum) {
 				s.Cum[i][bus.CumBin(float64(t.Cum[i]))]++
 			} else {
@@ -128,9 +165,9 @@ func (w *statsWindow) token(t engine.Token, tau float64) int {
 			}
 		}
 	}
-	if t.Probe && len(t.Cum) >= s.MaxSteps {
+	if t.Probe && len(t.Cum) >= maxSteps {
 		s.Probes++
-		for i := range s.MaxSteps {
+		for i := range maxSteps {
 			s.ProbeCum[i][bus.CumBin(float64(t.Cum[i]))]++
 			if i < len(t.Agree) && t.Agree[i] {
 				s.ProbeAgree[i]++
@@ -140,16 +177,23 @@ func (w *statsWindow) token(t engine.Token, tau float64) int {
 	return steps
 }
 
-func (w *statsWindow) observe(s *samples, d time.Duration) {
+// observe adds a latency sample of a tier's request; pick chooses which.
+func (w *statsWindow) observe(tier string, pick func(*tierWindow) *samples, d time.Duration) {
 	w.mu.Lock()
-	s.add(d.Seconds())
+	tw, _ := w.tier(tier)
+	pick(tw).add(d.Seconds())
 	w.mu.Unlock()
 }
 
-// rotate closes the window at now and starts the next one under threshold tau, returning the
-// closed window. Idle windows are published too: the operator divides loop steps by the time
-// the windows cover, so a window left out would inflate the rates.
-func (w *statsWindow) rotate(now time.Time, tau float64) bus.StatsSnapshot {
+func itlOf(tw *tierWindow) *samples  { return &tw.itl }
+func ttftOf(tw *tierWindow) *samples { return &tw.ttft }
+func waitOf(tw *tierWindow) *samples { return &tw.wait }
+
+// rotate closes the window at now and starts the next one under thresholds th, returning the
+// closed window: the default tier's part at the snapshot's top level, the other tiers that
+// saw traffic in Tiers. Idle windows are published too: the operator divides loop steps by
+// the time the windows cover, so a window left out would inflate the rates.
+func (w *statsWindow) rotate(now time.Time, th bus.Thresholds) bus.StatsSnapshot {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	out := w.snap
@@ -158,29 +202,34 @@ func (w *statsWindow) rotate(now time.Time, tau float64) bus.StatsSnapshot {
 		out.BusySeconds += now.Sub(w.busyFrom).Seconds()
 		w.busyFrom = now
 	}
-	out.TokenLatencyP50 = w.itl.quantile(0.5)
-	out.TokenLatencyP95 = w.itl.quantile(0.95)
-	out.TTFTP95 = w.ttft.quantile(0.95)
-	out.QueueWaitP95 = w.wait.quantile(0.95)
-	for _, s := range []*samples{&w.itl, &w.ttft, &w.wait} {
-		s.reset()
+	for _, name := range slices.Sorted(maps.Keys(w.tiers)) {
+		tw := w.tiers[name]
+		st := tw.st
+		st.TokenLatencyP50 = tw.itl.quantile(0.5)
+		st.TokenLatencyP95 = tw.itl.quantile(0.95)
+		st.TTFTP95 = tw.ttft.quantile(0.95)
+		st.QueueWaitP95 = tw.wait.quantile(0.95)
+		switch {
+		case name == w.th.DefaultTier:
+			out.TierStats = st
+		case st.Tokens > 0 || st.Requests > 0:
+			out.Tiers = append(out.Tiers, st)
+		}
 	}
-	w.snap = bus.NewStatsSnapshot(out.Ref(), out.Worker, out.MaxSteps)
-	w.snap.Capacity = out.Capacity
-	w.snap.ExitThreshold = tau
-	w.snap.Start = now
-	w.snap.InFlight = w.active
+	w.snap.Start, w.snap.BusySeconds, w.snap.InFlight = now, 0, w.active
+	w.reset(th)
 	return out
 }
 
-func (w *statsWindow) threshold() float64 {
+// thresholds returns the thresholds in force of the current window.
+func (w *statsWindow) thresholds() bus.Thresholds {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.snap.ExitThreshold
+	return w.th
 }
 
-func (w *Worker) observeToken(t engine.Token, tau float64) {
-	steps := w.stats.token(t, tau)
+func (w *Worker) observeToken(t engine.Token, tier string, tau float64) {
+	steps := w.stats.token(t, tier, tau)
 	m := w.met
 	if m == nil {
 		return
@@ -203,22 +252,22 @@ func (w *Worker) observeToken(t engine.Token, tau float64) {
 	}
 }
 
-func (w *Worker) observeQueueWait(d time.Duration) {
-	w.stats.observe(&w.stats.wait, d)
+func (w *Worker) observeQueueWait(tier string, d time.Duration) {
+	w.stats.observe(tier, waitOf, d)
 	if w.met != nil {
 		w.met.queueWait.Observe(d.Seconds())
 	}
 }
 
-func (w *Worker) observeTTFT(d time.Duration) {
-	w.stats.observe(&w.stats.ttft, d)
+func (w *Worker) observeTTFT(tier string, d time.Duration) {
+	w.stats.observe(tier, ttftOf, d)
 	if w.met != nil {
 		w.met.ttft.Observe(d.Seconds())
 	}
 }
 
-func (w *Worker) observeITL(d time.Duration) {
-	w.stats.observe(&w.stats.itl, d)
+func (w *Worker) observeITL(tier string, d time.Duration) {
+	w.stats.observe(tier, itlOf, d)
 	if w.met != nil {
 		w.met.itl.Observe(d.Seconds())
 	}
@@ -233,12 +282,16 @@ func (w *Worker) statsLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
-			snap := w.stats.rotate(now, w.stats.threshold())
+			snap := w.stats.rotate(now, w.stats.thresholds())
 			if w.met != nil {
 				secs := snap.End.Sub(snap.Start).Seconds()
 				if secs > 0 {
-					w.met.tokensPerSec.Set(float64(snap.Tokens) / secs)
-					w.met.stepsPerSec.Set(float64(snap.LoopSteps) / secs)
+					var tokens, steps int64
+					for _, ts := range snap.All() {
+						tokens, steps = tokens+ts.Tokens, steps+ts.LoopSteps
+					}
+					w.met.tokensPerSec.Set(float64(tokens) / secs)
+					w.met.stepsPerSec.Set(float64(steps) / secs)
 				}
 			}
 			w.publishStats(snap)

@@ -15,7 +15,7 @@ import (
 // under another threshold than the window's, count as load and as probes but stay out of the
 // depth histograms that assume the threshold in force.
 func TestStatsWindowKeepsOverridesOut(t *testing.T) {
-	w := newStatsWindow(testRef, "w", 3, 8, 0.7)
+	w := newStatsWindow(testRef, "w", 3, 8, bus.Thresholds{ExitThreshold: 0.7})
 	early := engine.Token{Depth: 1, Cum: []float32{0.8}}
 	full := engine.Token{Depth: 3, Cum: []float32{0.1, 0.2, 0.3}}
 	probe := engine.Token{Depth: 3, Cum: []float32{0.75, 0.9, 1}, Probe: true, Agree: []bool{true, true, true}}
@@ -29,9 +29,9 @@ func TestStatsWindowKeepsOverridesOut(t *testing.T) {
 		{early, 0.9}, // stamped with an earlier threshold
 		{probe, 0},   // a probe of an overriding request: all steps ran
 	} {
-		w.token(c.tok, c.tau)
+		w.token(c.tok, "", c.tau)
 	}
-	got := w.rotate(time.Now(), 0.7)
+	got := w.rotate(time.Now(), bus.Thresholds{ExitThreshold: 0.7})
 	if got.Tokens != 5 || got.LoopSteps != 1+3+3+1+3 {
 		t.Errorf("tokens %d loop steps %d, want 5 and 11", got.Tokens, got.LoopSteps)
 	}
@@ -52,9 +52,61 @@ func TestStatsWindowKeepsOverridesOut(t *testing.T) {
 		t.Errorf("step 1 histogram holds %d tokens, want the 2 in force", cum0)
 	}
 	// The next window is idle, and still a window: its seconds count in the rates.
-	idle := w.rotate(got.End.Add(time.Second), 0.7)
+	idle := w.rotate(got.End.Add(time.Second), bus.Thresholds{ExitThreshold: 0.7})
 	if idle.Tokens != 0 || idle.End.Sub(idle.Start) != time.Second || idle.ExitThreshold != 0.7 {
 		t.Errorf("idle window = %d tokens over %v under %v, want 0 over 1s under 0.7", idle.Tokens, idle.End.Sub(idle.Start), idle.ExitThreshold)
+	}
+}
+
+// TestStatsWindowPerTier: each tier's tokens land in its own histograms under its own
+// threshold; the default tier heads the snapshot, the other tiers with traffic follow, and a
+// tier the worker does not know counts as the default tier's load only.
+func TestStatsWindowPerTier(t *testing.T) {
+	th := bus.Thresholds{ExitThreshold: 0.7, DefaultTier: "standard", Tiers: map[string]float64{"gold": 0.9, "standard": 0.7, "batch": 0.5}}
+	w := newStatsWindow(testRef, "w", 3, 8, th)
+	one := engine.Token{Depth: 1, Cum: []float32{0.6}}      // exits at 0.5, not at 0.7
+	two := engine.Token{Depth: 2, Cum: []float32{0.6, 0.8}} // exits at 0.7
+	for _, c := range []struct {
+		tok  engine.Token
+		tier string
+		tau  float64
+	}{
+		{one, "batch", 0.5},
+		{one, "batch", 0.5},
+		{two, "", 0.7}, // the default tier
+		{two, "standard", 0.7},
+		{two, "silver", 0.7}, // unknown: load only
+	} {
+		w.token(c.tok, c.tier, c.tau)
+	}
+	w.request("batch")
+	got := w.rotate(time.Now(), th)
+	type row struct {
+		Tier              string
+		Tau               float64
+		Tokens, LoopSteps int64
+		Requests          int64
+		Depths            []int64
+	}
+	var rows []row
+	for _, ts := range got.All() {
+		rows = append(rows, row{ts.Tier, ts.ExitThreshold, ts.Tokens, ts.LoopSteps, ts.Requests, ts.DepthCounts})
+	}
+	want := []row{
+		{"standard", 0.7, 3, 6, 0, []int64{0, 2, 0}},
+		{"batch", 0.5, 2, 2, 1, []int64{2, 0, 0}},
+	}
+	if d := cmp.Diff(rows, want); d != "" {
+		t.Errorf("tiers (-got +want):\n%s", d)
+	}
+	if err := got.Validate(); err != nil {
+		t.Errorf("snapshot invalid: %v", err)
+	}
+	// The sample of each tier predicts that tier's depth at its threshold.
+	for _, p := range got.Samples() {
+		if p.Tier == "batch" && (p.ExitThreshold != 0.5 || p.Tokens != 2) {
+			t.Errorf("batch sample %+v", p)
+		}
 	}
 }
 
@@ -86,22 +138,32 @@ func TestWorkerFollowsRegistry(t *testing.T) {
 // after the worker's changed, so it generates what it would have before the change.
 func TestRedeliveryKeepsStampedThreshold(t *testing.T) {
 	gen := newGenerator(t)
-	w := &Worker{gen: gen}
 	gen.SetThreshold(0.3)
+	plain := &Worker{gen: gen, stats: newStatsWindow(testRef, "w", 4, 8, bus.Thresholds{ExitThreshold: 0.3})}
+	tiered := &Worker{gen: gen, stats: newStatsWindow(testRef, "w", 4, 8,
+		bus.Thresholds{ExitThreshold: 0.3, DefaultTier: "standard", Tiers: map[string]float64{"standard": 0.3, "batch": 0.2, "gold": 0.9}})}
 	for _, c := range []struct {
-		name        string
-		job         Job
-		run, record float64
+		name   string
+		w      *Worker
+		job    Job
+		run    float64
+		tier   string
+		record float64
 	}{
-		{"stamped", Job{Threshold: 0.9}, 0.9, 0.9},
-		{"own threshold", Job{Threshold: 0.9, ExitThreshold: 0.5}, 0.5, 0},
-		{"max depth", Job{Threshold: 0.9, MaxDepth: 2}, 0.9, 0},
-		{"deadline", Job{Threshold: 0.9, Deadline: time.Now()}, 0.9, 0},
-		{"unstamped", Job{}, 0.3, 0.3},
+		{"stamped", plain, Job{Threshold: 0.9}, 0.9, "", 0.9},
+		{"own threshold", plain, Job{Threshold: 0.9, ExitThreshold: 0.5}, 0.5, "", 0},
+		{"max depth", plain, Job{Threshold: 0.9, MaxDepth: 2}, 0.9, "", 0},
+		{"deadline", plain, Job{Threshold: 0.9, Deadline: time.Now()}, 0.9, "", 0},
+		{"unstamped", plain, Job{}, 0.3, "", 0.3},
+		{"tier stamped", tiered, Job{Tier: "batch", Threshold: 0.25}, 0.25, "batch", 0.25},
+		{"tier unstamped", tiered, Job{Tier: "gold"}, 0.9, "gold", 0.9},
+		{"default tier", tiered, Job{}, 0.3, "standard", 0.3},
+		{"tier unknown here", tiered, Job{Tier: "silver", Threshold: 0.6}, 0.6, "standard", 0},
+		{"tier without tiers here", plain, Job{Tier: "batch", Threshold: 0.6}, 0.6, "", 0},
 	} {
-		run, record := w.jobThreshold(c.job)
-		if run != c.run || record != c.record {
-			t.Errorf("%s: runs under %v recorded under %v, want %v and %v", c.name, run, record, c.run, c.record)
+		run, tier, record := c.w.jobThreshold(c.job)
+		if run != c.run || tier != c.tier || record != c.record {
+			t.Errorf("%s: runs under %v in tier %q recorded under %v, want %v, %q and %v", c.name, run, tier, record, c.run, c.tier, c.record)
 		}
 	}
 	// The stamp survives the queue's encoding.

@@ -67,7 +67,8 @@ type WorkerOptions struct {
 	Heartbeat        time.Duration // InProgress period; 0 = a third of the consumer's AckWait
 	Metrics          *Metrics      // nil: no Prometheus metrics
 	Logger           *slog.Logger
-	// ThresholdFile, when set, is read at start for the operator's threshold ({"exitThreshold": x}).
+	// ThresholdFile, when set, is read at start for the operator's thresholds (a bus.Control:
+	// {"exitThreshold": x} or with tiers).
 	ThresholdFile string
 	// Drain is how long requests in flight may run on after Run's context ends (a rolling
 	// update's SIGTERM); those still running then are handed back (Nak) for immediate
@@ -131,7 +132,7 @@ func NewWorker(nc *nats.Conn, gen Generator, tok Tokenizer, o WorkerOptions) (*W
 	}
 	w := &Worker{nc: nc, js: js, gen: gen, tok: tok, opt: o, log: o.Logger.With("loopmodel", o.Ref.String(), "worker", o.Name),
 		cancels: make(map[string]context.CancelFunc), gone: make(map[string]time.Time), live: newLiveness(js)}
-	w.stats = newStatsWindow(o.Ref, o.Name, o.MaxSteps, o.Capacity, gen.Threshold())
+	w.stats = newStatsWindow(o.Ref, o.Name, o.MaxSteps, o.Capacity, bus.Thresholds{ExitThreshold: gen.Threshold()})
 	if o.Metrics != nil {
 		w.met = o.Metrics.model(o.Ref.String(), o.MaxSteps)
 	}
@@ -144,42 +145,50 @@ func NewWorker(nc *nats.Conn, gen Generator, tok Tokenizer, o WorkerOptions) (*W
 		if err != nil {
 			return nil, fmt.Errorf("threshold file %s: %w", o.ThresholdFile, err)
 		}
-		w.setThreshold(c.ExitThreshold)
+		w.setThresholds(c.Thresholds)
 	}
 	return w, nil
 }
 
-// setThreshold applies the threshold in force; it reports whether it changed. The control
-// message and the registry entry both deliver it, so the same value usually arrives twice.
-func (w *Worker) setThreshold(tau float64) bool {
+// setThresholds applies the thresholds in force (validated by the caller); it reports whether
+// they changed. The control message and the registry entry both deliver them, so the same
+// values usually arrive twice. The engine's own threshold is the default tier's.
+func (w *Worker) setThresholds(th bus.Thresholds) bool {
 	w.tauMu.Lock()
 	defer w.tauMu.Unlock()
-	if tau == w.gen.Threshold() && tau == w.stats.threshold() {
+	if th.ExitThreshold == w.gen.Threshold() && th.Equal(w.stats.thresholds()) {
 		return false
 	}
-	w.gen.SetThreshold(tau)
-	// A window holds one threshold only: publish what was seen under the old one.
-	w.publishStats(w.stats.rotate(time.Now(), tau))
+	w.gen.SetThreshold(th.ExitThreshold)
+	// A window holds one threshold per tier only: publish what was seen under the old ones.
+	w.publishStats(w.stats.rotate(time.Now(), th))
 	if w.met != nil {
-		w.met.threshold.Set(tau)
+		w.met.threshold.Set(th.ExitThreshold)
 	}
 	return true
 }
 
-// jobThreshold is the exit threshold a job runs under, and the threshold to record its tokens
-// under in the depth histograms (0 when its request overrode its depth: its tokens do not show
-// the threshold in force). A request's own exit_threshold wins; otherwise the threshold the
-// gateway stamped at acceptance, so a redelivery after a change regenerates the same tokens;
-// a job without a stamp runs under the worker's threshold when it starts.
-func (w *Worker) jobThreshold(job Job) (run, record float64) {
-	run = cmp.Or(job.ExitThreshold, job.Threshold, w.gen.Threshold())
-	if job.ExitThreshold != 0 || job.MaxDepth != 0 || !job.Deadline.IsZero() {
-		return run, 0
+// jobThreshold is the exit threshold a job runs under, its tier, and the threshold to record
+// its tokens under in that tier's depth histograms (0 when its request overrode its depth: its
+// tokens do not show the threshold in force). A request's own exit_threshold wins; otherwise
+// the threshold the gateway stamped at acceptance, so a redelivery after a change regenerates
+// the same tokens; a job without a stamp runs under its tier's threshold in force when it
+// starts. A job of a tier this worker has not heard of yet (the gateway saw newer tiers) runs
+// under its stamp and counts in the default tier's load only.
+func (w *Worker) jobThreshold(job Job) (run float64, tier string, record float64) {
+	th := w.stats.thresholds()
+	tier, inForce, err := th.Threshold(job.Tier)
+	if err != nil {
+		tier, inForce = th.DefaultTier, 0
 	}
-	return run, run
+	run = cmp.Or(job.ExitThreshold, job.Threshold, inForce, w.gen.Threshold())
+	if err != nil || job.ExitThreshold != 0 || job.MaxDepth != 0 || !job.Deadline.IsZero() {
+		return run, tier, 0
+	}
+	return run, tier, run
 }
 
-// followRegistry applies the threshold of the LoopModel's registry entry whenever it changes,
+// followRegistry applies the thresholds of the LoopModel's registry entry whenever they change,
 // so a worker that missed a control message (it was reconnecting, or started between two)
 // converges on the threshold in force. The registry may not exist yet (the operator creates
 // it): it retries, backing off, until ctx ends.
@@ -196,8 +205,8 @@ func (w *Worker) followRegistry(ctx context.Context) {
 	}
 }
 
-// watchRegistry applies each threshold the LoopModel's entry carries until ctx ends or the
-// watch fails.
+// watchRegistry applies the thresholds each version of the LoopModel's entry carries until ctx
+// ends or the watch fails.
 func (w *Worker) watchRegistry(ctx context.Context) error {
 	kv, err := bus.OpenRegistry(ctx, w.js)
 	if err != nil {
@@ -220,12 +229,15 @@ func (w *Worker) watchRegistry(ctx context.Context) error {
 				continue // nil marks the end of the initial values
 			}
 			m, err := bus.DecodeModel(e.Value())
-			if err != nil || !(m.ExitThreshold > 0 && m.ExitThreshold <= 1) {
-				w.log.Warn("ignoring registry entry without a valid exit threshold", "err", err, "threshold", m.ExitThreshold)
+			if err == nil {
+				err = m.Thresholds.Validate()
+			}
+			if err != nil {
+				w.log.Warn("ignoring registry entry without valid exit thresholds", "err", err)
 				continue
 			}
-			if w.setThreshold(m.ExitThreshold) {
-				w.log.Info("exit threshold applied", "threshold", m.ExitThreshold, "from", "registry")
+			if w.setThresholds(m.Thresholds) {
+				w.log.Info("exit threshold applied", "threshold", m.ExitThreshold, "tiers", m.Tiers, "from", "registry")
 			}
 		}
 	}
@@ -282,8 +294,8 @@ func (w *Worker) Run(ctx context.Context) error {
 			w.log.Warn("ignoring control message", "err", err)
 			return
 		}
-		if w.setThreshold(c.ExitThreshold) {
-			w.log.Info("exit threshold applied", "threshold", c.ExitThreshold, "from", "control")
+		if w.setThresholds(c.Thresholds) {
+			w.log.Info("exit threshold applied", "threshold", c.ExitThreshold, "tiers", c.Tiers, "from", "control")
 		}
 	})
 	if err != nil {
@@ -447,7 +459,7 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 	}
 	meta, _ := msg.Metadata()
 	if meta != nil && meta.NumDelivered == 1 {
-		w.observeQueueWait(time.Since(meta.Timestamp))
+		w.observeQueueWait(job.Tier, time.Since(meta.Timestamp))
 	}
 
 	jctx, stop := context.WithCancel(ctx)
@@ -515,7 +527,7 @@ func (w *Worker) handle(ctx context.Context, msg jetstream.Msg, heartbeat time.D
 		return
 	}
 	if final.Error == nil {
-		w.stats.request()
+		w.stats.request(job.Tier)
 	}
 	if final.Error != nil && final.Error.Status >= 500 {
 		log.Warn("request failed", "err", final.Error.Message)
@@ -612,7 +624,7 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 	if job.TopLogprobs < 0 || job.TopLogprobs > maxTopLogprobs {
 		return bad("", "top_logprobs", "top_logprobs %d outside 0..%d", job.TopLogprobs, maxTopLogprobs)
 	}
-	tau, record := w.jobThreshold(job)
+	tau, tier, record := w.jobThreshold(job)
 	start := time.Now()
 	// A stop string ends the engine's work for its choice without ending the request.
 	ectx, ecancel := context.WithCancel(ctx)
@@ -671,9 +683,9 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 					}
 				}
 			}()
-			ends[i], errs[i] = w.runChoice(ctx, job, record, i, streams[i], cancels[i], reply, echo, func(now time.Time) {
+			ends[i], errs[i] = w.runChoice(ctx, job, tier, record, i, streams[i], cancels[i], reply, echo, func(now time.Time) {
 				first.Do(func() {
-					w.observeTTFT(now.Sub(start))
+					w.observeTTFT(tier, now.Sub(start))
 					if w.met != nil {
 						w.met.batch.Inc()
 						batched.Store(true)
@@ -708,7 +720,7 @@ func (w *Worker) generate(ctx context.Context, job Job, reply string) Chunk {
 // runChoice streams one choice's events as chunks until it ends; a stop string stops its
 // engine request (stop) and the rest of its events are drained. It returns how the choice
 // ended, or its error. firstToken runs at each token's arrival before anything else.
-func (w *Worker) runChoice(ctx context.Context, job Job, record float64, choice int, events <-chan engine.Event, stop context.CancelFunc,
+func (w *Worker) runChoice(ctx context.Context, job Job, tier string, record float64, choice int, events <-chan engine.Event, stop context.CancelFunc,
 	reply, echo string, firstToken func(time.Time)) (End, *ChunkError) {
 	dec := w.tok.NewTextDecoder()
 	stops := newStopper(job.Stop)
@@ -735,10 +747,10 @@ func (w *Worker) runChoice(ctx context.Context, job Job, record float64, choice 
 		now := time.Now()
 		firstToken(now)
 		if n > 0 {
-			w.observeITL(now.Sub(last))
+			w.observeITL(tier, now.Sub(last))
 		}
 		last = now
-		w.observeToken(ev.Token, record)
+		w.observeToken(ev.Token, tier, record)
 		if job.PromptOnly {
 			c := Chunk{ID: job.ID, Choice: choice, Echo: &Echo{Text: echo}}
 			if job.Logprobs {

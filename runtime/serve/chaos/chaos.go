@@ -411,7 +411,7 @@ func start(ctx context.Context, o Options) (_ *harness, err error) {
 	}
 	w0 := h.gen[0].Worker
 	if err := bus.PutModel(sctx, kv, bus.ModelEntry{Namespace: ref.Namespace, Name: ref.Name, ContextLength: w0.ContextLength,
-		ExitThreshold: 0.7, MaxSteps: w0.MaxSteps, Ready: true, Updated: time.Now().UTC()}); err != nil {
+		Thresholds: bus.Thresholds{ExitThreshold: 0.7}, MaxSteps: w0.MaxSteps, Ready: true, Updated: time.Now().UTC()}); err != nil {
 		return nil, err
 	}
 	gnc, err := connect(h.cluster.ClientURL(), "chaos-gateway")
