@@ -84,7 +84,8 @@ func relativePath(p string) error {
 }
 
 // mountScript is the shell script a container's mount namespace runs before the program:
-// create missing mount points, bind-mount (read-only where asked), change to wd, exec argv.
+// create missing mount points, bind-mount (read-only where asked), change to wd (created if
+// missing, as a container runtime does), exec argv.
 func mountScript(binds []bind, wd string, argv []string) string {
 	var b strings.Builder
 	b.WriteString("set -e\n")
@@ -100,7 +101,7 @@ func mountScript(binds []bind, wd string, argv []string) string {
 			fmt.Fprintf(&b, "mount -o remount,bind,ro %s\n", dst)
 		}
 	}
-	fmt.Fprintf(&b, "cd %s\n", shellQuote(wd))
+	fmt.Fprintf(&b, "mkdir -p %s\ncd %s\n", shellQuote(wd), shellQuote(wd))
 	b.WriteString("exec")
 	for _, a := range argv {
 		b.WriteString(" " + shellQuote(a))
