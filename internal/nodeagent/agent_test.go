@@ -26,6 +26,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 
 	"github.com/loopserve/loopserve/internal/cluster"
@@ -351,7 +352,7 @@ func TestDeploymentServesAndScales(t *testing.T) {
 		}
 	}
 	slices.Sort(condTypes)
-	if diff := cmp.Diff(condTypes, []corev1.PodConditionType{corev1.ContainersReady, corev1.PodInitialized, corev1.PodReadyToStartContainers, corev1.PodReady, corev1.PodScheduled}); diff != "" {
+	if diff := cmp.Diff(condTypes, []corev1.PodConditionType{corev1.ContainersReady, corev1.PodInitialized, corev1.PodReadyToStartContainers, corev1.PodScheduled, corev1.PodReady}); diff != "" {
 		t.Errorf("true conditions (-got +want):\n%s", diff)
 	}
 	if cs := p.Status.ContainerStatuses; len(cs) != 1 || cs[0].State.Running == nil || !cs[0].Ready || cs[0].RestartCount != 0 {
@@ -360,12 +361,16 @@ func TestDeploymentServesAndScales(t *testing.T) {
 
 	scale := func(n int32) {
 		t.Helper()
-		s, err := k8s.AppsV1().Deployments(ns).GetScale(ctx, "web", metav1.GetOptions{})
+		err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+			s, err := k8s.AppsV1().Deployments(ns).GetScale(ctx, "web", metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			s.Spec.Replicas = n
+			_, err = k8s.AppsV1().Deployments(ns).UpdateScale(ctx, "web", s, metav1.UpdateOptions{})
+			return err
+		})
 		if err != nil {
-			t.Fatal(err)
-		}
-		s.Spec.Replicas = n
-		if _, err := k8s.AppsV1().Deployments(ns).UpdateScale(ctx, "web", s, metav1.UpdateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -422,7 +427,7 @@ func TestEnvAndVolumes(t *testing.T) {
 		Spec: corev1.PodSpec{
 			NodeSelector: map[string]string{corev1.LabelHostname: cpuNode},
 			Containers: []corev1.Container{{
-				Name: "main", Command: []string{"loopserve"}, Args: helperArgs("serve", ":8080"),
+				Name: "main", Image: "loopserve:ignored", Command: []string{"loopserve"}, Args: helperArgs("serve", ":8080"),
 				WorkingDir: "/srv/work",
 				EnvFrom:    []corev1.EnvFromSource{{Prefix: "CONF_", ConfigMapRef: &corev1.ConfigMapEnvSource{LocalObjectReference: corev1.LocalObjectReference{Name: "conf"}}}},
 				Env: []corev1.EnvVar{
@@ -445,7 +450,7 @@ func TestEnvAndVolumes(t *testing.T) {
 				},
 				ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(8080)}}, PeriodSeconds: 1},
 			}, {
-				Name: "side", Args: helperArgs("serve", ":8081"),
+				Name: "side", Image: "loopserve:ignored", Args: helperArgs("serve", ":8081"),
 				VolumeMounts:   []corev1.VolumeMount{{Name: "scratch", MountPath: "/data"}},
 				ReadinessProbe: httpProbe("/healthz", 8081),
 			}},
@@ -567,8 +572,8 @@ func TestCrashingContainersRestart(t *testing.T) {
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "crash", Namespace: ns},
 		Spec: corev1.PodSpec{Containers: []corev1.Container{
-			{Name: "file", Args: helperArgs("exit", "3", "out of loop steps")},
-			{Name: "logs", Args: helperArgs("stderr", "3", "last words"), TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError},
+			{Name: "file", Image: "loopserve:ignored", Args: helperArgs("exit", "3", "out of loop steps")},
+			{Name: "logs", Image: "loopserve:ignored", Args: helperArgs("stderr", "3", "last words"), TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError},
 		}},
 	}
 	if _, err := k8s.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
@@ -618,7 +623,7 @@ func TestLivenessProbeRestarts(t *testing.T) {
 		Spec: corev1.PodSpec{
 			TerminationGracePeriodSeconds: ptr.To[int64](1),
 			Containers: []corev1.Container{{
-				Name: "main", Args: helperArgs("serve", ":8080"),
+				Name: "main", Image: "loopserve:ignored", Args: helperArgs("serve", ":8080"),
 				LivenessProbe: &corev1.Probe{
 					ProbeHandler:  corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"test", "-e", "/no/such/file"}}},
 					PeriodSeconds: 1, FailureThreshold: 2,
@@ -652,7 +657,7 @@ func TestDeletionHonoursGracePeriod(t *testing.T) {
 			Spec: corev1.PodSpec{
 				TerminationGracePeriodSeconds: &grace,
 				Containers: []corev1.Container{{
-					Name: "main", Args: helperArgs("serve", ":8080", "/marks/"+name, mode),
+					Name: "main", Image: "loopserve:ignored", Args: helperArgs("serve", ":8080", "/marks/"+name, mode),
 					VolumeMounts:   []corev1.VolumeMount{{Name: "marks", MountPath: "/marks"}},
 					ReadinessProbe: httpProbe("/healthz", 8080),
 				}},
@@ -731,7 +736,7 @@ func TestJobsEnd(t *testing.T) {
 				BackoffLimit: ptr.To[int32](0),
 				Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
 					RestartPolicy: corev1.RestartPolicyNever,
-					Containers:    []corev1.Container{{Name: "main", Args: helperArgs("exit", j.code)}},
+					Containers:    []corev1.Container{{Name: "main", Image: "loopserve:ignored", Args: helperArgs("exit", j.code)}},
 				}},
 			},
 		}
@@ -777,7 +782,7 @@ func TestGPUPodsScheduleOnTheGPUNode(t *testing.T) {
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "gpu", Namespace: ns},
 		Spec: corev1.PodSpec{Containers: []corev1.Container{{
-			Name: "main", Args: helperArgs("serve", ":8080"),
+			Name: "main", Image: "loopserve:ignored", Args: helperArgs("serve", ":8080"),
 			Resources:      corev1.ResourceRequirements{Requests: gpu, Limits: gpu},
 			ReadinessProbe: httpProbe("/healthz", 8080),
 		}}},

@@ -39,6 +39,8 @@ type container struct {
 	ready    bool
 	started  bool
 	id       string // containerID of the current or last process
+
+	logStart int64 // where the current run's output starts in the log (the supervisor's own)
 }
 
 func newContainer(r *podRun, spec corev1.Container, init bool) *container {
@@ -255,14 +257,14 @@ func (c *container) kill(pid int, grace time.Duration, exited <-chan struct{}) {
 // terminationMessage is what the process wrote to its termination-message file or, with
 // FallbackToLogsOnError and a failure, the tail of this run's log.
 func (c *container) terminationMessage(code int32) string {
-	b, err := readAtMost(filepath.Join(c.dir, "termination-log"), maxMessageBytes, false)
+	b, err := readAtMost(filepath.Join(c.dir, "termination-log"), 0, maxMessageBytes, false)
 	if err == nil && len(b) > 0 {
 		return string(b)
 	}
 	if code == 0 || c.spec.TerminationMessagePolicy != corev1.TerminationMessageFallbackToLogsOnError {
 		return ""
 	}
-	b, err = readAtMost(c.logPath(), maxLogTailBytes, true)
+	b, err = readAtMost(c.logPath(), c.logStart, maxLogTailBytes, true)
 	if err != nil {
 		return ""
 	}
@@ -276,19 +278,21 @@ func (c *container) terminationMessage(code int32) string {
 	return strings.Join(lines, "")
 }
 
-// readAtMost reads up to n bytes of path: the first n, or the last n with tail.
-func readAtMost(path string, n int64, tail bool) ([]byte, error) {
+// readAtMost reads up to n bytes of path from offset from: the first n, or the last n with tail.
+func readAtMost(path string, from, n int64, tail bool) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
+	start := from
 	if tail {
-		if st, err := f.Stat(); err == nil && st.Size() > n {
-			if _, err := f.Seek(st.Size()-n, io.SeekStart); err != nil {
-				return nil, err
-			}
+		if st, err := f.Stat(); err == nil && st.Size()-n > start {
+			start = st.Size() - n
 		}
+	}
+	if _, err := f.Seek(start, io.SeekStart); err != nil {
+		return nil, err
 	}
 	return io.ReadAll(io.LimitReader(f, n))
 }
@@ -349,6 +353,11 @@ func (c *container) command(env []string) (*exec.Cmd, *os.File, error) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	fmt.Fprintf(logf, "nodeagent: %s starting %q\n", time.Now().UTC().Format(time.RFC3339Nano), argv)
+	st, err := logf.Stat()
+	if err != nil {
+		return fail(fmt.Errorf("reading the log's size: %w", err))
+	}
+	c.logStart = st.Size()
 	return cmd, logf, nil
 }
 
