@@ -94,6 +94,9 @@ func Start(o Options) (*Cluster, error) {
 	// envtest turns the ServiceAccount admission plugin off because nothing creates the default
 	// service accounts there; here the controller-manager does, so pods get their token volumes.
 	api.Configure().Disable("disable-admission-plugins")
+	// Node agents report an InternalIP where their kubelet API listens, and a Hostname that no
+	// resolver knows: reach them by address (logs, exec and port-forward through the API server).
+	api.Configure().Set("kubelet-preferred-address-types", "InternalIP,Hostname")
 	cfg, err := env.Start()
 	if err != nil {
 		return nil, fmt.Errorf("starting etcd and kube-apiserver: %w", err)

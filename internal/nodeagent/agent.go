@@ -111,6 +111,9 @@ type Agent struct {
 	nc     *node.NodeController
 	pc     *node.PodController
 
+	kubeletPort int32  // of the kubelet API (logs, exec, port-forward); 0 when not served
+	stopKubelet func() // stops the kubelet API
+
 	stopOnce sync.Once
 	stopErr  error
 }
@@ -168,6 +171,11 @@ func (o *Options) validate() error {
 
 func (a *Agent) start(ctx, runCtx context.Context) error {
 	o := a.opts
+	port, stop, err := a.startKubeletAPI()
+	if err != nil {
+		return err
+	}
+	a.kubeletPort, a.stopKubelet = port, stop
 	a.events = record.NewBroadcaster(record.WithContext(runCtx))
 	a.events.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: a.client.CoreV1().Events("")})
 	recorder := a.events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "nodeagent", Host: o.NodeName})
@@ -317,6 +325,9 @@ func (a *Agent) nodeObject() *corev1.Node {
 				cond(corev1.NodeNetworkUnavailable, corev1.ConditionFalse, "RouteCreated", ""),
 			},
 			Addresses: addrs,
+			DaemonEndpoints: corev1.NodeDaemonEndpoints{
+				KubeletEndpoint: corev1.DaemonEndpoint{Port: a.kubeletPort},
+			},
 			NodeInfo: corev1.NodeSystemInfo{
 				KubeletVersion:          KubeletVersion,
 				OperatingSystem:         "linux",
@@ -349,6 +360,9 @@ func (a *Agent) Stop() error {
 		errs = append(errs, a.prov.stopAll())
 		a.cancel()
 		a.wg.Wait()
+		if a.stopKubelet != nil {
+			a.stopKubelet()
+		}
 		if a.events != nil {
 			a.events.Shutdown()
 		}

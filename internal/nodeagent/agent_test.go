@@ -26,6 +26,10 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/tools/portforward"
+	"k8s.io/client-go/tools/remotecommand"
+	"k8s.io/client-go/transport/spdy"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 
@@ -816,5 +820,87 @@ func TestGPUPodsScheduleOnTheGPUNode(t *testing.T) {
 	})
 	if p.Spec.NodeName != gpuNode {
 		t.Errorf("the GPU pod runs on %s, want %s", p.Spec.NodeName, gpuNode)
+	}
+}
+
+// TestKubeletAPI reaches a pod through the API server as kubectl does: logs (tail), exec (in the
+// container's environment and working directory) and port-forward.
+func TestKubeletAPI(t *testing.T) {
+	needCluster(t)
+	ns := namespace(t)
+	ctx := context.Background()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "api", Namespace: ns},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{
+			Name: "main", Image: "loopserve:ignored", Args: helperArgs("serve", ":8080"),
+			Env:            []corev1.EnvVar{{Name: "GREETING", Value: "hello"}},
+			WorkingDir:     "/tmp",
+			ReadinessProbe: httpProbe("/healthz", 8080),
+		}}},
+	}
+	if _, err := k8s.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var pid string
+	await(t, "the pod Ready", func(ctx context.Context) (bool, error) {
+		p, err := getPod(ctx, ns, "api")
+		if err != nil || !podReady(p) {
+			return false, err
+		}
+		pid, err = get(ctx, "http://"+p.Status.PodIP+":8080/pid")
+		return err == nil, err
+	})
+
+	logs, err := k8s.CoreV1().Pods(ns).GetLogs("api", &corev1.PodLogOptions{Container: "main", TailLines: ptr.To[int64](1)}).DoRaw(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(logs), `starting [`) || strings.Count(string(logs), "\n") != 1 {
+		t.Errorf("the log's last line is %q, want the agent's start line", logs)
+	}
+
+	var stdout, stderr strings.Builder
+	req := k8s.CoreV1().RESTClient().Post().Resource("pods").Namespace(ns).Name("api").SubResource("exec").
+		VersionedParams(&corev1.PodExecOptions{Container: "main", Command: []string{"sh", "-c", "echo $GREETING; pwd"}, Stdout: true, Stderr: true}, scheme.ParameterCodec)
+	exe, err := remotecommand.NewSPDYExecutor(cl.Config, http.MethodPost, req.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := exe.StreamWithContext(ctx, remotecommand.StreamOptions{Stdout: &stdout, Stderr: &stderr}); err != nil {
+		t.Fatalf("exec: %v (stderr %q)", err, stderr.String())
+	}
+	if got, want := stdout.String(), "hello\n/tmp\n"; got != want {
+		t.Errorf("exec printed %q, want %q", got, want)
+	}
+
+	transport, upgrader, err := spdy.RoundTripperFor(cl.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pfURL := k8s.CoreV1().RESTClient().Post().Resource("pods").Namespace(ns).Name("api").SubResource("portforward").URL()
+	dialer := spdy.NewDialer(upgrader, &http.Client{Transport: transport}, http.MethodPost, pfURL)
+	stop, ready := make(chan struct{}), make(chan struct{})
+	fw, err := portforward.NewOnAddresses(dialer, []string{"127.0.0.1"}, []string{"0:8080"}, stop, ready, io.Discard, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwErr := make(chan error, 1)
+	go func() { fwErr <- fw.ForwardPorts() }()
+	defer func() { close(stop); <-fwErr }()
+	select {
+	case <-ready:
+	case err := <-fwErr:
+		t.Fatalf("port-forward: %v", err)
+	}
+	ports, err := fw.GetPorts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := get(ctx, fmt.Sprintf("http://127.0.0.1:%d/pid", ports[0].Local))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != pid {
+		t.Errorf("through the port-forward the pod's process is %s, want %s", got, pid)
 	}
 }

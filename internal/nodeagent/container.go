@@ -40,6 +40,9 @@ type container struct {
 	started  bool
 	id       string // containerID of the current or last process
 
+	pid int      // of the running process, 0 when none
+	env []string // of the running process
+
 	logStart int64 // where the current run's output starts in the log (the supervisor's own)
 }
 
@@ -171,6 +174,7 @@ func (c *container) runOnce(env []string) int32 {
 	}
 	c.state = corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: started}}
 	c.id = "process://" + strconv.Itoa(pid)
+	c.pid, c.env = pid, env
 	c.started = c.spec.StartupProbe == nil
 	c.ready = c.spec.ReadinessProbe == nil && c.started && !c.init
 	podIP := c.pod.podIP
@@ -236,6 +240,7 @@ func (c *container) runOnce(env []string) int32 {
 func (c *container) terminated(t corev1.ContainerStateTerminated) {
 	c.pod.mu.Lock()
 	c.state = corev1.ContainerState{Terminated: &t}
+	c.pid = 0
 	c.ready = false
 	c.pod.mu.Unlock()
 	c.pod.markChanged()

@@ -157,7 +157,7 @@ func (c *container) check(ctx context.Context, p *corev1.Probe, pid int, podIP s
 		if len(p.Exec.Command) == 0 {
 			return errors.New("exec probe without a command")
 		}
-		args := append([]string{"--target", strconv.Itoa(pid), "--mount", "--net", "--"}, p.Exec.Command...)
+		args := append([]string{"--target", strconv.Itoa(pid), "--mount", "--net", "--wd", "--"}, p.Exec.Command...)
 		cmd := exec.CommandContext(ctx, "nsenter", args...)
 		cmd.Env = env
 		out, err := cmd.CombinedOutput()
