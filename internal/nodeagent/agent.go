@@ -30,9 +30,16 @@
 // and KUBERNETES_SERVICE_PORT from Options.APIServer. Contents are written once, when the pod
 // starts; tokens are not refreshed.
 //
+// Probes (httpGet and tcpSocket at the pod IP from the host; exec, and the kubelet API's exec,
+// through nsenter into the container's mount and network namespaces) and the kubelet API that
+// kubectl reaches through the API server (logs, exec without a TTY, port-forward) are served as
+// a kubelet serves them; the API listens on the node's InternalIP with a self-signed
+// certificate and checks no credentials (a test machine's).
+//
 // Not modelled: resource limits, security contexts (everything runs as the agent's user),
-// lifecycle hooks, startup-probe-free sidecars, service environment variables, DNS (the host's
-// resolv.conf is used), image pulls.
+// lifecycle hooks, restartable init (sidecar) containers, gRPC probes, attach and TTYs, service
+// environment variables and Service IPs (no proxy), DNS (the host's resolv.conf is used),
+// image pulls.
 //
 // Ownership: Start owns the Node object, its Lease, the controllers' goroutines and every
 // process and sandbox it creates for pods; Stop ends the pods (SIGTERM to each process group,
