@@ -904,3 +904,71 @@ func TestKubeletAPI(t *testing.T) {
 		t.Errorf("through the port-forward the pod's process is %s, want %s", got, pid)
 	}
 }
+
+// TestInitContainers runs two init containers in order before the server (any command other
+// than loopserve runs as given: here /bin/sh), and fails a pod whose init container fails with
+// restartPolicy Never.
+func TestInitContainers(t *testing.T) {
+	needCluster(t)
+	ns := namespace(t)
+	ctx := context.Background()
+	shared := []corev1.VolumeMount{{Name: "shared", MountPath: "/shared"}}
+	sh := func(name, script string) corev1.Container {
+		return corev1.Container{Name: name, Image: "busybox", Command: []string{"/bin/sh", "-c", script}, VolumeMounts: shared}
+	}
+	pods := []*corev1.Pod{{
+		ObjectMeta: metav1.ObjectMeta{Name: "init", Namespace: ns},
+		Spec: corev1.PodSpec{
+			InitContainers: []corev1.Container{sh("one", "echo one >> /shared/order"), sh("two", "echo two >> /shared/order")},
+			Containers: []corev1.Container{{
+				Name: "main", Image: "loopserve:ignored", Args: helperArgs("serve", ":8080"), VolumeMounts: shared,
+				ReadinessProbe: httpProbe("/healthz", 8080),
+			}},
+			Volumes: []corev1.Volume{{Name: "shared", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}},
+		},
+	}, {
+		ObjectMeta: metav1.ObjectMeta{Name: "init-fails", Namespace: ns},
+		Spec: corev1.PodSpec{
+			RestartPolicy:  corev1.RestartPolicyNever,
+			InitContainers: []corev1.Container{sh("bad", "echo no model >&2; exit 4")},
+			Containers:     []corev1.Container{{Name: "main", Image: "loopserve:ignored", Args: helperArgs("serve", ":8080")}},
+			Volumes:        []corev1.Volume{{Name: "shared", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}},
+		},
+	}}
+	pods[1].Spec.InitContainers[0].TerminationMessagePolicy = corev1.TerminationMessageFallbackToLogsOnError
+	for _, p := range pods {
+		if _, err := k8s.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var p *corev1.Pod
+	await(t, "the pod Ready after its init containers", func(ctx context.Context) (bool, error) {
+		var err error
+		p, err = getPod(ctx, ns, "init")
+		return err == nil && podReady(p), err
+	})
+	order, err := get(ctx, "http://"+p.Status.PodIP+":8080/read?path=/shared/order")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if order != "one\ntwo\n" {
+		t.Errorf("the init containers wrote %q, want one then two", order)
+	}
+	for _, cs := range p.Status.InitContainerStatuses {
+		if tt := cs.State.Terminated; tt == nil || tt.ExitCode != 0 || tt.Reason != "Completed" {
+			t.Errorf("init container %s: state %+v, want terminated, Completed, exit 0", cs.Name, cs.State)
+		}
+	}
+	await(t, "the pod with a failing init container Failed", func(ctx context.Context) (bool, error) {
+		var err error
+		p, err = getPod(ctx, ns, "init-fails")
+		return err == nil && p.Status.Phase == corev1.PodFailed, err
+	})
+	cs := p.Status.InitContainerStatuses
+	if len(cs) != 1 || cs[0].State.Terminated == nil || cs[0].State.Terminated.ExitCode != 4 || cs[0].State.Terminated.Message != "no model\n" {
+		t.Errorf("init container statuses %+v, want one terminated with exit 4 and message %q", cs, "no model\n")
+	}
+	if main := p.Status.ContainerStatuses; len(main) != 1 || main[0].State.Running != nil || main[0].RestartCount != 0 {
+		t.Errorf("container statuses %+v, want main never started", main)
+	}
+}
