@@ -972,3 +972,81 @@ func TestInitContainers(t *testing.T) {
 		t.Errorf("container statuses %+v, want main never started", main)
 	}
 }
+
+// TestClaimsOutliveTheirPods mounts a bound PersistentVolumeClaim (a folder of the node): what
+// one pod writes there, the next pod of the claim reads.
+func TestClaimsOutliveTheirPods(t *testing.T) {
+	needCluster(t)
+	ns := namespace(t)
+	ctx := context.Background()
+	storage := corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}
+	pv := &corev1.PersistentVolume{
+		ObjectMeta: metav1.ObjectMeta{Name: "pv-" + ns},
+		Spec: corev1.PersistentVolumeSpec{
+			Capacity: storage, AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			PersistentVolumeSource: corev1.PersistentVolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: t.TempDir()}},
+		},
+	}
+	if _, err := k8s.CoreV1().PersistentVolumes().Create(ctx, pv, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = k8s.CoreV1().PersistentVolumes().Delete(context.Background(), pv.Name, metav1.DeleteOptions{}) })
+	pvc := &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{Name: "models", Namespace: ns},
+		Spec: corev1.PersistentVolumeClaimSpec{
+			AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			Resources:   corev1.VolumeResourceRequirements{Requests: storage}, StorageClassName: ptr.To(""), VolumeName: pv.Name,
+		},
+	}
+	if _, err := k8s.CoreV1().PersistentVolumeClaims(ns).Create(ctx, pvc, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	removeMountPoints(t, ns, "/claim")
+	run := func(name string) string {
+		t.Helper()
+		pod := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+			Spec: corev1.PodSpec{
+				NodeSelector: map[string]string{corev1.LabelHostname: cpuNode},
+				Containers: []corev1.Container{{
+					Name: "main", Image: "loopserve:ignored", Args: helperArgs("serve", ":8080"),
+					VolumeMounts:   []corev1.VolumeMount{{Name: "models", MountPath: "/claim"}},
+					ReadinessProbe: httpProbe("/healthz", 8080),
+				}},
+				Volumes: []corev1.Volume{{Name: "models", VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "models"}}}},
+			},
+		}
+		if _, err := k8s.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		var ip string
+		await(t, name+" Ready", func(ctx context.Context) (bool, error) {
+			p, err := getPod(ctx, ns, name)
+			if err != nil {
+				return false, err
+			}
+			ip = p.Status.PodIP
+			return podReady(p), nil
+		})
+		return "http://" + ip + ":8080"
+	}
+	writer := run("writer")
+	if _, err := get(ctx, writer+"/write?path=/claim/weights"); err != nil {
+		t.Fatal(err)
+	}
+	if err := k8s.CoreV1().Pods(ns).Delete(ctx, "writer", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await(t, "the writer removed", func(ctx context.Context) (bool, error) {
+		_, err := getPod(ctx, ns, "writer")
+		return apierrors.IsNotFound(err), nil
+	})
+	reader := run("reader")
+	got, err := get(ctx, reader+"/read?path=/claim/weights")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != "written" {
+		t.Errorf("the reader found %q in the claim, want what the writer wrote", got)
+	}
+}
