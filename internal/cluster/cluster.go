@@ -11,9 +11,12 @@ package cluster
 import (
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -35,6 +38,10 @@ type Options struct {
 	Dir string
 	// CRDDirectoryPaths are installed once the API server is up.
 	CRDDirectoryPaths []string
+	// Address is where the API server listens and what its serving certificate names, beside
+	// localhost; unset means 127.0.0.1. Pods of a node agent reach the API server through a
+	// podnet.Network's Gateway, so the harness sets that here (the bridge must exist first).
+	Address netip.Addr
 }
 
 // Cluster is a running control plane.
@@ -44,6 +51,8 @@ type Cluster struct {
 	// Kubeconfig is the path of a kubeconfig file with the same credentials, for kubectl, helm
 	// and the control-plane components.
 	Kubeconfig string
+	// APIServer is the API server's address and port (Options.Address or 127.0.0.1).
+	APIServer netip.AddrPort
 
 	env   *envtest.Environment
 	procs []*process
@@ -73,14 +82,29 @@ func Start(o Options) (*Cluster, error) {
 		ErrorIfCRDPathMissing: len(o.CRDDirectoryPaths) > 0,
 	}
 	api := env.ControlPlane.GetAPIServer()
+	if o.Address.IsValid() {
+		port, err := freePort(o.Address)
+		if err != nil {
+			return nil, err
+		}
+		// Both set, or envtest picks a loopback port; the address also goes into the serving
+		// certificate's names.
+		api.SecureServing.ListenAddr = envtest.ListenAddr{Address: o.Address.String(), Port: strconv.Itoa(port)}
+	}
 	// envtest turns the ServiceAccount admission plugin off because nothing creates the default
 	// service accounts there; here the controller-manager does, so pods get their token volumes.
 	api.Configure().Disable("disable-admission-plugins")
+	// Node agents report an InternalIP where their kubelet API listens, and a Hostname that no
+	// resolver knows: reach them by address (logs, exec and port-forward through the API server).
+	api.Configure().Set("kubelet-preferred-address-types", "InternalIP,Hostname")
 	cfg, err := env.Start()
 	if err != nil {
 		return nil, fmt.Errorf("starting etcd and kube-apiserver: %w", err)
 	}
 	c := &Cluster{Config: cfg, env: env}
+	if c.APIServer, err = netip.ParseAddrPort(api.SecureServing.ListenAddr.HostPort()); err != nil {
+		return nil, errors.Join(fmt.Errorf("parsing the API server's address: %w", err), env.Stop())
+	}
 	if err := c.startComponents(o, api.CertDir, api.SecureServing.CA); err != nil {
 		return nil, errors.Join(err, c.Stop())
 	}
@@ -138,6 +162,16 @@ func (c *Cluster) startComponents(o Options, certDir string, ca []byte) error {
 		c.procs = append(c.procs, p)
 	}
 	return nil
+}
+
+// freePort returns a TCP port free on addr now.
+func freePort(addr netip.Addr) (int, error) {
+	l, err := net.Listen("tcp", netip.AddrPortFrom(addr, 0).String())
+	if err != nil {
+		return 0, fmt.Errorf("finding a free port on %s for the API server: %w", addr, err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // Err reports a control-plane component that has exited (it should run until Stop), naming its

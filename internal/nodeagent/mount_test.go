@@ -1,0 +1,89 @@
+package nodeagent
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	corev1 "k8s.io/api/core/v1"
+)
+
+func TestContainerMounts(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "conf")
+	if err := os.MkdirAll(filepath.Join(conf, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(conf, "file"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	vols := map[string]volume{"conf": {path: conf, readOnly: true}, "data": {path: dir}}
+	c := &corev1.Container{Name: "c", VolumeMounts: []corev1.VolumeMount{
+		{Name: "data", MountPath: "/srv/data/"},
+		{Name: "conf", MountPath: "/etc/app/one", SubPath: "file"},
+		{Name: "conf", MountPath: "/srv"},
+	}, TerminationMessagePath: "/tmp/msg"}
+	got, err := containerMounts(c, vols, "/t/log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []bind{
+		{src: conf, dst: "/srv", readOnly: true},
+		{src: dir, dst: "/srv/data"},
+		{src: "/t/log", dst: "/tmp/msg", file: true},
+		{src: filepath.Join(conf, "file"), dst: "/etc/app/one", readOnly: true, file: true},
+	}
+	if diff := cmp.Diff(got, want, cmp.AllowUnexported(bind{})); diff != "" {
+		t.Errorf("binds (-got +want):\n%s", diff)
+	}
+
+	bad := []struct {
+		vm   corev1.VolumeMount
+		want string
+	}{
+		{corev1.VolumeMount{Name: "nope", MountPath: "/x"}, `mounts volume "nope", which the pod does not define`},
+		{corev1.VolumeMount{Name: "conf", MountPath: "rel"}, `mountPath "rel" is not absolute`},
+		{corev1.VolumeMount{Name: "conf", MountPath: "/x", SubPath: "../../etc"}, `contains '..'`},
+		{corev1.VolumeMount{Name: "conf", MountPath: "/x", SubPath: "/etc"}, `is absolute`},
+	}
+	for _, tt := range bad {
+		_, err := containerMounts(&corev1.Container{Name: "c", VolumeMounts: []corev1.VolumeMount{tt.vm}}, vols, "/t/log")
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("mount %+v: error %v, want one containing %q", tt.vm, err, tt.want)
+		}
+	}
+}
+
+// TestMountScriptQuotes runs the script's exec line through sh: arguments with quotes, spaces
+// and $ reach the program unchanged.
+func TestMountScriptQuotes(t *testing.T) {
+	wd := t.TempDir()
+	args := []string{"printf", "%s|", "it's", "a b", "$HOME", `"q"`, ""}
+	script := mountScript(nil, wd, args)
+	out, err := exec.Command("/bin/sh", "-c", script, "sh").Output()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, script)
+	}
+	if got, want := string(out), `it's|a b|$HOME|"q"||`; got != want {
+		t.Errorf("printed %q, want %q", got, want)
+	}
+}
+
+func TestWriteVolumeFileRefusesEscapes(t *testing.T) {
+	dir := t.TempDir()
+	for _, p := range []string{"../x", "a/../../x", "/etc/passwd", ""} {
+		if err := writeVolumeFile(dir, p, []byte("x"), 0o644); err == nil {
+			t.Errorf("writeVolumeFile(%q) succeeded, want an error", p)
+		}
+	}
+	if err := writeVolumeFile(dir, "a/b.txt", []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(filepath.Join(dir, "a", "b.txt"))
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("a/b.txt: %v, mode %v; want 0600", err, st.Mode().Perm())
+	}
+}
