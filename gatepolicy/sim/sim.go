@@ -57,12 +57,20 @@ type View struct {
 	Interval                 float64
 	Slots                    int
 	ArrivalRate              float64 // requests/s over the last interval
+	// MeanRunning and MeanQueued are Running and Queued averaged over the interval, as a
+	// scraped gauge averaged over the sync period reads them.
+	MeanRunning, MeanQueued float64
 }
 
 // Policy decides replicas and τ each interval.
 type Policy interface {
 	Decide(v View) (replicas int, tau float64)
 }
+
+// sampled is implemented by policies that read View.Samples; the others get none (building
+// them is most of a run's work). Samples draw from their own random stream, so every policy
+// sees the same arrivals.
+type sampled interface{ NeedsSamples() bool }
 
 // Point is one interval of a run, for plots.
 type Point struct {
@@ -97,7 +105,9 @@ type replica struct {
 	// the interval's stats
 	tokens, steps, busy float64
 	finished            int64
-	lat                 []latPoint
+	// lat weighs the interval's tokens by (depth−1)·(Slots+1) + batch rows: a token's latency is
+	// its depth times the iteration time at that batch.
+	lat []float64
 }
 
 type latPoint struct{ lat, w float64 }
@@ -105,6 +115,13 @@ type latPoint struct{ lat, w float64 }
 // Run simulates one policy over the config's trace.
 func Run(c Config, name string, pol Policy) Result {
 	rng := rand.New(rand.NewPCG(c.Seed, 0x5eed))
+	statsRng := rand.New(rand.NewPCG(c.Seed, 0x57a75))
+	wantSamples := false
+	if sp, ok := pol.(sampled); ok {
+		wantSamples = sp.NeedsSamples()
+	}
+	var runSum, queueSum float64
+	ticks := 0
 	p := c.Profile
 	res := Result{Policy: name}
 	var queue []*request
@@ -148,12 +165,15 @@ func Run(c Config, name string, pol Policy) Result {
 			best.running = append(best.running, queue[0])
 			queue = queue[1:]
 		}
+		ticks++
+		queueSum += float64(len(queue))
 		st := p.at(tau)
 		dEff := (1-c.ProbeFraction)*st.meanDepth + c.ProbeFraction*float64(p.MaxSteps)
 		live := reps[:0]
 		for _, r := range reps {
 			if t >= r.readyAt && len(r.running) > 0 {
 				b := len(r.running)
+				runSum += float64(b)
 				s := p.StepTime(b)
 				perReq := dt / s / dEff // tokens each running request gets this tick
 				produced := 0.0
@@ -177,11 +197,14 @@ func Run(c Config, name string, pol Policy) Result {
 				}
 				r.running = keep
 				ok := c.ProbeFraction * b2f(float64(p.MaxSteps)*s <= c.ITLSLO)
+				if r.lat == nil {
+					r.lat = make([]float64, p.MaxSteps*(c.Slots+1))
+				}
 				for d, pd := range st.depthP {
 					ok += (1 - c.ProbeFraction) * pd * b2f(float64(d+1)*s <= c.ITLSLO)
-					r.lat = append(r.lat, latPoint{float64(d+1) * s, produced * pd * (1 - c.ProbeFraction)})
+					r.lat[d*(c.Slots+1)+b] += produced * pd * (1 - c.ProbeFraction)
 				}
-				r.lat = append(r.lat, latPoint{float64(p.MaxSteps) * s, produced * c.ProbeFraction})
+				r.lat[(p.MaxSteps-1)*(c.Slots+1)+b] += produced * c.ProbeFraction
 				tokens += produced
 				attained += produced * ok
 				agree += produced * ((1-c.ProbeFraction)*st.agreement + c.ProbeFraction)
@@ -201,8 +224,9 @@ func Run(c Config, name string, pol Policy) Result {
 		}
 		nextDecision += c.Interval
 		// a decision
-		v := View{Now: t, Tau: tau, Desired: desired, Interval: c.Interval, Slots: c.Slots, Queued: len(queue), ArrivalRate: float64(arrivals) / c.Interval}
-		arrivals = 0
+		v := View{Now: t, Tau: tau, Desired: desired, Interval: c.Interval, Slots: c.Slots, Queued: len(queue), ArrivalRate: float64(arrivals) / c.Interval,
+			MeanRunning: runSum / float64(max(ticks, 1)), MeanQueued: queueSum / float64(max(ticks, 1))}
+		arrivals, runSum, queueSum, ticks = 0, 0, 0, 0
 		var p95s, p95w float64
 		for _, r := range reps {
 			v.Running += len(r.running)
@@ -212,12 +236,18 @@ func Run(c Config, name string, pol Policy) Result {
 				v.Starting++
 			default:
 				v.Ready++
-				s := sample(rng, c, r, tau, t)
-				v.Samples = append(v.Samples, s)
+				var s gatepolicy.Sample
+				if wantSamples {
+					s = sample(statsRng, c, r, tau, t)
+					v.Samples = append(v.Samples, s)
+				} else {
+					s = gatepolicy.Sample{Tokens: int64(math.Round(r.tokens)), TokenLatencyP95: r.p95(c)}
+				}
 				p95s += s.TokenLatencyP95 * float64(s.Tokens)
 				p95w += float64(s.Tokens)
 			}
-			r.tokens, r.steps, r.busy, r.finished, r.lat = 0, 0, 0, 0, r.lat[:0]
+			r.tokens, r.steps, r.busy, r.finished = 0, 0, 0, 0
+			clear(r.lat)
 		}
 		want, newTau := pol.Decide(v)
 		want = min(max(want, c.MinReplicas), c.MaxReplicas)
@@ -312,7 +342,7 @@ func sample(rng *rand.Rand, c Config, r *replica, tau, t float64) gatepolicy.Sam
 	if s.Tokens == 0 {
 		return s
 	}
-	s.TokenLatencyP95 = p95(r.lat)
+	s.TokenLatencyP95 = r.p95(c)
 	for range min(s.Tokens, histDraws) {
 		i := rng.IntN(len(p.Cum))
 		d := p.exit(i, tau)
@@ -346,6 +376,17 @@ func sample(rng *rand.Rand, c Config, r *replica, tau, t float64) gatepolicy.Sam
 }
 
 func bin(c1000 int) int { return min(max(c1000*gatepolicy.Bins/1000, 0), gatepolicy.Bins-1) }
+
+// p95 is the token-latency p95 of the replica's interval.
+func (r *replica) p95(c Config) float64 {
+	var pts []latPoint
+	for i, w := range r.lat {
+		if w > 0 {
+			pts = append(pts, latPoint{float64(i/(c.Slots+1)+1) * c.Profile.StepTime(i%(c.Slots+1)), w})
+		}
+	}
+	return p95(pts)
+}
 
 func p95(pts []latPoint) float64 {
 	slices.SortFunc(pts, func(a, b latPoint) int {
