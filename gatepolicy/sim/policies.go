@@ -180,12 +180,12 @@ type Report struct {
 // Compare runs every policy on c, the runs in parallel. Each replica-only baseline is swept over
 // its settings and reports its best: the fewest replica-seconds among settings with ≥ 99% ITL
 // and TTFT attainment, else the highest attainment. The sweep, every run at the ceiling τ:
-//   - replica_only_requests: 1–6 requests in flight per replica (Knative/KubeAI concurrency)
-//     and 6–10 requests/s per replica (KServe rps), each with the HPA's 10%-per-decision and
-//     unlimited scale-down after the stabilisation window;
-//   - replica_only_saturation: occupancy thresholds 0.05–0.3, scale-down one by one (llm-d) or
-//     to fit;
-//   - both every c.Interval and every 15 s (the HPA's default sync period).
+//   - replica_only_requests: 1–3 requests in flight per replica (Knative/KubeAI concurrency;
+//     4–16 were swept too and never won) and 6–10 requests/s per replica (KServe rps), each
+//     with the HPA's 10%-per-decision and unlimited scale-down after the stabilisation window;
+//   - replica_only_saturation: occupancy thresholds 0.05–0.2 (0.3–0.7 never won), scale-down
+//     one by one (llm-d) or to fit;
+//   - all of them every c.Interval, every 5 s and every 15 s (the HPA's default sync period).
 //
 // static and threshold_only run the fleet sized for the mean load.
 func Compare(c Config) (Report, error) {
@@ -196,8 +196,8 @@ func Compare(c Config) (Report, error) {
 		interval      float64
 	}
 	jobs := []job{{"static", fmt.Sprintf("%d replicas", n), Static{N: n, Tau: c.Ceiling}, c.Interval}}
-	for _, iv := range []float64{c.Interval, 15} { // the HPA's default sync period, and ours
-		for _, target := range []float64{1, 1.5, 2, 3, 4, 6} {
+	for _, iv := range intervals(c.Interval) {
+		for _, target := range []float64{1, 1.5, 2, 3} {
 			for _, down := range []float64{0.1, 0} {
 				jobs = append(jobs, job{"replica_only_requests", fmt.Sprintf("%.1f requests in flight per replica, every %.0f s, scale-down %s", target, iv, downPolicy(down)),
 					&RequestsHPA{Target: target, Tau: c.Ceiling, Delay: c.ScaleDownDelay, MaxDown: down}, iv})
@@ -209,7 +209,7 @@ func Compare(c Config) (Report, error) {
 					&RequestsHPA{Target: target, Tau: c.Ceiling, Delay: c.ScaleDownDelay, MaxDown: down, PerSecond: true}, iv})
 			}
 		}
-		for _, thr := range []float64{0.05, 0.08, 0.1, 0.15, 0.2, 0.3} {
+		for _, thr := range []float64{0.05, 0.1, 0.15, 0.2} {
 			for _, one := range []bool{true, false} {
 				down := "to fit"
 				if one {
@@ -255,6 +255,18 @@ func Compare(c Config) (Report, error) {
 		rep.Policies[name] = best(rs)
 	}
 	return rep, nil
+}
+
+// intervals are the decision intervals each baseline is swept over: the tuner's, 5 s and the
+// HPA's default sync period of 15 s.
+func intervals(ours float64) []float64 {
+	out := []float64{ours}
+	for _, iv := range []float64{5, 15} {
+		if iv != ours {
+			out = append(out, iv)
+		}
+	}
+	return out
 }
 
 func downPolicy(share float64) string {

@@ -28,21 +28,24 @@ type Config struct {
 	MinReplicas          int
 	MaxReplicas          int
 	ScaleDownDelay       float64 // seconds
+	ScaleUpDelay         float64 // seconds; the tuner's (gatepolicy.Spec.ScaleUpDelay)
 	ProbeFraction        float64
 }
 
 // DefaultConfig is the benchmark's LoopModel: τ 0.9 with floor 0.5, an 8 ms ITL p95 SLO and a
-// 1 s TTFT SLO, minAgreement 0.85, 1–40 replicas, a 60 s cold start, 2 min scale-down delay.
+// 1 s TTFT SLO, minAgreement 0.85, 1–40 replicas, a 60 s cold start, 2 min scale-down delay,
+// decisions every 2 s; the tuner's scale-up delay is half the cold start (a surge shorter than
+// that is absorbed by a lower τ; replicas asked after it still arrive within 1.5 cold starts).
 func DefaultConfig(p *Profile, tr Trace, seed uint64) Config {
-	return Config{Profile: p, Trace: tr, Seed: seed, Tick: 0.01, Interval: 5, ColdStart: 60, Slots: 32,
+	return Config{Profile: p, Trace: tr, Seed: seed, Tick: 0.01, Interval: 2, ColdStart: 60, Slots: 32,
 		TokensMin: 64, TokensMax: 256, ITLSLO: 0.008, TTFTSLO: 1, Ceiling: 0.9, Floor: 0.5, MinAgreement: 0.85,
-		MinReplicas: 1, MaxReplicas: 40, ScaleDownDelay: 120, ProbeFraction: 0.02}
+		MinReplicas: 1, MaxReplicas: 40, ScaleDownDelay: 120, ScaleUpDelay: 30, ProbeFraction: 0.02}
 }
 
 // TunerSpec is the gatepolicy spec of the config's LoopModel.
 func (c Config) TunerSpec() gatepolicy.Spec {
 	return gatepolicy.Spec{Ceiling: c.Ceiling, Floor: c.Floor, MaxSteps: c.Profile.MaxSteps, MaxStep: 0.05,
-		MinReplicas: c.MinReplicas, MaxReplicas: c.MaxReplicas, ScaleDownDelay: time.Duration(c.ScaleDownDelay * float64(time.Second)),
+		MinReplicas: c.MinReplicas, MaxReplicas: c.MaxReplicas, ScaleDownDelay: time.Duration(c.ScaleDownDelay * float64(time.Second)), ScaleUpDelay: time.Duration(c.ScaleUpDelay * float64(time.Second)),
 		TokenLatencyP95: time.Duration(c.ITLSLO * float64(time.Second)), TTFTP95: time.Duration(c.TTFTSLO * float64(time.Second)),
 		MinAgreement: c.MinAgreement}
 }
@@ -142,13 +145,8 @@ func Run(c Config, name string, pol Policy) Result {
 	arrivals := 0
 	nextDecision := c.Interval
 	dt := c.Tick
-	for t := 0.0; t < c.Trace.End; t += dt {
-		// arrivals (Poisson)
-		for n := poisson(rng, c.Trace.RateAt(t)*dt); n > 0; n-- {
-			queue = append(queue, &request{arrive: t, remaining: float64(c.TokensMin + rng.IntN(c.TokensMax-c.TokensMin+1))})
-			arrivals++
-		}
-		// dispatch: the work queue hands requests to ready replicas with free slots, least loaded first
+	// dispatch: the work queue hands requests to ready replicas with free slots, least loaded first
+	dispatch := func(t float64) {
 		for len(queue) > 0 {
 			var best *replica
 			for _, r := range reps {
@@ -165,6 +163,14 @@ func Run(c Config, name string, pol Policy) Result {
 			best.running = append(best.running, queue[0])
 			queue = queue[1:]
 		}
+	}
+	for t := 0.0; t < c.Trace.End; t += dt {
+		// arrivals (Poisson)
+		for n := poisson(rng, c.Trace.RateAt(t)*dt); n > 0; n-- {
+			queue = append(queue, &request{arrive: t, remaining: float64(c.TokensMin + rng.IntN(c.TokensMax-c.TokensMin+1))})
+			arrivals++
+		}
+		dispatch(t)
 		ticks++
 		queueSum += float64(len(queue))
 		st := p.at(tau)
@@ -223,7 +229,8 @@ func Run(c Config, name string, pol Policy) Result {
 			continue
 		}
 		nextDecision += c.Interval
-		// a decision
+		// a decision, on the state a worker reports: freed slots already refilled from the queue
+		dispatch(t)
 		v := View{Now: t, Tau: tau, Desired: desired, Interval: c.Interval, Slots: c.Slots, Queued: len(queue), ArrivalRate: float64(arrivals) / c.Interval,
 			MeanRunning: runSum / float64(max(ticks, 1)), MeanQueued: queueSum / float64(max(ticks, 1))}
 		arrivals, runSum, queueSum, ticks = 0, 0, 0, 0
