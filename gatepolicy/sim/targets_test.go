@@ -1,30 +1,37 @@
 package sim
 
 import (
+	"fmt"
 	"testing"
 )
 
-// TestTargets runs the benchmark on the default trace and on traces of the same family with
-// other seeds and shapes, and checks: joint attains ≥ 99% of tokens within the ITL SLO, keeps
-// mean agreement ≥ minAgreement, and uses fewer replica-seconds than the cheapest replica-only
-// run (either kind, any swept setting) whose ITL and TTFT attainment are at least joint's, by
-// ≥ minSaving. The target is 30%; measured on the default trace it is 27% (against
-// replica_only_saturation at occupancy 0.2 every 15 s, which attains 99.86% to joint's 99.56%),
-// so the test holds the measured level, not the target. The simulation is too slow under the
-// race detector (minutes), so it skips there.
-// minSaving is the replica-seconds saving the test holds (the target is 0.30).
-const minSaving = 0.25
+// The targets for the joint policy on every trace of the family.
+const (
+	minAttainment = 0.99 // of tokens within the ITL SLO, and of requests within the TTFT SLO
+	minSaving     = 0.30 // replica-seconds, against the cheapest replica-only run attaining as much
+)
 
+// TestTargets runs the benchmark on the default trace and on traces of other shapes (a step
+// load, a ramp up and down, a bursty hour) and seeds, and checks on each: joint attains ≥ 99%
+// of tokens within the ITL SLO and ≥ 99% of requests within the TTFT SLO, keeps mean agreement
+// ≥ minAgreement, and uses ≥ 30% fewer replica-seconds than the cheapest replica-only run
+// (either kind, any swept setting and interval) whose ITL and TTFT attainment are at least
+// joint's. With -short only the default trace runs. The simulation is too slow under the race
+// detector (minutes), so it skips there.
 func TestTargets(t *testing.T) {
-	cases := []struct {
+	type tc struct {
 		name  string
 		shape Shape
 		seed  uint64
-	}{
-		{"default", DefaultShape, 1},
-		{"seed 2", DefaultShape, 2},
-		{"seed 3, busier, sharper bursts", Shape{Seconds: 3600, Mean: 100, Swing: 0.5, Period: 3600, Spikes: 8, SpikeMax: 2.5}, 3},
-		{"half-hour day", Shape{Seconds: 1800, Mean: 80, Swing: 0.6, Period: 1800, Spikes: 4, SpikeMax: 2}, 4},
+	}
+	cases := []tc{{"diurnal seed 1 (the default)", DefaultShape, 1}}
+	if !testing.Short() {
+		cases = append(cases, tc{"diurnal seed 2", DefaultShape, 2})
+		for _, name := range ShapeNames[1:] {
+			for _, seed := range []uint64{1, 2} {
+				cases = append(cases, tc{fmt.Sprintf("%s seed %d", name, seed), Shapes[name], seed})
+			}
+		}
 	}
 	if raceEnabled {
 		t.Skip("the simulation takes minutes under the race detector; run go test ./gatepolicy/sim without -race")
@@ -38,8 +45,8 @@ func TestTargets(t *testing.T) {
 			}
 			j := rep.Policies["joint"]
 			t.Logf("joint: ITL %.4f TTFT %.4f agreement %.4f replica-seconds %.0f scale events %d", j.Attainment, j.TTFTAttainment, j.Agreement, j.ReplicaSeconds, j.ScaleEvents)
-			if j.Attainment < 0.99 {
-				t.Errorf("joint ITL attainment %.4f, want ≥ 0.99", j.Attainment)
+			if j.Attainment < minAttainment || j.TTFTAttainment < minAttainment {
+				t.Errorf("joint attainment ITL %.4f TTFT %.4f, want both ≥ %.2f", j.Attainment, j.TTFTAttainment, minAttainment)
 			}
 			if j.Agreement < c.MinAgreement {
 				t.Errorf("joint mean agreement %.4f, want ≥ minAgreement %.2f", j.Agreement, c.MinAgreement)

@@ -121,7 +121,7 @@ type Shape struct {
 	Swing    float64 // amplitude as a share of Mean
 	Period   float64 // seconds of one cycle
 	Spikes   int     // bursts over the trace
-	SpikeMax float64 // a burst multiplies the rate by 1.5 up to this
+	SpikeMax float64 // a burst multiplies the rate by 1.5 up to this (overlapping: the largest)
 }
 
 // DefaultShape is the default trace: a compressed day of one hour with six bursts.
@@ -164,12 +164,13 @@ func Synthetic(sh Shape, seed uint64) Trace {
 			f := math.Mod(t/sh.Period, 1)
 			x = 4*min(f, 1-f) - 1 // -1 at the ends, +1 half-way
 		}
-		r := sh.Mean * (1 + sh.Swing*x)
+		mul := 1.0 // overlapping bursts do not compound: the largest applies
 		for _, s := range sp {
 			if t >= s.at && t < s.at+s.dur {
-				r *= s.mul
+				mul = max(mul, s.mul)
 			}
 		}
+		r := sh.Mean * (1 + sh.Swing*x) * mul
 		tr.T = append(tr.T, t)
 		tr.Rate = append(tr.Rate, max(r, 0))
 	}
