@@ -187,7 +187,8 @@ type Report struct {
 //     one by one (llm-d) or to fit;
 //   - all of them every c.Interval, every 5 s and every 15 s (the HPA's default sync period).
 //
-// static and threshold_only run the fleet sized for the mean load.
+// static runs the fleet sized for the mean load; threshold_only is swept over fixed fleets of
+// 1, 1.5, 2 and 2.5 times it.
 func Compare(c Config) (Report, error) {
 	n := StaticReplicas(c)
 	type job struct {
@@ -220,17 +221,21 @@ func Compare(c Config) (Report, error) {
 			}
 		}
 	}
-	spec := c.TunerSpec()
-	spec.MinReplicas, spec.MaxReplicas = n, n
-	th, err := NewTuned(spec)
-	if err != nil {
-		return Report{}, err
+	for _, k := range []float64{1, 1.5, 2, 2.5} { // fixed fleets from the mean load's up
+		m := min(int(math.Ceil(k*float64(n))), c.MaxReplicas)
+		spec := c.TunerSpec()
+		spec.MinReplicas, spec.MaxReplicas = m, m
+		th, err := NewTuned(spec)
+		if err != nil {
+			return Report{}, err
+		}
+		jobs = append(jobs, job{"threshold_only", fmt.Sprintf("%d replicas (%.1f× the mean load's), τ tuned by gatepolicy", m, k), th, c.Interval})
 	}
 	jt, err := NewTuned(c.TunerSpec())
 	if err != nil {
 		return Report{}, err
 	}
-	jobs = append(jobs, job{"threshold_only", fmt.Sprintf("%d replicas, τ tuned by gatepolicy", n), th, c.Interval}, job{"joint", "gatepolicy.Tuner", jt, c.Interval})
+	jobs = append(jobs, job{"joint", "gatepolicy.Tuner", jt, c.Interval})
 	results := make([]Result, len(jobs))
 	sem := make(chan struct{}, max(1, goruntime.NumCPU()))
 	var wg sync.WaitGroup
