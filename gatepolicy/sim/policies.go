@@ -181,10 +181,11 @@ type Report struct {
 // its settings and reports its best: the fewest replica-seconds among settings with ≥ 99% ITL
 // and TTFT attainment, else the highest attainment. The sweep, every run at the ceiling τ:
 //   - replica_only_requests: 1–3 requests in flight per replica (Knative/KubeAI concurrency;
-//     4–16 were swept too and never won) and 6–10 requests/s per replica (KServe rps), each
-//     with the HPA's 10%-per-decision and unlimited scale-down after the stabilisation window;
-//   - replica_only_saturation: occupancy thresholds 0.05–0.2 (0.3–0.7 never won), scale-down
-//     one by one (llm-d) or to fit;
+//     4–16, tried on the default trace, were never the cheapest at 99%) and 6–10 requests/s
+//     per replica (KServe rps), each with the HPA's 10%-per-decision and unlimited scale-down
+//     after the stabilisation window;
+//   - replica_only_saturation: occupancy thresholds 0.05–0.2 (0.3–0.7, tried on the default
+//     trace, never were), scale-down one by one (llm-d) or to fit;
 //   - all of them every c.Interval, every 5 s and every 15 s (the HPA's default sync period).
 //
 // static runs the fleet sized for the mean load; threshold_only is swept over fixed fleets of
