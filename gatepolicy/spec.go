@@ -33,6 +33,12 @@ type Spec struct {
 
 	MinReplicas, MaxReplicas int
 	ScaleDownDelay           time.Duration // demand must stay low this long before a scale-down
+	// ScaleUpDelay is how long the part of a scale-up that brownout can absorb within the
+	// quality floors (minAgreement's bound, minDepth) waits: a surge shorter than it is
+	// served by a lower τ alone, and replicas come only for the demand that persists (the
+	// lowest target of the delay). Demand the quality floors cannot absorb on the current
+	// replicas is scaled for at once. 0: every scale-up at once.
+	ScaleUpDelay time.Duration
 	// TargetUtilisation is the share of a replica's loop-step capacity it should carry (default 0.7).
 	TargetUtilisation float64
 	// TargetLoopStepsPerReplica (loop steps/s) replaces capacity × TargetUtilisation when set.
@@ -113,7 +119,7 @@ func (s Spec) Validate() error {
 		return fmt.Errorf("%w: target utilisation %v outside (0, 1)", ErrInvalidSpec, s.TargetUtilisation)
 	case s.TargetLoopStepsPerReplica < 0 || math.IsNaN(s.TargetLoopStepsPerReplica) || math.IsInf(s.TargetLoopStepsPerReplica, 0):
 		return fmt.Errorf("%w: targetLoopStepsPerReplica %v", ErrInvalidSpec, s.TargetLoopStepsPerReplica)
-	case s.TokenLatencyP95 < 0 || s.TTFTP95 < 0 || s.ScaleDownDelay < 0:
+	case s.TokenLatencyP95 < 0 || s.TTFTP95 < 0 || s.ScaleDownDelay < 0 || s.ScaleUpDelay < 0:
 		return fmt.Errorf("%w: negative duration", ErrInvalidSpec)
 	case s.MaxMeanDepth != 0 && !(s.MaxMeanDepth >= 1):
 		return fmt.Errorf("%w: maxMeanDepth %v below 1", ErrInvalidSpec, s.MaxMeanDepth)

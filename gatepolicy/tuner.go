@@ -69,7 +69,8 @@ func (d Decision) HasReason(code string) bool {
 }
 
 // Tuner holds the state between intervals: the τ it last chose, the capacity fit, the latest
-// usable histograms of every tier, and the scale-down candidate.
+// usable histograms of every tier, and the replica targets of the scale-down and scale-up
+// windows.
 type Tuner struct {
 	spec   Spec
 	tau    map[string]float64
@@ -87,9 +88,9 @@ type Tuner struct {
 	// missed the SLO or queued.
 	cool map[string]int
 
-	replicas  int
-	lowSince  time.Time // when the replica target first fell below replicas; zero: not low
-	lowTarget int       // the highest target seen since lowSince
+	replicas int
+	recent   []stampedTarget // replica targets of the last ScaleDownDelay, oldest first
+	upRecent []stampedTarget // replica targets of the last ScaleUpDelay, oldest first
 }
 
 // NewTuner validates spec (after WithDefaults) and returns a Tuner at the ceiling τ and
@@ -133,6 +134,7 @@ func (t *Tuner) Decide(obs Observation) Decision {
 		d.SLOReachable = false
 		d.Reasons = append(d.Reasons, Reason{ReasonSLOUnreachable, "the latency SLO is not met even at the floor τ with maxReplicas: running at the floor"})
 	}
+	n = t.patient(obs, n, floors)
 	t.scale(obs, n, target, &d)
 	ready := max(obs.ReadyReplicas, 0)
 	// While replicas are on their way a brownout may go down to the spec floors; without
@@ -345,7 +347,7 @@ func (t *Tuner) targets(floors map[string]float64) (map[string]float64, int, boo
 		out, ok := t.fitInto(top, floors, t.replicas)
 		return out, t.replicas, ok
 	}
-	n := min(max(t.replicasFor(top), t.spec.MinReplicas), t.spec.MaxReplicas)
+	n := min(max(t.replicasFor(top, 1), t.spec.MinReplicas), t.spec.MaxReplicas)
 	if out, ok := t.fitInto(top, floors, n); ok {
 		return out, n, true
 	}
@@ -375,15 +377,20 @@ func (t *Tuner) demandAt(taus map[string]float64) float64 {
 	return s
 }
 
-// replicasFor is ceil(loop-step demand / per-replica target), unclamped (MinReplicas without a
-// capacity model).
-func (t *Tuner) replicasFor(taus map[string]float64) int {
+// replicasFor is ceil(loop-step demand × margin / per-replica target), unclamped (the current
+// replicas without a capacity model).
+func (t *Tuner) replicasFor(taus map[string]float64, margin float64) int {
 	per := t.perReplica()
 	if math.IsNaN(per) || per <= 0 {
 		return t.replicas
 	}
-	return int(math.Ceil(t.demandAt(taus)/per - 1e-9))
+	return int(math.Ceil(t.demandAt(taus)*margin/per - 1e-9))
 }
+
+// cancelMargin is the demand margin under which the ready replicas must fit before the ones
+// still starting are dropped: a window's token rate varies by several percent on a steady
+// load, and a cancelled replica asked for again starts its cold start over.
+const cancelMargin = 1.15
 
 // fits reports whether every tier meets the SLO with taus on n replicas.
 func (t *Tuner) fits(taus map[string]float64, n int) bool {
@@ -541,32 +548,100 @@ func (t *Tuner) holdReplicas(obs Observation) int {
 	return min(max(t.replicas, t.spec.MinReplicas), t.spec.MaxReplicas)
 }
 
-// scale moves replicas toward want: up at once, down only after the target
-// stayed below the current count for ScaleDownDelay (then to the highest target of that time).
+// scale moves replicas toward want: up at once; down to the highest target of the last
+// ScaleDownDelay (the stabilisation window: a target below the current count must have held
+// that long), except that replicas still starting are dropped at once when the ready ones
+// suffice (they serve nothing yet; the delay guards serving capacity, not a cold start
+// nobody needs).
 func (t *Tuner) scale(obs Observation, want int, target map[string]float64, d *Decision) {
 	cur := t.replicas
+	start := obs.Now.Add(-t.spec.ScaleDownDelay)
+	t.recent = window(t.recent, stampedTarget{obs.Now, want}, start)
+	hi := want
+	for _, r := range t.recent {
+		hi = max(hi, r.n)
+	}
+	if t.recent[0].at.After(start) {
+		hi = max(hi, cur) // the history is shorter than the delay
+	}
+	ready := cur - max(obs.StartingReplicas, 0)
 	switch {
 	case want > cur:
-		t.replicas, t.lowSince = want, time.Time{}
+		t.replicas = want
 		d.Reasons = append(d.Reasons, Reason{ReasonScaledUp, fmt.Sprintf("replicas %d → %d for %.0f loop steps/s", cur, want, t.demandAt(target))})
+	case want < cur && hi < cur:
+		t.replicas = hi
+		d.Reasons = append(d.Reasons, Reason{ReasonScaledDown, fmt.Sprintf("replicas %d → %d: demand stayed low for %s", cur, hi, t.spec.ScaleDownDelay)})
+	case want < cur && obs.StartingReplicas > 0 && t.replicasFor(target, cancelMargin) <= ready:
+		t.replicas = max(ready, 1)
+		d.Reasons = append(d.Reasons, Reason{ReasonScaledDown, fmt.Sprintf("replicas %d → %d: the %d still starting are no longer needed", cur, t.replicas, cur-t.replicas)})
 	case want < cur:
-		if t.lowSince.IsZero() {
-			t.lowSince, t.lowTarget = obs.Now, want
-		}
-		t.lowTarget = max(t.lowTarget, want)
-		if obs.Now.Sub(t.lowSince) >= t.spec.ScaleDownDelay {
-			t.replicas, t.lowSince = t.lowTarget, time.Time{}
-			d.Reasons = append(d.Reasons, Reason{ReasonScaledDown, fmt.Sprintf("replicas %d → %d: demand stayed low for %s", cur, t.replicas, t.spec.ScaleDownDelay)})
-		} else {
-			d.Reasons = append(d.Reasons, Reason{ReasonScaleDownPending, fmt.Sprintf("%d replicas would do; waiting out scaleDownDelay %s", want, t.spec.ScaleDownDelay)})
-		}
-	default:
-		t.lowSince = time.Time{}
+		d.Reasons = append(d.Reasons, Reason{ReasonScaleDownPending, fmt.Sprintf("%d replicas would do; waiting out scaleDownDelay %s", want, t.spec.ScaleDownDelay)})
 	}
+	t.replicas = min(max(t.replicas, t.spec.MinReplicas), t.spec.MaxReplicas)
 	if t.replicas == t.spec.MaxReplicas && want >= t.spec.MaxReplicas && t.spec.MaxReplicas > t.spec.MinReplicas {
 		d.Reasons = append(d.Reasons, Reason{ReasonAtMaxReplicas, fmt.Sprintf("at maxReplicas %d", t.spec.MaxReplicas)})
 	}
 	d.Replicas = t.replicas
+}
+
+// patient returns the replica target to act on: want once it has held for ScaleUpDelay (the
+// lowest target of that window), and meanwhile at least the replicas the demand needs with
+// every tier at its quality floor, so that the wait never asks brownout for more than the
+// quality floors allow.
+func (t *Tuner) patient(obs Observation, want int, floors map[string]float64) int {
+	if t.spec.ScaleUpDelay <= 0 {
+		return want
+	}
+	t.upRecent = window(t.upRecent, stampedTarget{obs.Now, want}, obs.Now.Add(-t.spec.ScaleUpDelay))
+	lo := want
+	for _, r := range t.upRecent {
+		lo = min(lo, r.n)
+	}
+	if t.upRecent[0].at.After(obs.Now.Add(-t.spec.ScaleUpDelay)) {
+		lo = min(lo, t.replicas) // the history is shorter than the delay
+	}
+	if lo >= want {
+		return want
+	}
+	return min(want, max(lo, t.fewest(floors)))
+}
+
+// fewest is the fewest replicas (within bounds) on which taus meet the SLO at the demand.
+func (t *Tuner) fewest(taus map[string]float64) int {
+	lo := min(max(t.replicasFor(taus, 1), t.spec.MinReplicas), t.spec.MaxReplicas)
+	if t.fits(taus, lo) {
+		return lo
+	}
+	hi := t.spec.MaxReplicas
+	if !t.fits(taus, hi) {
+		return hi
+	}
+	for hi-lo > 1 { // fits at hi, not at lo
+		mid := (lo + hi) / 2
+		if t.fits(taus, mid) {
+			hi = mid
+		} else {
+			lo = mid
+		}
+	}
+	return hi
+}
+
+// window appends s to w and drops the targets older than start, keeping the newest one at or
+// before it (it was in force at start).
+func window(w []stampedTarget, s stampedTarget, start time.Time) []stampedTarget {
+	w = append(w, s)
+	for len(w) > 1 && !w[1].at.After(start) {
+		w = w[1:]
+	}
+	return w
+}
+
+// stampedTarget is one decision's replica target.
+type stampedTarget struct {
+	at time.Time
+	n  int
 }
 
 // predict fills the decision's predictions at its τ on the ready replicas.

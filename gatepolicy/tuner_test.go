@@ -96,8 +96,11 @@ func run(t testing.TB, tu *Tuner, p *plant, start time.Time, n, coldStart int, t
 			desired++
 			pending = append(pending, i+coldStart)
 		}
-		if d.Replicas < desired {
-			*ready -= min(desired-d.Replicas, *ready)
+		if d.Replicas < desired { // the newest starting replicas go first, then ready ones
+			drop := desired - d.Replicas
+			k := min(drop, len(pending))
+			pending = pending[:len(pending)-k]
+			*ready -= min(drop-k, *ready)
 			desired = d.Replicas
 		}
 	}
@@ -144,17 +147,24 @@ func TestSteadyLoadSettles(t *testing.T) {
 }
 
 // settleIntervals is the stated convergence bound after a load step: ceil((ceiling −
-// floor)/maxStep) intervals of τ steps plus two for the capacity fit and the scale-up.
-func settleIntervals(sp Spec) int {
+// floor)/maxStep) intervals of τ steps plus two for the capacity fit and the scale-up, plus
+// the intervals of ScaleUpDelay.
+func settleIntervals(sp Spec, interval time.Duration) int {
 	sp = sp.WithDefaults()
-	return int(math.Ceil((sp.Ceiling-sp.Floor)/sp.MaxStep-1e-9)) + 2
+	return int(math.Ceil((sp.Ceiling-sp.Floor)/sp.MaxStep-1e-9)) + 2 + int(math.Ceil(float64(sp.ScaleUpDelay)/float64(interval)))
 }
 
 // TestLoadStepConverges: after a step up in load, decisions are constant and measured latency
-// is under the SLO within settleIntervals (12 for the base spec) plus the cold start.
+// is under the SLO within settleIntervals (12 for the base spec, 14 with a 30 s scale-up
+// delay) plus the cold start.
 func TestLoadStepConverges(t *testing.T) {
-	for _, step := range []float64{2, 5, 10} {
+	for _, c := range []struct {
+		step    float64
+		upDelay time.Duration
+	}{{2, 0}, {5, 0}, {10, 0}, {2, 30 * time.Second}, {5, 30 * time.Second}, {10, 30 * time.Second}} {
+		step := c.step
 		sp := baseSpec()
+		sp.ScaleUpDelay = c.upDelay
 		sp.TokenLatencyP95 = 40 * time.Millisecond // the ceiling meets it at the target utilisation
 		p := newPlant(1)
 		tu, err := NewTuner(sp)
@@ -167,11 +177,11 @@ func TestLoadStepConverges(t *testing.T) {
 		p.demand[""] *= step
 		hist = hist[:0]
 		run(t, tu, p, time.Unix(600, 0), 40, 1, tau, &ready, &hist)
-		k := settleIntervals(sp) + 1
+		k := settleIntervals(sp, 15*time.Second) + 1
 		last := hist[len(hist)-1]
 		for i := k; i < len(hist); i++ {
 			if hist[i].Tau[""] != last.Tau[""] || hist[i].Replicas != last.Replicas {
-				t.Errorf("load ×%v: interval %d after the step: τ %v replicas %d, settled τ %v replicas %d", step, i, hist[i].Tau[""], hist[i].Replicas, last.Tau[""], last.Replicas)
+				t.Errorf("load ×%v, scale-up delay %v: interval %d after the step: τ %v replicas %d, settled τ %v replicas %d", step, c.upDelay, i, hist[i].Tau[""], hist[i].Replicas, last.Tau[""], last.Replicas)
 			}
 		}
 		if lat := p.observe(time.Unix(9999, 0), tau, ready, last.Replicas).Windows[""].TokenLatencyP95; lat > sp.TokenLatencyP95.Seconds() {
@@ -193,6 +203,7 @@ func TestDecisionsInBounds(t *testing.T) {
 		sp := Spec{Ceiling: ceil, Floor: floor, MaxSteps: 4, MaxStep: rapid.Float64Range(0.01, 0.5).Draw(rt, "maxStep"),
 			MinReplicas: minR, MaxReplicas: minR + rapid.IntRange(0, 10).Draw(rt, "spanR"),
 			ScaleDownDelay:            time.Duration(rapid.IntRange(0, 300).Draw(rt, "delay")) * time.Second,
+			ScaleUpDelay:              time.Duration(rapid.IntRange(0, 120).Draw(rt, "upDelay")) * time.Second,
 			TokenLatencyP95:           time.Duration(rapid.IntRange(0, 100).Draw(rt, "slo")) * time.Millisecond,
 			MinAgreement:              rapid.Float64Range(0, 1).Draw(rt, "minAgree"),
 			TargetLoopStepsPerReplica: float64(rapid.IntRange(0, 5000).Draw(rt, "target")),
@@ -206,7 +217,7 @@ func TestDecisionsInBounds(t *testing.T) {
 		tau := map[string]float64{}
 		for i := range 30 {
 			obs := Observation{Now: time.Unix(int64(15*i), 0), Windows: map[string]*Window{}, Tau: tau,
-				ReadyReplicas: rapid.IntRange(0, 20).Draw(rt, "ready"), DesiredReplicas: rapid.IntRange(0, 20).Draw(rt, "desired")}
+				ReadyReplicas: rapid.IntRange(0, 20).Draw(rt, "ready"), DesiredReplicas: rapid.IntRange(0, 20).Draw(rt, "desired"), StartingReplicas: rapid.IntRange(0, 20).Draw(rt, "starting")}
 			for _, k := range []string{"gold", "", "batch"} {
 				if !rapid.Bool().Draw(rt, "has") {
 					continue
@@ -362,5 +373,75 @@ func TestScaleDownWaitsForDelay(t *testing.T) {
 	}
 	if got := hist[len(hist)-1].Replicas; got >= high {
 		t.Errorf("replicas %d after the delay, want fewer than %d", got, high)
+	}
+}
+
+// TestScaleUpDelay: with a scale-up delay, a surge shorter than it is absorbed by a lower τ on
+// the replicas there are (no more replicas than the floors need), while a tuner without the
+// delay asks for the ceiling's replicas at once; a surge that persists gets the ceiling's
+// replicas after the delay and τ climbs back to the ceiling.
+func TestScaleUpDelay(t *testing.T) {
+	decide := func(upDelay time.Duration, surge int) []Decision {
+		sp := baseSpec()
+		sp.ScaleUpDelay = upDelay
+		sp.TokenLatencyP95 = 40 * time.Millisecond
+		tu, err := NewTuner(sp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := newPlant(11)
+		tau, ready := tauOf(sp), 1
+		var hist []Decision
+		run(t, tu, p, time.Unix(0, 0), 30, 1, tau, &ready, &hist)
+		p.demand[""] *= 3
+		hist = hist[:0]
+		run(t, tu, p, time.Unix(1000, 0), surge, 1, tau, &ready, &hist)
+		return hist
+	}
+	eager := decide(0, 2)
+	patient := decide(time.Minute, 2) // 4 intervals of 15 s
+	if eager[0].Replicas <= patient[0].Replicas {
+		t.Fatalf("first decision of a ×3 surge: %d replicas with no delay, %d with a 1-minute delay; want fewer with the delay", eager[0].Replicas, patient[0].Replicas)
+	}
+	for i, d := range patient {
+		if d.Tau[""] >= 0.9 {
+			t.Errorf("interval %d of a short surge: τ %v, want a brownout below the ceiling", i, d.Tau[""])
+		}
+	}
+	eagerEnd, end := decide(0, 30), decide(time.Minute, 30)
+	want, got := eagerEnd[len(eagerEnd)-1], end[len(end)-1]
+	if got.Replicas != want.Replicas || got.Tau[""] != 0.9 || got.Brownout {
+		t.Errorf("after a persistent surge: %d replicas at τ %v (brownout %v), want %d at the ceiling as without the delay", got.Replicas, got.Tau[""], got.Brownout, want.Replicas)
+	}
+}
+
+// TestStartingReplicasDropped: replicas asked for a surge that ended before they were ready
+// are dropped at once, while ready replicas wait out scaleDownDelay.
+func TestStartingReplicasDropped(t *testing.T) {
+	sp := baseSpec()
+	sp.ScaleDownDelay = 5 * time.Minute
+	sp.TokenLatencyP95 = 40 * time.Millisecond
+	tu, err := NewTuner(sp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newPlant(12)
+	tau, ready := tauOf(sp), 1
+	var hist []Decision
+	run(t, tu, p, time.Unix(0, 0), 30, 1, tau, &ready, &hist)
+	base := hist[len(hist)-1].Replicas
+	p.demand[""] *= 4
+	hist = hist[:0]
+	run(t, tu, p, time.Unix(1000, 0), 1, 10, tau, &ready, &hist) // cold start: 10 intervals
+	asked := hist[0].Replicas
+	if asked <= base {
+		t.Fatalf("a ×4 surge asked %d replicas, had %d", asked, base)
+	}
+	p.demand[""] /= 4
+	hist = hist[:0]
+	run(t, tu, p, time.Unix(1100, 0), 4, 10, tau, &ready, &hist)
+	got := hist[len(hist)-1]
+	if got.Replicas != base {
+		t.Errorf("surge over before its replicas started: %d replicas (reasons %v), want the %d ready before the 5-minute delay", got.Replicas, got.Reasons, base)
 	}
 }

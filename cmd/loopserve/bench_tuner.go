@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -18,6 +19,7 @@ import (
 func newBenchTunerCmd() *cobra.Command {
 	var (
 		traceFile, plotFile string
+		shape               string
 		seed                uint64
 		asJSON, measure     bool
 		modelDir            string
@@ -31,16 +33,23 @@ depth come from ouro-tiny-arith measured on the engine, gatepolicy/sim/profile.j
 --measure-cost measures the cost on this machine first and scales the default trace's rates
 by the speed ratio), and five
 policies with the same SLO (ITL p95 8 ms, TTFT 1 s, minAgreement 0.85, τ 0.9 with floor 0.5,
-1-40 replicas): static (fixed fleet for the mean load), replica_only_requests (in-flight
-requests per replica, as KubeAI/KServe), replica_only_saturation (slot and queue headroom, as
-llm-d), threshold_only (fixed fleet, τ tuned by gatepolicy) and joint (gatepolicy.Tuner, the
-operator's code). Each replica-only baseline is swept over its setting and reports its best.
+1-40 replicas, decisions every 2 s): static (fixed fleet for the mean load),
+replica_only_requests (in-flight requests or requests/s per replica, as KubeAI/KServe),
+replica_only_saturation (slot and queue headroom, as llm-d), threshold_only (fixed fleet, τ
+tuned by gatepolicy) and joint (gatepolicy.Tuner, the operator's code, with a 30 s scale-up
+delay). Each replica-only baseline is swept over its settings and decision interval (2, 5,
+15 s) and reports its cheapest run with 99% ITL and TTFT attainment.
 
-The default trace is a seeded diurnal cycle with bursts; --trace replays a CSV of
-t_seconds,requests_per_second rows (piecewise constant, starting at 0).`,
+The default trace is a seeded diurnal cycle with bursts (--shape picks a step load, a ramp or
+a bursty hour instead); --trace replays a CSV of t_seconds,requests_per_second rows
+(piecewise constant, starting at 0).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			tr := sim.Synthetic(sim.DefaultShape, seed)
+			sh, ok := sim.Shapes[shape]
+			if !ok {
+				return fmt.Errorf("--shape %q: want one of %s", shape, strings.Join(sim.ShapeNames, ", "))
+			}
+			tr := sim.Synthetic(sh, seed)
 			if traceFile != "" {
 				f, err := os.Open(traceFile)
 				if err != nil {
@@ -118,7 +127,8 @@ t_seconds,requests_per_second rows (piecewise constant, starting at 0).`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&traceFile, "trace", "", "CSV trace of t_seconds,requests_per_second (default: the seeded diurnal trace with bursts)")
+	fl.StringVar(&traceFile, "trace", "", "CSV trace of t_seconds,requests_per_second (default: the seeded synthetic trace of --shape)")
+	fl.StringVar(&shape, "shape", "diurnal", "synthetic trace shape: "+strings.Join(sim.ShapeNames, ", ")+" (diurnal: a day with bursts; step: load steps; ramp: up and down; bursty: many sharp bursts)")
 	fl.Uint64Var(&seed, "seed", 1, "seed of the default trace and of arrivals")
 	fl.BoolVar(&asJSON, "json", false, "print one JSON object keyed by policy name")
 	fl.BoolVar(&measure, "measure-cost", false, "measure the per-iteration cost on this machine's engine (one thread) instead of taking the profile's")

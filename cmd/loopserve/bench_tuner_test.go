@@ -33,3 +33,16 @@ func TestBenchTunerRefusesBadTrace(t *testing.T) {
 		})
 	}
 }
+
+// TestBenchTunerRefusesBadShape: an unknown --shape is refused with the shapes there are.
+func TestBenchTunerRefusesBadShape(t *testing.T) {
+	cmd := newBenchCmd()
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetErr(&out)
+	cmd.SetArgs([]string{"tuner", "--shape", "weekly"})
+	err := cmd.Execute()
+	if err == nil || !strings.Contains(err.Error(), `"weekly"`) || !strings.Contains(err.Error(), "diurnal, step, ramp, bursty") {
+		t.Errorf("bench tuner --shape weekly = %v, want an error naming the shapes", err)
+	}
+}

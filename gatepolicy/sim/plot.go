@@ -19,7 +19,7 @@ func WriteSVG(w io.Writer, r Result, c Config) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%.0f" height="%.0f" viewBox="0 0 %.0f %.0f" font-family="sans-serif" font-size="12">`+"\n", W, H, W, H)
 	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
-	fmt.Fprintf(&b, `<text x="%.0f" y="18" font-size="14">%s on the default trace: ITL attainment %.2f%%, %.0f replica-seconds, agreement %.3f</text>`+"\n", left, r.Policy, 100*r.Attainment, r.ReplicaSeconds, r.Agreement)
+	fmt.Fprintf(&b, `<text x="%.0f" y="18" font-size="14">%s: ITL attainment %.2f%%, %.0f replica-seconds, agreement %.3f</text>`+"\n", left, r.Policy, 100*r.Attainment, r.ReplicaSeconds, r.Agreement)
 	line := func(y0, scale float64, val func(Point) float64, colour, dash string) {
 		var pts []string
 		for _, p := range r.Series {

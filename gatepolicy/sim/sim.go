@@ -28,21 +28,24 @@ type Config struct {
 	MinReplicas          int
 	MaxReplicas          int
 	ScaleDownDelay       float64 // seconds
+	ScaleUpDelay         float64 // seconds; the tuner's (gatepolicy.Spec.ScaleUpDelay)
 	ProbeFraction        float64
 }
 
 // DefaultConfig is the benchmark's LoopModel: τ 0.9 with floor 0.5, an 8 ms ITL p95 SLO and a
-// 1 s TTFT SLO, minAgreement 0.85, 1–40 replicas, a 60 s cold start, 2 min scale-down delay.
+// 1 s TTFT SLO, minAgreement 0.85, 1–40 replicas, a 60 s cold start, 2 min scale-down delay,
+// decisions every 2 s; the tuner's scale-up delay is half the cold start (a surge shorter than
+// that is absorbed by a lower τ; replicas asked after it still arrive within 1.5 cold starts).
 func DefaultConfig(p *Profile, tr Trace, seed uint64) Config {
-	return Config{Profile: p, Trace: tr, Seed: seed, Tick: 0.01, Interval: 5, ColdStart: 60, Slots: 32,
+	return Config{Profile: p, Trace: tr, Seed: seed, Tick: 0.01, Interval: 2, ColdStart: 60, Slots: 32,
 		TokensMin: 64, TokensMax: 256, ITLSLO: 0.008, TTFTSLO: 1, Ceiling: 0.9, Floor: 0.5, MinAgreement: 0.85,
-		MinReplicas: 1, MaxReplicas: 40, ScaleDownDelay: 120, ProbeFraction: 0.02}
+		MinReplicas: 1, MaxReplicas: 40, ScaleDownDelay: 120, ScaleUpDelay: 30, ProbeFraction: 0.02}
 }
 
 // TunerSpec is the gatepolicy spec of the config's LoopModel.
 func (c Config) TunerSpec() gatepolicy.Spec {
 	return gatepolicy.Spec{Ceiling: c.Ceiling, Floor: c.Floor, MaxSteps: c.Profile.MaxSteps, MaxStep: 0.05,
-		MinReplicas: c.MinReplicas, MaxReplicas: c.MaxReplicas, ScaleDownDelay: time.Duration(c.ScaleDownDelay * float64(time.Second)),
+		MinReplicas: c.MinReplicas, MaxReplicas: c.MaxReplicas, ScaleDownDelay: time.Duration(c.ScaleDownDelay * float64(time.Second)), ScaleUpDelay: time.Duration(c.ScaleUpDelay * float64(time.Second)),
 		TokenLatencyP95: time.Duration(c.ITLSLO * float64(time.Second)), TTFTP95: time.Duration(c.TTFTSLO * float64(time.Second)),
 		MinAgreement: c.MinAgreement}
 }
@@ -57,12 +60,20 @@ type View struct {
 	Interval                 float64
 	Slots                    int
 	ArrivalRate              float64 // requests/s over the last interval
+	// MeanRunning and MeanQueued are Running and Queued averaged over the interval, as a
+	// scraped gauge averaged over the sync period reads them.
+	MeanRunning, MeanQueued float64
 }
 
 // Policy decides replicas and τ each interval.
 type Policy interface {
 	Decide(v View) (replicas int, tau float64)
 }
+
+// sampled is implemented by policies that read View.Samples; the others get none (building
+// them is most of a run's work). Samples draw from their own random stream, so every policy
+// sees the same arrivals.
+type sampled interface{ NeedsSamples() bool }
 
 // Point is one interval of a run, for plots.
 type Point struct {
@@ -97,7 +108,9 @@ type replica struct {
 	// the interval's stats
 	tokens, steps, busy float64
 	finished            int64
-	lat                 []latPoint
+	// lat weighs the interval's tokens by (depth−1)·(Slots+1) + batch rows: a token's latency is
+	// its depth times the iteration time at that batch.
+	lat []float64
 }
 
 type latPoint struct{ lat, w float64 }
@@ -105,6 +118,13 @@ type latPoint struct{ lat, w float64 }
 // Run simulates one policy over the config's trace.
 func Run(c Config, name string, pol Policy) Result {
 	rng := rand.New(rand.NewPCG(c.Seed, 0x5eed))
+	statsRng := rand.New(rand.NewPCG(c.Seed, 0x57a75))
+	wantSamples := false
+	if sp, ok := pol.(sampled); ok {
+		wantSamples = sp.NeedsSamples()
+	}
+	var runSum, queueSum float64
+	ticks := 0
 	p := c.Profile
 	res := Result{Policy: name}
 	var queue []*request
@@ -125,13 +145,8 @@ func Run(c Config, name string, pol Policy) Result {
 	arrivals := 0
 	nextDecision := c.Interval
 	dt := c.Tick
-	for t := 0.0; t < c.Trace.End; t += dt {
-		// arrivals (Poisson)
-		for n := poisson(rng, c.Trace.RateAt(t)*dt); n > 0; n-- {
-			queue = append(queue, &request{arrive: t, remaining: float64(c.TokensMin + rng.IntN(c.TokensMax-c.TokensMin+1))})
-			arrivals++
-		}
-		// dispatch: the work queue hands requests to ready replicas with free slots, least loaded first
+	// dispatch: the work queue hands requests to ready replicas with free slots, least loaded first
+	dispatch := func(t float64) {
 		for len(queue) > 0 {
 			var best *replica
 			for _, r := range reps {
@@ -148,12 +163,23 @@ func Run(c Config, name string, pol Policy) Result {
 			best.running = append(best.running, queue[0])
 			queue = queue[1:]
 		}
+	}
+	for t := 0.0; t < c.Trace.End; t += dt {
+		// arrivals (Poisson)
+		for n := poisson(rng, c.Trace.RateAt(t)*dt); n > 0; n-- {
+			queue = append(queue, &request{arrive: t, remaining: float64(c.TokensMin + rng.IntN(c.TokensMax-c.TokensMin+1))})
+			arrivals++
+		}
+		dispatch(t)
+		ticks++
+		queueSum += float64(len(queue))
 		st := p.at(tau)
 		dEff := (1-c.ProbeFraction)*st.meanDepth + c.ProbeFraction*float64(p.MaxSteps)
 		live := reps[:0]
 		for _, r := range reps {
 			if t >= r.readyAt && len(r.running) > 0 {
 				b := len(r.running)
+				runSum += float64(b)
 				s := p.StepTime(b)
 				perReq := dt / s / dEff // tokens each running request gets this tick
 				produced := 0.0
@@ -177,11 +203,14 @@ func Run(c Config, name string, pol Policy) Result {
 				}
 				r.running = keep
 				ok := c.ProbeFraction * b2f(float64(p.MaxSteps)*s <= c.ITLSLO)
+				if r.lat == nil {
+					r.lat = make([]float64, p.MaxSteps*(c.Slots+1))
+				}
 				for d, pd := range st.depthP {
 					ok += (1 - c.ProbeFraction) * pd * b2f(float64(d+1)*s <= c.ITLSLO)
-					r.lat = append(r.lat, latPoint{float64(d+1) * s, produced * pd * (1 - c.ProbeFraction)})
+					r.lat[d*(c.Slots+1)+b] += produced * pd * (1 - c.ProbeFraction)
 				}
-				r.lat = append(r.lat, latPoint{float64(p.MaxSteps) * s, produced * c.ProbeFraction})
+				r.lat[(p.MaxSteps-1)*(c.Slots+1)+b] += produced * c.ProbeFraction
 				tokens += produced
 				attained += produced * ok
 				agree += produced * ((1-c.ProbeFraction)*st.agreement + c.ProbeFraction)
@@ -200,9 +229,11 @@ func Run(c Config, name string, pol Policy) Result {
 			continue
 		}
 		nextDecision += c.Interval
-		// a decision
-		v := View{Now: t, Tau: tau, Desired: desired, Interval: c.Interval, Slots: c.Slots, Queued: len(queue), ArrivalRate: float64(arrivals) / c.Interval}
-		arrivals = 0
+		// a decision, on the state a worker reports: freed slots already refilled from the queue
+		dispatch(t)
+		v := View{Now: t, Tau: tau, Desired: desired, Interval: c.Interval, Slots: c.Slots, Queued: len(queue), ArrivalRate: float64(arrivals) / c.Interval,
+			MeanRunning: runSum / float64(max(ticks, 1)), MeanQueued: queueSum / float64(max(ticks, 1))}
+		arrivals, runSum, queueSum, ticks = 0, 0, 0, 0
 		var p95s, p95w float64
 		for _, r := range reps {
 			v.Running += len(r.running)
@@ -212,12 +243,18 @@ func Run(c Config, name string, pol Policy) Result {
 				v.Starting++
 			default:
 				v.Ready++
-				s := sample(rng, c, r, tau, t)
-				v.Samples = append(v.Samples, s)
+				var s gatepolicy.Sample
+				if wantSamples {
+					s = sample(statsRng, c, r, tau, t)
+					v.Samples = append(v.Samples, s)
+				} else {
+					s = gatepolicy.Sample{Tokens: int64(math.Round(r.tokens)), TokenLatencyP95: r.p95(c)}
+				}
 				p95s += s.TokenLatencyP95 * float64(s.Tokens)
 				p95w += float64(s.Tokens)
 			}
-			r.tokens, r.steps, r.busy, r.finished, r.lat = 0, 0, 0, 0, r.lat[:0]
+			r.tokens, r.steps, r.busy, r.finished = 0, 0, 0, 0
+			clear(r.lat)
 		}
 		want, newTau := pol.Decide(v)
 		want = min(max(want, c.MinReplicas), c.MaxReplicas)
@@ -312,7 +349,7 @@ func sample(rng *rand.Rand, c Config, r *replica, tau, t float64) gatepolicy.Sam
 	if s.Tokens == 0 {
 		return s
 	}
-	s.TokenLatencyP95 = p95(r.lat)
+	s.TokenLatencyP95 = r.p95(c)
 	for range min(s.Tokens, histDraws) {
 		i := rng.IntN(len(p.Cum))
 		d := p.exit(i, tau)
@@ -346,6 +383,17 @@ func sample(rng *rand.Rand, c Config, r *replica, tau, t float64) gatepolicy.Sam
 }
 
 func bin(c1000 int) int { return min(max(c1000*gatepolicy.Bins/1000, 0), gatepolicy.Bins-1) }
+
+// p95 is the token-latency p95 of the replica's interval.
+func (r *replica) p95(c Config) float64 {
+	var pts []latPoint
+	for i, w := range r.lat {
+		if w > 0 {
+			pts = append(pts, latPoint{float64(i/(c.Slots+1)+1) * c.Profile.StepTime(i%(c.Slots+1)), w})
+		}
+	}
+	return p95(pts)
+}
 
 func p95(pts []latPoint) float64 {
 	slices.SortFunc(pts, func(a, b latPoint) int {

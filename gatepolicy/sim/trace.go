@@ -106,18 +106,38 @@ func clip(s string) string {
 	return s
 }
 
-// Shape parameterises the default trace family: a diurnal cycle plus random spikes.
+// Base curves of a Shape, around which the rate swings by Swing·Mean.
+const (
+	Diurnal = "diurnal" // a sine of one Period
+	Steps   = "step"    // a new level, drawn from the seed, every Period/4
+	Ramp    = "ramp"    // a triangle: up over Period/2, down over the next
+)
+
+// Shape parameterises the synthetic trace family: a base curve plus random spikes.
 type Shape struct {
+	Base     string  // Diurnal (also when empty), Steps or Ramp
 	Seconds  float64 // length
-	Mean     float64 // requests/s around which the day swings
-	Swing    float64 // diurnal amplitude as a share of Mean
-	Period   float64 // seconds of one "day"
+	Mean     float64 // requests/s around which the base curve swings
+	Swing    float64 // amplitude as a share of Mean
+	Period   float64 // seconds of one cycle
 	Spikes   int     // bursts over the trace
-	SpikeMax float64 // a burst multiplies the rate by up to this
+	SpikeMax float64 // a burst multiplies the rate by 1.5 up to this (overlapping: the largest)
 }
 
 // DefaultShape is the default trace: a compressed day of one hour with six bursts.
-var DefaultShape = Shape{Seconds: 3600, Mean: 80, Swing: 0.6, Period: 3600, Spikes: 6, SpikeMax: 2.5}
+var DefaultShape = Shape{Base: Diurnal, Seconds: 3600, Mean: 80, Swing: 0.6, Period: 3600, Spikes: 6, SpikeMax: 2.5}
+
+// Shapes are the named trace shapes of the benchmark: the default diurnal hour, a step load,
+// a ramp up and down, and a bursty hour (many short, sharper bursts on a flatter day).
+var Shapes = map[string]Shape{
+	"diurnal": DefaultShape,
+	"step":    {Base: Steps, Seconds: 3600, Mean: 80, Swing: 0.6, Period: 1200, Spikes: 3, SpikeMax: 2},
+	"ramp":    {Base: Ramp, Seconds: 3600, Mean: 80, Swing: 0.7, Period: 3600, Spikes: 4, SpikeMax: 2.5},
+	"bursty":  {Base: Diurnal, Seconds: 3600, Mean: 70, Swing: 0.3, Period: 3600, Spikes: 16, SpikeMax: 3},
+}
+
+// ShapeNames lists Shapes' keys in a fixed order.
+var ShapeNames = []string{"diurnal", "step", "ramp", "bursty"}
 
 // Synthetic draws a trace of the shape from seed, in 10 s steps.
 func Synthetic(sh Shape, seed uint64) Trace {
@@ -128,14 +148,29 @@ func Synthetic(sh Shape, seed uint64) Trace {
 	for i := range sp {
 		sp[i] = spike{at: rng.Float64() * sh.Seconds, dur: 30 + rng.Float64()*90, mul: 1.5 + rng.Float64()*(sh.SpikeMax-1.5)}
 	}
+	var levels []float64
+	if sh.Base == Steps {
+		for range int(math.Ceil(sh.Seconds/(sh.Period/4))) + 1 {
+			levels = append(levels, 2*rng.Float64()-1)
+		}
+	}
 	var tr Trace
 	for t := 0.0; t < sh.Seconds; t += 10 {
-		r := sh.Mean * (1 + sh.Swing*math.Sin(2*math.Pi*t/sh.Period+phase))
+		x := math.Sin(2*math.Pi*t/sh.Period + phase) // Diurnal
+		switch sh.Base {
+		case Steps:
+			x = levels[int(t/(sh.Period/4))]
+		case Ramp:
+			f := math.Mod(t/sh.Period, 1)
+			x = 4*min(f, 1-f) - 1 // -1 at the ends, +1 half-way
+		}
+		mul := 1.0 // overlapping bursts do not compound: the largest applies
 		for _, s := range sp {
 			if t >= s.at && t < s.at+s.dur {
-				r *= s.mul
+				mul = max(mul, s.mul)
 			}
 		}
+		r := sh.Mean * (1 + sh.Swing*x) * mul
 		tr.T = append(tr.T, t)
 		tr.Rate = append(tr.Rate, max(r, 0))
 	}

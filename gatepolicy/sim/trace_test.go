@@ -2,6 +2,7 @@ package sim
 
 import (
 	"errors"
+	"math"
 	"strings"
 	"testing"
 
@@ -84,5 +85,40 @@ func TestSyntheticIsSeeded(t *testing.T) {
 	}
 	if m := a.Mean(); m < 0.8*DefaultShape.Mean || m > 1.5*DefaultShape.Mean {
 		t.Errorf("mean rate %v far from the shape's %v", m, DefaultShape.Mean)
+	}
+}
+
+// TestShapes: without spikes, a step load holds each level for a quarter period, a ramp runs
+// from Mean·(1−Swing) at the start to Mean·(1+Swing) half-way, and every named shape is seeded.
+func TestShapes(t *testing.T) {
+	step := Shapes["step"]
+	step.Spikes = 0
+	tr := Synthetic(step, 5)
+	q := step.Period / 4
+	for i := range tr.T {
+		lvl := tr.RateAt(math.Floor(tr.T[i]/q) * q)
+		if tr.Rate[i] != lvl {
+			t.Fatalf("step: rate %v at %v s, want the quarter-period's level %v", tr.Rate[i], tr.T[i], lvl)
+		}
+		if lvl < step.Mean*(1-step.Swing)-1e-9 || lvl > step.Mean*(1+step.Swing)+1e-9 {
+			t.Fatalf("step: level %v outside the swing", lvl)
+		}
+	}
+	ramp := Shapes["ramp"]
+	ramp.Spikes = 0
+	tr = Synthetic(ramp, 5)
+	for _, c := range []struct{ t, want float64 }{{0, ramp.Mean * (1 - ramp.Swing)}, {ramp.Period / 2, ramp.Mean * (1 + ramp.Swing)}, {ramp.Period / 4, ramp.Mean}} {
+		if got := tr.RateAt(c.t); math.Abs(got-c.want) > 1e-9 {
+			t.Errorf("ramp: rate %v at %v s, want %v", got, c.t, c.want)
+		}
+	}
+	for _, name := range ShapeNames {
+		a, b := Synthetic(Shapes[name], 7), Synthetic(Shapes[name], 7)
+		if diff := cmp.Diff(a, b); diff != "" {
+			t.Errorf("%s: same seed, different traces:\n%s", name, diff)
+		}
+		if a.End != Shapes[name].Seconds || a.T[0] != 0 {
+			t.Errorf("%s: trace spans [%v, %v], want [0, %v]", name, a.T[0], a.End, Shapes[name].Seconds)
+		}
 	}
 }
