@@ -31,9 +31,10 @@ import (
 
 const (
 	release   = "loopserve"
-	releaseNS = "loopserve"
-	model     = "ouro-tiny-arith" // the CPU sample's LoopModel, in the default namespace
+	releaseNS = "loopserve-system"
+	model     = "ouro-tiny-arith" // the CPU sample's LoopModel, applied in the default namespace
 	modelNS   = "default"
+	modelID   = modelNS + "/" + model // the model name requests give
 	prompt    = "a = 2 ; n = a + 7 ; b = 0 ; ? n ="
 	// The sample's spec.loop: what the registry entry, the workers and the status carry.
 	sampleMaxSteps  = 4
@@ -76,10 +77,10 @@ func TestQuickstart(t *testing.T) {
 
 	step("kubectl apply the CPU sample")
 	sample := h.sample(t, root)
-	if out := h.kubectlT(t, ctx, "apply", "-f", sample); strings.TrimSpace(out) != "loopmodel.loopserve.io/"+model+" created" {
+	if out := h.kubectlT(t, ctx, "apply", "-n", modelNS, "-f", sample); strings.TrimSpace(out) != "loopmodel.loopserve.io/"+model+" created" {
 		t.Fatalf("kubectl apply printed %q", out)
 	}
-	h.kubectlT(t, ctx, "wait", "--for=condition=Ready", "loopmodel/"+model, "--timeout=5m")
+	h.kubectlT(t, ctx, "wait", "-n", modelNS, "loopmodel/"+model, "--for=condition=Ready", "--timeout=5m")
 
 	gw := h.gatewayURL(t, ctx)
 	step("requests through the gateway pod " + gw)
@@ -95,7 +96,7 @@ func TestQuickstart(t *testing.T) {
 		t.Fatalf("worker pods before scaling: %v, want 1", podNames(first))
 	}
 	tr := startTrickle(ctx, gw)
-	if out := h.kubectlT(t, ctx, "scale", "loopmodel", model, "--replicas", "2"); strings.TrimSpace(out) != "loopmodel.loopserve.io/"+model+" scaled" {
+	if out := h.kubectlT(t, ctx, "scale", "-n", modelNS, "loopmodel/"+model, "--replicas", "2"); strings.TrimSpace(out) != "loopmodel.loopserve.io/"+model+" scaled" {
 		t.Fatalf("kubectl scale printed %q", out)
 	}
 	second := h.awaitNewWorkerServing(t, ctx, first[0].Name)
@@ -108,7 +109,7 @@ func TestQuickstart(t *testing.T) {
 	h.deleteWorkerMidStream(t, ctx, gw)
 
 	step("kubectl delete the LoopModel, helm uninstall")
-	h.cleanUp(t, ctx, sample)
+	h.cleanUp(t, ctx)
 	step("done")
 }
 
@@ -185,7 +186,7 @@ func postJSON(ctx context.Context, url string, body any) (*http.Response, error)
 // loop depth per token within the sample's maxSteps.
 func checkCompletion(t *testing.T, ctx context.Context, gw string) {
 	t.Helper()
-	resp, err := postJSON(ctx, gw+"/v1/completions", map[string]any{"model": model, "prompt": prompt, "max_tokens": 8})
+	resp, err := postJSON(ctx, gw+"/v1/completions", map[string]any{"model": modelID, "prompt": prompt, "max_tokens": 8})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -263,7 +264,7 @@ func readStream(body io.Reader, onChunk func(n int)) (streamResult, error) {
 // of content, a finish reason, no error, [DONE].
 func checkChatStream(t *testing.T, ctx context.Context, gw string) {
 	t.Helper()
-	resp, err := postJSON(ctx, gw+"/v1/chat/completions", map[string]any{"model": model, "stream": true, "max_tokens": 16,
+	resp, err := postJSON(ctx, gw+"/v1/chat/completions", map[string]any{"model": modelID, "stream": true, "max_tokens": 16,
 		"messages": []map[string]string{{"role": "user", "content": prompt}}})
 	if err != nil {
 		t.Fatal(err)
@@ -294,7 +295,7 @@ func (h *harness) checkPrinterColumns(t *testing.T, ctx context.Context, replica
 		o := lm.Status.Observed
 		return o != nil && o.MeanDepth > 0 && o.TokenLatencyP95 != nil, nil
 	})
-	out := h.kubectlT(t, ctx, "get", "loopmodels")
+	out := h.kubectlT(t, ctx, "get", "loopmodels", "-A")
 	rows := parseTable(t, out)
 	if len(rows) != 1 {
 		t.Fatalf("kubectl get loopmodels:\n%s\nwant one row", out)
@@ -307,6 +308,7 @@ func (h *harness) checkPrinterColumns(t *testing.T, ctx context.Context, replica
 	age := got["AGE"]
 	delete(got, "AGE")
 	want := map[string]string{
+		"NAMESPACE":  modelNS,
 		"NAME":       model,
 		"READY":      "True",
 		"REPLICAS":   strconv.Itoa(replicas),
@@ -450,7 +452,7 @@ func startTrickle(ctx context.Context, gw string) *trickle {
 	tr.wg.Go(func() {
 		for ctx.Err() == nil {
 			// Requests already sent run to their end: stopping only stops new ones.
-			resp, err := postJSON(context.WithoutCancel(ctx), gw+"/v1/completions", map[string]any{"model": model, "prompt": prompt, "max_tokens": 8})
+			resp, err := postJSON(context.WithoutCancel(ctx), gw+"/v1/completions", map[string]any{"model": modelID, "prompt": prompt, "max_tokens": 8})
 			code := ""
 			if err != nil {
 				code = err.Error()
@@ -533,31 +535,46 @@ func (h *harness) awaitReadyReplicas(t *testing.T, ctx context.Context, n int32)
 	})
 }
 
-// deleteWorkerMidStream starts a long stream, deletes (kubectl delete pod) the worker pod
-// generating it, and checks that the stream still runs to its end: the worker drains on
-// SIGTERM. The Deployment then replaces the pod.
+// longPrompt is a program of 300 assignments (about 1,200 tokens): the shipped model answers
+// any prompt within a few dozen tokens, so a long context is what keeps a stream going for a
+// while (each token attends to all of it, at every loop step).
+var longPrompt = func() string {
+	var b strings.Builder
+	for i := range 300 {
+		fmt.Fprintf(&b, "%c = %d ; ", 'a'+i%26, i%10)
+	}
+	return b.String() + "? a ="
+}()
+
+// deleteWorkerMidStream starts a long stream, finds the worker pod generating it (the one with
+// a request in flight), deletes that pod once the first chunk has arrived, and checks that the
+// stream still runs to its end with chunks after the deletion: the worker drains on SIGTERM.
+// The Deployment then replaces the pod. The deletion goes through client-go, so that it lands
+// within milliseconds of the first chunk.
 func (h *harness) deleteWorkerMidStream(t *testing.T, ctx context.Context, gw string) {
 	t.Helper()
-	resp, err := postJSON(ctx, gw+"/v1/completions", map[string]any{"model": model, "prompt": prompt, "stream": true,
-		"max_tokens": 1500, "exit_threshold": 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(resp.Body)
-		t.Fatalf("POST /v1/completions stream: %d %s", resp.StatusCode, b)
-	}
-	firstChunk := make(chan struct{})
-	var once sync.Once
-	var mu sync.Mutex
-	var chunks int
 	type result struct {
 		r   streamResult
 		err error
 	}
+	firstChunk := make(chan struct{})
 	done := make(chan result, 1)
+	var once sync.Once
+	var mu sync.Mutex
+	var chunks int
 	go func() {
+		resp, err := postJSON(ctx, gw+"/v1/completions", map[string]any{"model": modelID, "prompt": longPrompt, "stream": true,
+			"max_tokens": 400, "n": 4, "temperature": 1, "seed": 1, "exit_threshold": 1})
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			b, _ := io.ReadAll(resp.Body)
+			done <- result{err: fmt.Errorf("POST /v1/completions stream: %d %s", resp.StatusCode, b)}
+			return
+		}
 		r, err := readStream(resp.Body, func(n int) {
 			mu.Lock()
 			chunks = n
@@ -566,15 +583,14 @@ func (h *harness) deleteWorkerMidStream(t *testing.T, ctx context.Context, gw st
 		})
 		done <- result{r, err}
 	}()
-	select {
-	case <-firstChunk:
-	case res := <-done:
-		t.Fatalf("the stream ended before its first chunk: %+v %v", res.r, res.err)
-	case <-ctx.Done():
-		t.Fatal(ctx.Err())
-	}
+	// The prompt's prefill takes a while: the serving worker is found before the first chunk.
 	var serving *corev1.Pod
 	await(t, ctx, "the worker pod generating the stream", func() (bool, error) {
+		select {
+		case res := <-done:
+			return false, fmt.Errorf("the stream ended before its worker was found: %+v %w", res.r, res.err)
+		default:
+		}
 		for _, p := range h.workerPods(t, ctx) {
 			n, err := workerMetric(ctx, &p, "loopserve_inflight_requests")
 			if err != nil {
@@ -587,11 +603,20 @@ func (h *harness) deleteWorkerMidStream(t *testing.T, ctx context.Context, gw st
 		}
 		return false, nil
 	})
-	h.kubectlT(t, ctx, "delete", "pod", "-n", modelNS, serving.Name, "--wait=false")
+	var res result
+	select {
+	case <-firstChunk:
+	case res = <-done:
+		t.Fatalf("the stream ended before its first chunk: %+v %v", res.r, res.err)
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	}
+	if err := h.kube.CoreV1().Pods(modelNS).Delete(ctx, serving.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
 	mu.Lock()
 	atDelete := chunks
 	mu.Unlock()
-	var res result
 	select {
 	case res = <-done:
 	case <-ctx.Done():
@@ -600,14 +625,14 @@ func (h *harness) deleteWorkerMidStream(t *testing.T, ctx context.Context, gw st
 	if res.err != nil {
 		t.Fatal(res.err)
 	}
+	t.Logf("stream: %d chunks when %s was deleted, %d in all, finish %q", atDelete, serving.Name, res.r.chunks, res.r.finish)
 	if res.r.chunks <= atDelete {
-		t.Fatalf("the stream had %d chunks at the deletion and %d at its end: it did not outlive the deletion; make it longer", atDelete, res.r.chunks)
+		t.Fatalf("the stream had %d chunks at the deletion and %d at its end: it did not outlive the deletion", atDelete, res.r.chunks)
 	}
 	if !res.r.done || res.r.errText != "" || res.r.finish == "" {
 		t.Errorf("stream after deleting its worker %s = %d chunks, finish %q, error %q, [DONE] %v; want it finished without error",
 			serving.Name, res.r.chunks, res.r.finish, res.r.errText, res.r.done)
 	}
-	t.Logf("stream: %d chunks at the deletion of %s, %d in all, finish %q", atDelete, serving.Name, res.r.chunks, res.r.finish)
 	await(t, ctx, "the deleted worker pod gone", func() (bool, error) {
 		_, err := h.kube.CoreV1().Pods(modelNS).Get(ctx, serving.Name, metav1.GetOptions{})
 		return apierrors.IsNotFound(err), client.IgnoreNotFound(err)
@@ -617,7 +642,7 @@ func (h *harness) deleteWorkerMidStream(t *testing.T, ctx context.Context, gw st
 
 // cleanUp deletes the LoopModel (the operator removes its queue and registry entry, then its
 // finalizer) and uninstalls the release, and checks NATS and the namespace are left clean.
-func (h *harness) cleanUp(t *testing.T, ctx context.Context, sample string) {
+func (h *harness) cleanUp(t *testing.T, ctx context.Context) {
 	t.Helper()
 	nc, err := nats.Connect(h.natsURL)
 	if err != nil {
@@ -640,7 +665,7 @@ func (h *harness) cleanUp(t *testing.T, ctx context.Context, sample string) {
 		t.Fatalf("the registry entry %s before deletion: %v", ref.Key(), err)
 	}
 
-	h.kubectlT(t, ctx, "delete", "-f", sample, "--timeout=2m")
+	h.kubectlT(t, ctx, "delete", "loopmodels", "--all", "-A", "--timeout=2m")
 	if _, err := js.Stream(ctx, ref.Stream()); !errors.Is(err, jetstream.ErrStreamNotFound) {
 		t.Errorf("the work queue %s after deleting the LoopModel: %v, want it gone", ref.Stream(), err)
 	}
