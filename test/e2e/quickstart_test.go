@@ -63,17 +63,11 @@ func TestQuickstart(t *testing.T) {
 	step := func(name string) { t.Logf("%6.1fs %s", time.Since(start).Seconds(), name) }
 
 	step("helm install")
+	// No --wait: the gateways turn ready only once the operator has created the NATS buckets,
+	// which it does for the first LoopModel; the operator is awaited alone.
 	h.helmT(t, ctx, "install", release, filepath.Join(root, "charts", "loopserve"),
-		"--namespace", releaseNS, "--create-namespace", "--set", "nats.url="+h.natsURL, "--wait", "--timeout", "5m")
-	for _, name := range []string{"loopserve-operator", "loopserve-gateway"} {
-		d, err := h.kube.AppsV1().Deployments(releaseNS).Get(ctx, name, metav1.GetOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if d.Status.ReadyReplicas != *d.Spec.Replicas || d.Status.ReadyReplicas == 0 {
-			t.Fatalf("deployment %s after helm install --wait: %d of %d ready", name, d.Status.ReadyReplicas, *d.Spec.Replicas)
-		}
-	}
+		"--namespace", releaseNS, "--create-namespace", "--set", "nats.url="+h.natsURL)
+	h.kubectlT(t, ctx, "rollout", "status", "-n", releaseNS, "deployment/loopserve-operator", "--timeout=5m")
 
 	step("kubectl apply the CPU sample")
 	sample := h.sample(t, root)
@@ -81,6 +75,16 @@ func TestQuickstart(t *testing.T) {
 		t.Fatalf("kubectl apply printed %q", out)
 	}
 	h.kubectlT(t, ctx, "wait", "-n", modelNS, "loopmodel/"+model, "--for=condition=Ready", "--timeout=5m")
+	h.kubectlT(t, ctx, "rollout", "status", "-n", releaseNS, "deployment/loopserve-gateway", "--timeout=5m")
+	for _, name := range []string{"loopserve-operator", "loopserve-gateway"} {
+		d, err := h.kube.AppsV1().Deployments(releaseNS).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Status.ReadyReplicas != *d.Spec.Replicas || d.Status.ReadyReplicas == 0 {
+			t.Fatalf("deployment %s after rollout status: %d of %d ready", name, d.Status.ReadyReplicas, *d.Spec.Replicas)
+		}
+	}
 
 	gw := h.gatewayURL(t, ctx)
 	step("requests through the gateway pod " + gw)
@@ -588,7 +592,7 @@ func (h *harness) deleteWorkerMidStream(t *testing.T, ctx context.Context, gw st
 	await(t, ctx, "the worker pod generating the stream", func() (bool, error) {
 		select {
 		case res := <-done:
-			return false, fmt.Errorf("the stream ended before its worker was found: %+v %w", res.r, res.err)
+			return false, fmt.Errorf("%w: the stream ended before its worker was found: %+v %v", errGiveUp, res.r, res.err)
 		default:
 		}
 		for _, p := range h.workerPods(t, ctx) {
@@ -687,8 +691,12 @@ func (h *harness) cleanUp(t *testing.T, ctx context.Context) {
 	}
 }
 
+// errGiveUp, wrapped in a condition's error, makes await fail at once.
+var errGiveUp = errors.New("giving up")
+
 // await polls cond until it holds, failing the test with what was awaited, the last error and
-// any control-plane component that exited, when ctx ends first (or after three minutes).
+// any control-plane component that exited, when ctx ends first (or after three minutes), or
+// when cond returns an error wrapping errGiveUp.
 func await(t *testing.T, ctx context.Context, what string, cond func() (bool, error)) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
@@ -698,6 +706,9 @@ func await(t *testing.T, ctx context.Context, what string, cond func() (bool, er
 		ok, err := cond()
 		if ok {
 			return
+		}
+		if errors.Is(err, errGiveUp) {
+			t.Fatalf("awaiting %s: %v", what, err)
 		}
 		if err != nil {
 			last = err
