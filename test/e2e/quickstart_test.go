@@ -99,6 +99,7 @@ func TestQuickstart(t *testing.T) {
 	if len(first) != 1 {
 		t.Fatalf("worker pods before scaling: %v, want 1", podNames(first))
 	}
+	stats := h.subscribeStats(t)
 	tr := startTrickle(ctx, gw)
 	if out := h.kubectlT(t, ctx, "scale", "-n", modelNS, "loopmodel/"+model, "--replicas", "2"); strings.TrimSpace(out) != "loopmodel.loopserve.io/"+model+" scaled" {
 		t.Fatalf("kubectl scale printed %q", out)
@@ -108,9 +109,18 @@ func TestQuickstart(t *testing.T) {
 	checkAllOK(t, codes)
 	step(fmt.Sprintf("the new worker %s served; %d requests during the scale-up, all 200", second.Name, len(codes)))
 	h.awaitReadyReplicas(t, ctx, 2)
+	awaitStatsFrom(t, ctx, stats, second.Name)
+	h.checkPrinterColumns(t, ctx, 2)
 
 	step("delete the worker pod serving a stream")
 	h.deleteWorkerMidStream(t, ctx, gw)
+
+	step("helm upgrade --reuse-values")
+	h.helmT(t, ctx, "upgrade", release, filepath.Join(root, "charts", "loopserve"), "-n", releaseNS, "--reuse-values", "--wait", "--timeout", "5m")
+	if out := h.helmT(t, ctx, "status", release, "-n", releaseNS, "-o", "json"); !strings.Contains(out, `"version":2`) || !strings.Contains(out, `"status":"deployed"`) {
+		t.Fatalf("helm status after the upgrade, want revision 2 deployed:\n%s", out)
+	}
+	checkCompletion(t, ctx, h.gatewayURL(t, ctx))
 
 	step("kubectl delete the LoopModel, helm uninstall")
 	h.cleanUp(t, ctx)
@@ -644,16 +654,61 @@ func (h *harness) deleteWorkerMidStream(t *testing.T, ctx context.Context, gw st
 	h.awaitReadyReplicas(t, ctx, 2)
 }
 
-// cleanUp deletes the LoopModel (the operator removes its queue and registry entry, then its
-// finalizer) and uninstalls the release, and checks NATS and the namespace are left clean.
-func (h *harness) cleanUp(t *testing.T, ctx context.Context) {
+// natsConn connects to the host's NATS server, as the operator does, until the test ends.
+func (h *harness) natsConn(t *testing.T) *nats.Conn {
 	t.Helper()
 	nc, err := nats.Connect(h.natsURL)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// subscribeStats returns the stats snapshots the LoopModel's workers publish from now on.
+func (h *harness) subscribeStats(t *testing.T) <-chan *nats.Msg {
+	t.Helper()
+	ch := make(chan *nats.Msg, 256)
+	sub, err := h.natsConn(t).ChanSubscribe(bus.Ref{Namespace: modelNS, Name: model}.StatsSubject(), ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	return ch
+}
+
+// awaitStatsFrom waits for a stats snapshot published by the worker of pod: the worker reports
+// to the operator under its pod's name.
+func awaitStatsFrom(t *testing.T, ctx context.Context, stats <-chan *nats.Msg, pod string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	var seen []string
+	for {
+		select {
+		case m := <-stats:
+			s, err := bus.DecodeStats(m.Data)
+			if err != nil {
+				t.Fatalf("a worker published an invalid stats snapshot: %v", err)
+			}
+			if s.Worker == pod {
+				if s.Namespace != modelNS || s.Name != model || s.MaxSteps != sampleMaxSteps {
+					t.Errorf("stats snapshot of %s = %s/%s with maxSteps %d, want %s/%s with %d", pod, s.Namespace, s.Name, s.MaxSteps, modelNS, model, sampleMaxSteps)
+				}
+				return
+			}
+			seen = append(seen, s.Worker)
+		case <-ctx.Done():
+			t.Fatalf("no stats snapshot from %s (snapshots came from %v)", pod, seen)
+		}
+	}
+}
+
+// cleanUp deletes the LoopModel (the operator removes its queue and registry entry, then its
+// finalizer) and uninstalls the release, and checks NATS and the namespace are left clean.
+func (h *harness) cleanUp(t *testing.T, ctx context.Context) {
+	t.Helper()
+	js, err := jetstream.New(h.natsConn(t))
 	if err != nil {
 		t.Fatal(err)
 	}
