@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -54,11 +55,12 @@ type harness struct {
 	helm       string
 	kubeconfig string
 
-	net     *podnet.Network
-	cluster *cluster.Cluster
-	nats    *server.Server
-	natsURL string // as pods (and the host) reach it: the bridge's address
-	agents  []*nodeagent.Agent
+	net      *podnet.Network
+	cluster  *cluster.Cluster
+	nats     *server.Server
+	natsURL  string // as pods (and the host) reach it: the bridge's address
+	agents   []*nodeagent.Agent
+	nodeDirs []string // each agent's Options.Dir
 
 	kube kubernetes.Interface
 	k8s  client.Client // with the LoopModel types
@@ -68,7 +70,7 @@ func TestMain(m *testing.M) {
 	flag.Parse()
 	skipReason = prerequisites()
 	if skipReason != "" {
-		fmt.Printf("e2e: skipping the end-to-end tests: %s\n", skipReason)
+		fmt.Printf("e2e: the end-to-end tests cannot run here: %s\n", skipReason)
 		os.Exit(m.Run())
 	}
 	h, err := setUp()
@@ -218,11 +220,13 @@ func setUp() (*harness, error) {
 		if n.gpus > 0 {
 			capacity["nvidia.com/gpu"] = *resource.NewQuantity(n.gpus, resource.DecimalSI)
 		}
+		nodeDir := filepath.Join(dir, "nodes", n.name)
+		h.nodeDirs = append(h.nodeDirs, nodeDir)
 		a, err := nodeagent.Start(ctx, nodeagent.Options{
 			Config:    h.cluster.Config,
 			NodeName:  n.name,
 			Binary:    h.bin,
-			Dir:       filepath.Join(dir, "nodes", n.name),
+			Dir:       nodeDir,
 			Network:   h.net,
 			Capacity:  capacity,
 			APIServer: h.cluster.APIServer,
@@ -327,7 +331,7 @@ func (h *harness) dumpOnFailure(t *testing.T) {
 			out, err := h.run(ctx, h.kubectl, args...)
 			t.Logf("kubectl %s:\n%s%v", strings.Join(args, " "), out, errOrEmpty(err))
 		}
-		pods, err := h.kube.CoreV1().Pods("").List(ctx, metav1ListAll)
+		pods, err := h.kube.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
 		if err != nil {
 			t.Logf("listing pods: %v", err)
 			return
@@ -338,10 +342,19 @@ func (h *harness) dumpOnFailure(t *testing.T) {
 				t.Logf("  container %s: ready %v, restarts %d, state %+v, last %+v", cs.Name, cs.Ready, cs.RestartCount, cs.State, cs.LastTerminationState)
 			}
 		}
-		// Every container log any agent kept, deleted pods included.
-		for _, a := range h.agents {
-			root := filepath.Dir(filepath.Dir(filepath.Dir(a.LogPath("ns", "pod", "c"))))
-			_ = filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+		// The agents' and the control plane's own logs, then every container log the agents kept (nodeagent.Agent.LogPath: under each node's logs
+		// folder), deleted pods included.
+		own, _ := filepath.Glob(filepath.Join(h.dir, "cluster", "*.log"))
+		for _, dir := range h.nodeDirs {
+			own = append(own, filepath.Join(dir, "agent.log"))
+		}
+		for _, path := range own {
+			if b, err := os.ReadFile(path); err == nil {
+				t.Logf("log %s:\n%s", path, tail(b, 4000))
+			}
+		}
+		for _, dir := range h.nodeDirs {
+			_ = filepath.WalkDir(filepath.Join(dir, "logs"), func(path string, d os.DirEntry, err error) error {
 				if err != nil || d.IsDir() {
 					return nil
 				}

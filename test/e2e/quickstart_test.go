@@ -41,8 +41,6 @@ const (
 	sampleThreshold = 0.9
 )
 
-var metav1ListAll = metav1.ListOptions{}
-
 // TestQuickstart runs the README's Kubernetes quickstart on the one-machine cluster, step by
 // step with the same commands: helm install with NATS on the host, kubectl apply of the CPU
 // sample, requests through the gateway pod, kubectl get loopmodels, kubectl scale under load,
@@ -425,6 +423,8 @@ func workerMetric(ctx context.Context, p *corev1.Pod, name string) (float64, err
 	if p.Status.PodIP == "" {
 		return 0, fmt.Errorf("pod %s has no IP", p.Name)
 	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.Status.PodIP+":9090/metrics", nil)
 	if err != nil {
 		return 0, err
@@ -466,7 +466,8 @@ func startTrickle(ctx context.Context, gw string) *trickle {
 	tr.wg.Go(func() {
 		for ctx.Err() == nil {
 			// Requests already sent run to their end: stopping only stops new ones.
-			resp, err := postJSON(context.WithoutCancel(ctx), gw+"/v1/completions", map[string]any{"model": modelID, "prompt": prompt, "max_tokens": 8})
+			rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+			resp, err := postJSON(rctx, gw+"/v1/completions", map[string]any{"model": modelID, "prompt": prompt, "max_tokens": 8})
 			code := ""
 			if err != nil {
 				code = err.Error()
@@ -478,6 +479,7 @@ func startTrickle(ctx context.Context, gw string) *trickle {
 					code += " " + string(b)
 				}
 			}
+			rcancel()
 			tr.mu.Lock()
 			tr.codes = append(tr.codes, code)
 			tr.mu.Unlock()
@@ -738,7 +740,7 @@ func (h *harness) cleanUp(t *testing.T, ctx context.Context) {
 
 	h.helmT(t, ctx, "uninstall", release, "--namespace", releaseNS, "--wait", "--timeout", "2m")
 	await(t, ctx, "the release's pods gone", func() (bool, error) {
-		pods, err := h.kube.CoreV1().Pods(releaseNS).List(ctx, metav1ListAll)
+		pods, err := h.kube.CoreV1().Pods(releaseNS).List(ctx, metav1.ListOptions{})
 		return err == nil && len(pods.Items) == 0, err
 	})
 	if out := h.kubectlT(t, ctx, "get", "loopmodels", "-A", "-o", "name"); out != "" {
