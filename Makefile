@@ -33,6 +33,8 @@ lint: vet
 
 # The envtest and chart-tools folders come from their builders (cached outside the clone); testsum
 # prints the usual per-package lines plus "N passed, N failed, N skipped" and fails when no test ran.
+# test/e2e runs when the cluster binaries (hack/envtest-assets.sh --cluster, kubectl included) are
+# cached and network namespaces can be made; otherwise it skips, saying why.
 test: lint
 	@assets=$$(hack/envtest-assets.sh) && tools=$$(hack/chart-tools.sh) && \
 	echo "KUBEBUILDER_ASSETS=$$assets LOOPSERVE_CHART_TOOLS=$$tools" && \
