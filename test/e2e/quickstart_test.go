@@ -44,7 +44,8 @@ const (
 // TestQuickstart runs the README's Kubernetes quickstart on the one-machine cluster, step by
 // step with the same commands: helm install with NATS on the host, kubectl apply of the CPU
 // sample, requests through the gateway pod, kubectl get loopmodels, kubectl scale under load,
-// a worker pod deleted mid-stream, and the clean-up of the LoopModel and the release.
+// a worker pod deleted mid-stream, helm upgrade, and the clean-up of the LoopModel and the
+// release.
 //
 // There is no kube-proxy here, so requests go to the gateway pod's IP (reachable from the host
 // through the pod network's bridge) rather than through its Service.
@@ -99,6 +100,7 @@ func TestQuickstart(t *testing.T) {
 	}
 	stats := h.subscribeStats(t)
 	tr := startTrickle(ctx, gw)
+	t.Cleanup(func() { tr.stop() }) // when the test fails before the stop below
 	if out := h.kubectlT(t, ctx, "scale", "-n", modelNS, "loopmodel/"+model, "--replicas", "2"); strings.TrimSpace(out) != "loopmodel.loopserve.io/"+model+" scaled" {
 		t.Fatalf("kubectl scale printed %q", out)
 	}
