@@ -11,7 +11,7 @@ RACE          ?= -race
 TESTFLAGS     ?= -count=1 -timeout 20m
 PKGS          ?= ./...
 
-.PHONY: all build up test vet lint generate envtest-assets chart-tools docker-build bench clean
+.PHONY: all build up test e2e vet lint generate envtest-assets chart-tools docker-build bench clean
 
 all: build
 
@@ -33,11 +33,21 @@ lint: vet
 
 # The envtest and chart-tools folders come from their builders (cached outside the clone); testsum
 # prints the usual per-package lines plus "N passed, N failed, N skipped" and fails when no test ran.
+# test/e2e runs when the cluster binaries (hack/envtest-assets.sh --cluster, kubectl included) are
+# cached and network namespaces can be made; otherwise it skips, saying why.
 test: lint
 	@assets=$$(hack/envtest-assets.sh) && tools=$$(hack/chart-tools.sh) && \
 	echo "KUBEBUILDER_ASSETS=$$assets LOOPSERVE_CHART_TOOLS=$$tools" && \
 	set -o pipefail && \
 	KUBEBUILDER_ASSETS=$$assets LOOPSERVE_CHART_TOOLS=$$tools CGO_ENABLED=1 $(GO) test $(RACE) $(TESTFLAGS) -json $(PKGS) 2>&1 | $(GO) run ./hack/testsum
+
+# The end-to-end tests alone (test/e2e): the README's Kubernetes quickstart on a one-machine
+# cluster. Builds the control plane with kubectl and helm first (cached); needs root for the pods'
+# network namespaces. `make test` runs them too when those binaries are cached.
+e2e:
+	@assets=$$(hack/envtest-assets.sh --cluster) && tools=$$(hack/chart-tools.sh) && \
+	echo "KUBEBUILDER_ASSETS=$$assets LOOPSERVE_CHART_TOOLS=$$tools" && \
+	KUBEBUILDER_ASSETS=$$assets LOOPSERVE_CHART_TOOLS=$$tools $(GO) test -count=1 -timeout 20m -v ./test/e2e/
 
 # Keep in step with api/v1alpha1/generate_test.go, which regenerates into a temp dir and fails
 # when the committed files are stale. The chart ships copies of the CRD and the operator's rules.

@@ -2,8 +2,8 @@
 # Builds the envtest binaries (kube-apiserver and etcd) from the Go module proxy into a cache
 # folder outside the clone, keyed by version, and prints that folder on stdout. No download site
 # is reachable from CI, so they are compiled from source; a second run reuses the cache at once.
-# With --cluster it also builds kube-controller-manager and kube-scheduler into the same folder
-# (the one-machine cluster of internal/cluster).
+# With --cluster it also builds kube-controller-manager, kube-scheduler and kubectl into the same
+# folder (the one-machine cluster of internal/cluster and the end-to-end tests of test/e2e).
 #
 #   KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh)
 #   KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh --cluster)
@@ -18,7 +18,7 @@ log() { printf 'envtest-assets: %s\n' "$*" >&2; }
 
 bins=(kube-apiserver etcd)
 if [[ ${1:-} == --cluster ]]; then
-  bins+=(kube-controller-manager kube-scheduler)
+  bins+=(kube-controller-manager kube-scheduler kubectl)
 fi
 missing=()
 for b in "${bins[@]}"; do
@@ -40,7 +40,7 @@ start=$SECONDS
 # module (they are required at v0.0.0 upstream) with the matching v0.x release.
 staging="0.${K8S_VERSION#1.}"
 mkdir -p "$work/apiserver" "$work/out"
-if has kube-apiserver || has kube-controller-manager || has kube-scheduler; then
+if has kube-apiserver || has kube-controller-manager || has kube-scheduler || has kubectl; then
 (
   cd "$work/apiserver"
   go mod init envtest/apiserver >/dev/null 2>&1
@@ -55,8 +55,13 @@ if has kube-apiserver || has kube-controller-manager || has kube-scheduler; then
   go mod edit -require="k8s.io/kubernetes@v$K8S_VERSION"
   log "fetching modules for kube-apiserver (minutes on first run)"
   go get "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" >&2
-  ldflags="-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${K8S_VERSION#1.} -X k8s.io/component-base/version.gitTreeState=clean"
-  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+  minor=${K8S_VERSION#*.} minor=${minor%%.*}
+  ldflags="-s -w"
+  # component-base is what the servers report, client-go what kubectl version --client prints.
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  done
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
     has "$b" || continue
     [[ $b == kube-apiserver ]] || go get "k8s.io/kubernetes/cmd/$b@v$K8S_VERSION" >&2
     log "compiling $b (kube-apiserver is the long part: ~8 minutes on 2 cores; the others reuse most of it)"
