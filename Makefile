@@ -11,7 +11,7 @@ RACE          ?= -race
 TESTFLAGS     ?= -count=1 -timeout 20m
 PKGS          ?= ./...
 
-.PHONY: all build up test e2e vet lint generate envtest-assets chart-tools docker-build bench clean
+.PHONY: all build up test e2e targets vet lint generate envtest-assets chart-tools docker-build bench clean
 
 all: build
 
@@ -40,6 +40,13 @@ test: lint
 	echo "KUBEBUILDER_ASSETS=$$assets LOOPSERVE_CHART_TOOLS=$$tools" && \
 	set -o pipefail && \
 	KUBEBUILDER_ASSETS=$$assets LOOPSERVE_CHART_TOOLS=$$tools CGO_ENABLED=1 $(GO) test $(RACE) $(TESTFLAGS) -json $(PKGS) 2>&1 | $(GO) run ./hack/testsum
+	@$(MAKE) --no-print-directory targets
+
+# The tuner's targets on the default trace (gatepolicy/sim TestTargets skips under -race, where the
+# simulation takes minutes): run without the race detector. `make targets FULL=1` runs all eight
+# traces of the README's table (~7 minutes on 2 cores).
+targets:
+	@set -o pipefail && $(GO) test -count=1 $(if $(FULL),,-short) -run '^TestTargets$$' -json ./gatepolicy/sim 2>&1 | $(GO) run ./hack/testsum
 
 # The end-to-end tests alone (test/e2e): the README's Kubernetes quickstart on a one-machine
 # cluster. Builds the control plane with kubectl and helm first (cached); needs root for the pods'
