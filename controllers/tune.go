@@ -57,6 +57,9 @@ func policySpec(lm *v1alpha1.LoopModel) gatepolicy.Spec {
 	if d := s.Scaling.ScaleDownDelay; d != nil {
 		ps.ScaleDownDelay = d.Duration
 	}
+	if d := s.Scaling.ScaleUpDelay; d != nil {
+		ps.ScaleUpDelay = d.Duration
+	}
 	if t := s.Scaling.TargetLoopStepsPerReplica; t != nil {
 		ps.TargetLoopStepsPerReplica = float64(*t)
 	}

@@ -12,8 +12,9 @@ import (
 var ErrInvalidSpec = errors.New("invalid tuning spec")
 
 // Tier is one quality tier: requests choose it by name; its τ lies in [Floor, Spec.Ceiling].
-// A tier whose Floor equals the ceiling (gold) is never lowered. Brownout lowers tiers in
-// ascending BrownoutOrder (ties: by name), each down to its Floor, before touching the next.
+// A tier whose Floor equals the ceiling (gold) is never lowered. Every lowering of τ (capacity
+// brownout, a queue, a measured latency miss) takes tiers in ascending BrownoutOrder (ties: by
+// name), each down to its floor before the next moves; raising goes in the reverse order.
 type Tier struct {
 	Name          string
 	Floor         float64 // lowest τ of the tier; 0 means Spec.Floor

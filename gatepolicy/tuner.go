@@ -2,6 +2,7 @@ package gatepolicy
 
 import (
 	"fmt"
+	"maps"
 	"math"
 	"time"
 )
@@ -53,9 +54,14 @@ type Decision struct {
 	PredictedLatency      time.Duration // ITL p95 at Tau on the ready replicas (0 when unknown)
 	PredictedAgreementLCB float64       // lowest tier's agreement lower bound at Tau (NaN without probes)
 	SLOReachable          bool          // false: not met even at the floor with MaxReplicas
-	Brownout              bool          // some tier runs below its target for lack of ready capacity
-	Capacity              Capacity      // the model the decision used
-	Rejected              Rejected      // samples refused in this interval's windows
+	// QualityFloors is, per tier, the lowest τ that keeps minAgreement's lower bound and the
+	// tier's minDepth (on the bin grid, within the tier's floor; nil without stats). It is the
+	// brownout order's reference: a tier is below the ceiling only while every cheaper tier is
+	// at or below its quality floor.
+	QualityFloors map[string]float64
+	Brownout      bool     // some tier runs below its target for lack of ready capacity
+	Capacity      Capacity // the model the decision used
+	Rejected      Rejected // samples refused in this interval's windows
 }
 
 // HasReason reports whether the decision carries a reason code.
@@ -84,9 +90,9 @@ type Tuner struct {
 	// exact statistics, and the per-replica token rate then: τ does not climb back to it from
 	// (noisier) probe predictions until that rate has fallen by blockRelief.
 	block map[string]blocked
-	// cool counts, per tier, the decisions left before τ may rise again after a window that
-	// missed the SLO or queued.
-	cool map[string]int
+	// cool counts the decisions left before any τ may rise again after a window that missed
+	// the SLO or queued (latency and batch slots are shared by the tiers).
+	cool int
 
 	replicas int
 	recent   []stampedTarget // replica targets of the last ScaleDownDelay, oldest first
@@ -100,7 +106,7 @@ func NewTuner(spec Spec) (*Tuner, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
-	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, cool: map[string]int{}, replicas: spec.MinReplicas}
+	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, replicas: spec.MinReplicas}
 	for _, tr := range spec.Tiers {
 		t.tau[tr.Name] = spec.Ceiling
 	}
@@ -129,6 +135,7 @@ func (t *Tuner) Decide(obs Observation) Decision {
 		return d
 	}
 	floors := t.qualityFloors(&d)
+	d.QualityFloors = floors
 	target, n, reachable := t.targets(floors)
 	if !reachable {
 		d.SLOReachable = false
@@ -153,7 +160,7 @@ func (t *Tuner) Decide(obs Observation) Decision {
 	if d.Brownout {
 		d.Reasons = append(d.Reasons, Reason{ReasonBrownout, fmt.Sprintf("%d replicas ready of %d wanted: τ lowered to fit the ready capacity", ready, d.Replicas)})
 	}
-	t.step(browned, d.Brownout, hot, t.rate(d.Replicas), &d)
+	t.step(browned, floors, d.Brownout, hot, t.rate(d.Replicas), &d)
 	t.predict(ready, &d)
 	return d
 }
@@ -413,53 +420,79 @@ func (t *Tuner) fits(taus map[string]float64, n int) bool {
 	return true
 }
 
-// fitInto lowers tiers one grid step at a time, cheapest first (each down to its floor before
-// the next), until the load fits n replicas; ok is false when all floors still miss.
+// fitInto lowers tiers from start along the brownout order until the load fits n replicas; ok
+// is false when all floors still miss.
 func (t *Tuner) fitInto(start, floors map[string]float64, n int) (map[string]float64, bool) {
-	out := map[string]float64{}
-	for k, v := range start {
-		out[k] = v
-	}
-	for _, tr := range t.spec.Tiers { // sorted by BrownoutOrder: cheapest first
-		for !t.fits(out, n) && out[tr.Name] > floors[tr.Name]+1e-9 {
-			out[tr.Name] = max(floors[tr.Name], math.Round((out[tr.Name]-grid)*Bins)/Bins)
-		}
-	}
+	out := maps.Clone(start)
+	t.lower(out, floors, func(taus map[string]float64) bool { return t.fits(taus, n) })
 	return out, t.fits(out, n)
 }
 
-// correct caps τ by what was measured: a tier whose window's latency p95 exceeded the SLO
-// gets at most the depth that would have met it (depth × SLO / measured), within its spec
-// floor, whatever the model predicted. The model learns from the same window next interval.
-// A tier whose window saturated (every batch slot busy, requests queueing) goes to its floor
-// at once: the queue drains fastest there. It returns the tiers whose window missed the SLO
-// or saturated: their τ is not raised for coolDecisions.
-func (t *Tuner) correct(obs Observation, taus, floors map[string]float64) map[string]bool {
-	hot := map[string]bool{}
+// lower is the brownout order: it lowers taus in place one grid step at a time, cheapest tier
+// first, each down to its floor before the next moves, until done holds or every tier is at
+// its floor.
+func (t *Tuner) lower(taus, floors map[string]float64, done func(map[string]float64) bool) {
+	for _, tr := range t.spec.Tiers { // sorted by BrownoutOrder: cheapest first
+		for !done(taus) && taus[tr.Name] > floors[tr.Name]+1e-9 {
+			taus[tr.Name] = max(floors[tr.Name], math.Round((taus[tr.Name]-grid)*Bins)/Bins)
+		}
+	}
+}
+
+// cost is the demand-weighted loop-step cost of taus (equal weights when no tier has demand):
+// what a latency correction scales down, whichever tiers give the loop steps up.
+func (t *Tuner) cost(taus map[string]float64) float64 {
+	total := 0.0
+	for _, tr := range t.spec.Tiers {
+		total += t.demand[tr.Name]
+	}
+	s := 0.0
+	for _, tr := range t.spec.Tiers {
+		w := t.demand[tr.Name]
+		if total <= 0 {
+			w = 1
+		}
+		s += w * t.depth(tr.Name, taus[tr.Name])
+	}
+	return s
+}
+
+// correct lowers taus in place by what was measured, in the brownout order (cheapest tier
+// first, each to its floor before the next): latency is shared by the tiers, so a miss in any
+// tier's window is cured from the cheapest one. A window that saturated (every batch slot
+// busy, requests queueing) sends the cheapest tier not at its floor to it at once: the queue
+// drains fastest there. A window whose latency p95 exceeded the SLO then caps the loop-step
+// cost at what would have met it (cost at the τ in force × SLO / worst measured p95; with one
+// tier: depth × SLO / measured), whatever the model predicted; the model learns from the same
+// window next interval. It reports whether a window missed the SLO or saturated: then no τ is
+// raised for coolDecisions.
+func (t *Tuner) correct(obs Observation, taus, floors map[string]float64) bool {
 	slo := t.spec.TokenLatencyP95.Seconds()
+	saturated, worst := false, 0.0
 	for _, tr := range t.spec.Tiers {
 		w := obs.Windows[tr.Name]
-		if w != nil && w.Saturated() {
-			hot[tr.Name] = true
-			taus[tr.Name] = min(taus[tr.Name], floors[tr.Name]) // requests queue: drain at the floor
+		if w == nil {
 			continue
 		}
-		if slo <= 0 || w == nil || w.Tokens == 0 || !(w.TokenLatencyP95 > slo) {
-			continue
+		saturated = saturated || w.Saturated()
+		if w.Tokens > 0 {
+			worst = max(worst, w.TokenLatencyP95)
 		}
-		hot[tr.Name] = true
-		want := t.depth(tr.Name, t.tau[tr.Name]) * slo / w.TokenLatencyP95
-		for _, v := range t.taus(tr) {
-			if v < floors[tr.Name]-1e-9 {
-				break
-			}
-			if v <= taus[tr.Name]+1e-9 && (t.depth(tr.Name, v) <= want || v <= floors[tr.Name]+1e-9) {
-				taus[tr.Name] = min(taus[tr.Name], v)
+	}
+	if saturated {
+		for _, tr := range t.spec.Tiers {
+			if taus[tr.Name] > floors[tr.Name]+1e-9 {
+				taus[tr.Name] = floors[tr.Name]
 				break
 			}
 		}
 	}
-	return hot
+	missed := slo > 0 && worst > slo
+	if missed {
+		goal := t.cost(t.tau) * slo / worst
+		t.lower(taus, floors, func(v map[string]float64) bool { return t.cost(v) <= goal })
+	}
+	return saturated || missed
 }
 
 // tierFloors is each tier's spec floor.
@@ -488,50 +521,108 @@ func (t *Tuner) brownout(target, floors map[string]float64, ready int) map[strin
 	return out
 }
 
-// step moves each tier's τ toward want: down at once in brownout (capacity is short now),
-// otherwise by at most MaxStep; up only when want exceeds τ by the hysteresis, by at most
-// MaxStep, and not within coolDecisions of a window that missed the SLO or queued.
-func (t *Tuner) step(want map[string]float64, brownout bool, hot map[string]bool, rate float64, d *Decision) {
-	for _, tr := range t.spec.Tiers {
-		cur, w := t.tau[tr.Name], want[tr.Name]
-		if hot[tr.Name] {
-			t.cool[tr.Name] = coolDecisions
+// step moves τ toward want in the brownout order. First the order is restored: a tier
+// cheaper than a lowered one (τ below the ceiling) that is above its quality floor (floors)
+// goes down to it at once (its floor fell, or the caller applied other values). Lowering then
+// walks the tiers cheapest first, down at once in brownout (capacity is short now), otherwise
+// by at most MaxStep in all: what is left of the step spills over to the next tier only when
+// the cheaper one reached its quality floor. A decision that lowers nothing raises, dearest
+// tier first, by at most MaxStep in all, a tier only when its want exceeds τ by the
+// hysteresis (or reaches the ceiling), not within coolDecisions of a window that missed the
+// SLO or queued, and above its quality floor only while every dearer tier is at the ceiling.
+func (t *Tuner) step(want, floors map[string]float64, brownout, hot bool, rate float64, d *Decision) {
+	tiers := t.spec.Tiers
+	next := maps.Clone(t.tau)
+	ordered := t.order(next, floors)
+	if hot {
+		t.cool = coolDecisions
+	}
+	cooling := t.cool > 0
+	if cooling {
+		t.cool--
+	}
+	w := map[string]float64{}
+	for _, tr := range tiers {
+		k, cur := tr.Name, next[tr.Name]
+		w[k] = want[k]
+		if cooling {
+			w[k] = min(w[k], cur) // a recent window missed the SLO or queued: no raise yet
 		}
-		if t.cool[tr.Name] > 0 {
-			t.cool[tr.Name]--
-			w = min(w, cur) // a recent window missed the SLO or queued: no raise yet
-		}
-		if b, ok := t.block[tr.Name]; ok {
+		if b, ok := t.block[k]; ok {
 			if rate < blockRelief*b.rate {
-				delete(t.block, tr.Name)
-			} else if w >= b.tau-1e-9 {
-				w = min(max(cur, math.Round((b.tau-grid)*Bins)/Bins), w)
+				delete(t.block, k)
+			} else if w[k] >= b.tau-1e-9 {
+				w[k] = min(max(cur, math.Round((b.tau-grid)*Bins)/Bins), w[k])
 			}
 		}
-		if w < cur-1e-9 && !brownout {
-			t.block[tr.Name] = blocked{tau: cur, rate: rate}
-		}
-		next := cur
-		switch {
-		case w < cur-1e-9 && brownout:
-			next = w
-		case w < cur-1e-9:
-			next = max(w, cur-t.spec.MaxStep)
-		case w > cur+t.spec.Hysteresis-1e-9 || (w > cur+1e-9 && w >= t.spec.Ceiling-1e-9):
-			next = min(w, cur+t.spec.MaxStep)
-		}
-		next = t.clampTier(tr, math.Round(next*1e6)/1e6)
-		switch {
-		case next < cur-1e-9 && !brownout:
-			d.Reasons = append(d.Reasons, Reason{ReasonLowered, fmt.Sprintf("tier %q: τ %.2f → %.2f to meet the SLO", tr.Name, cur, next)})
-		case next > cur+1e-9:
-			d.Reasons = append(d.Reasons, Reason{ReasonRaised, fmt.Sprintf("tier %q: τ %.2f → %.2f, demand allows it", tr.Name, cur, next)})
-		case next == cur:
-			d.Reasons = append(d.Reasons, Reason{ReasonHeld, fmt.Sprintf("tier %q: τ %.2f held", tr.Name, cur)})
-		}
-		t.tau[tr.Name] = next
-		d.Tau[tr.Name] = next
 	}
+	budget := t.spec.MaxStep
+	if brownout {
+		budget = math.Inf(1)
+	}
+	lowered := false
+	for _, tr := range tiers { // cheapest first
+		k := tr.Name
+		if w[k] < next[k]-1e-9 && budget > 1e-9 {
+			v := max(w[k], next[k]-budget)
+			budget -= next[k] - v
+			if !brownout {
+				t.block[k] = blocked{tau: next[k], rate: rate}
+			}
+			next[k], lowered = v, true
+		}
+		if next[k] > floors[k]+1e-9 {
+			break // the dearer tiers wait until this one is at its floor
+		}
+	}
+	if !lowered {
+		budget, top := t.spec.MaxStep, true
+		for i := len(tiers) - 1; i >= 0; i-- { // dearest first
+			k, ceil := tiers[i].Name, t.spec.Ceiling
+			g := w[k]
+			if !top {
+				g = min(g, floors[k]) // a dearer tier is lowered: this one stays at its floor
+			}
+			if budget > 1e-9 && (g > next[k]+t.spec.Hysteresis-1e-9 || (g > next[k]+1e-9 && g >= ceil-1e-9)) {
+				v := min(g, next[k]+budget)
+				budget -= v - next[k]
+				next[k] = v
+			}
+			top = top && next[k] >= ceil-1e-9
+		}
+	}
+	for _, tr := range tiers {
+		k, cur := tr.Name, t.tau[tr.Name]
+		v := t.clampTier(tr, math.Round(next[k]*1e6)/1e6)
+		switch {
+		case v < cur-1e-9 && !brownout && ordered[k]:
+			d.Reasons = append(d.Reasons, Reason{ReasonLowered, fmt.Sprintf("tier %q: τ %.2f → %.2f: a dearer tier is lowered, so this cheaper one goes to its quality floor first", k, cur, v)})
+		case v < cur-1e-9 && !brownout:
+			d.Reasons = append(d.Reasons, Reason{ReasonLowered, fmt.Sprintf("tier %q: τ %.2f → %.2f to meet the SLO", k, cur, v)})
+		case v > cur+1e-9:
+			d.Reasons = append(d.Reasons, Reason{ReasonRaised, fmt.Sprintf("tier %q: τ %.2f → %.2f, demand allows it", k, cur, v)})
+		case v == cur:
+			d.Reasons = append(d.Reasons, Reason{ReasonHeld, fmt.Sprintf("tier %q: τ %.2f held", k, cur)})
+		}
+		t.tau[k] = v
+		d.Tau[k] = v
+	}
+}
+
+// order restores the brownout order in taus: every tier cheaper than one below the ceiling
+// goes down to its quality floor if it is above it. It returns the tiers it lowered.
+func (t *Tuner) order(taus, floors map[string]float64) map[string]bool {
+	moved := map[string]bool{}
+	lowered := false
+	for i := len(t.spec.Tiers) - 1; i >= 0; i-- { // dearest first
+		k := t.spec.Tiers[i].Name
+		if lowered && taus[k] > floors[k]+1e-9 {
+			taus[k] = floors[k]
+			moved[k] = true
+		}
+		lowered = lowered || taus[k] < t.spec.Ceiling-1e-9
+	}
+	return moved
 }
 
 // rate is the token rate per replica with n replicas (all tiers).

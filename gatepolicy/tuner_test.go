@@ -222,21 +222,7 @@ func TestDecisionsInBounds(t *testing.T) {
 				if !rapid.Bool().Draw(rt, "has") {
 					continue
 				}
-				inForce := rapid.Float64Range(0.01, 1).Draw(rt, "inForce")
-				w := NewWindow(k, inForce, 4, rapid.Float64Range(0, 60).Draw(rt, "secs"))
-				s := Sample{Tier: k, ExitThreshold: inForce, MaxSteps: 4, Cum: make([][]int64, 4), Censored: make([]int64, 4), ProbeCum: make([][]int64, 4), ProbeAgree: make([]int64, 4),
-					Tokens: rapid.Int64Range(0, 1e6).Draw(rt, "tokens"), TokenLatencyP95: rapid.Float64Range(0, 1).Draw(rt, "p95"), Probes: rapid.Int64Range(0, 100).Draw(rt, "probes")}
-				s.LoopSteps = s.Tokens * rapid.Int64Range(1, 4).Draw(rt, "depth")
-				for st := range 4 {
-					s.Cum[st] = make([]int64, Bins)
-					s.ProbeCum[st] = make([]int64, Bins)
-					s.Cum[st][rapid.IntRange(0, Bins-1).Draw(rt, "bin")] = rapid.Int64Range(0, 100).Draw(rt, "n")
-					s.ProbeCum[st][rapid.IntRange(0, Bins-1).Draw(rt, "pbin")] = s.Probes
-					s.ProbeAgree[st] = rapid.Int64Range(0, s.Probes).Draw(rt, "agree")
-					s.Censored[st] = rapid.Int64Range(0, 100).Draw(rt, "cens")
-				}
-				_ = w.Add(s)
-				obs.Windows[k] = w
+				obs.Windows[k] = drawWindow(rt, k, rapid.Float64Range(0.01, 1).Draw(rt, "inForce"))
 			}
 			d := tu.Decide(obs)
 			for k, f := range floors {
@@ -253,6 +239,25 @@ func TestDecisionsInBounds(t *testing.T) {
 			tau = d.Tau
 		}
 	})
+}
+
+// drawWindow is a window of tier k under τ inForce (4 loop steps) with arbitrary histograms,
+// rates, latencies and probe counts, some of them refused as malformed.
+func drawWindow(rt *rapid.T, k string, inForce float64) *Window {
+	w := NewWindow(k, inForce, 4, rapid.Float64Range(0, 60).Draw(rt, "secs"))
+	s := Sample{Tier: k, ExitThreshold: inForce, MaxSteps: 4, Cum: make([][]int64, 4), Censored: make([]int64, 4), ProbeCum: make([][]int64, 4), ProbeAgree: make([]int64, 4),
+		Tokens: rapid.Int64Range(0, 1e6).Draw(rt, "tokens"), TokenLatencyP95: rapid.Float64Range(0, 1).Draw(rt, "p95"), Probes: rapid.Int64Range(0, 100).Draw(rt, "probes")}
+	s.LoopSteps = s.Tokens * rapid.Int64Range(1, 4).Draw(rt, "depth")
+	for st := range 4 {
+		s.Cum[st] = make([]int64, Bins)
+		s.ProbeCum[st] = make([]int64, Bins)
+		s.Cum[st][rapid.IntRange(0, Bins-1).Draw(rt, "bin")] = rapid.Int64Range(0, 100).Draw(rt, "n")
+		s.ProbeCum[st][rapid.IntRange(0, Bins-1).Draw(rt, "pbin")] = s.Probes
+		s.ProbeAgree[st] = rapid.Int64Range(0, s.Probes).Draw(rt, "agree")
+		s.Censored[st] = rapid.Int64Range(0, 100).Draw(rt, "cens")
+	}
+	_ = w.Add(s)
+	return w
 }
 
 // TestBrownout: with replicas still starting, τ drops within the floors to fit the ready

@@ -316,6 +316,7 @@ type SLOSpec struct {
 // ScalingSpec bounds the workers.
 //
 // +kubebuilder:validation:XValidation:rule="!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",message="minReplicas must be less than or equal to maxReplicas"
+// +kubebuilder:validation:XValidation:rule="!has(self.scaleUpDelay) || duration(self.scaleUpDelay) >= duration('0s')",message="scaleUpDelay must not be negative"
 type ScalingSpec struct {
 	// replicas is the desired number of workers, clamped to [minReplicas, maxReplicas]; the
 	// /scale subresource writes it (HPA, KEDA, kubectl scale). In auto tuning mode the tuning
@@ -348,6 +349,14 @@ type ScalingSpec struct {
 	// +kubebuilder:default="5m"
 	// +optional
 	ScaleDownDelay *metav1.Duration `json:"scaleDownDelay,omitempty"`
+
+	// scaleUpDelay is how long the part of a scale-up that a brownout within the quality
+	// floors (minAgreement's bound, a tier's minDepth) can absorb waits: a surge shorter than
+	// it is served by a lower exit threshold on the workers there are, and workers are added
+	// only for the demand that lasts the whole delay. Demand the quality floors cannot absorb
+	// is scaled for at once. Unset or 0: every scale-up at once.
+	// +optional
+	ScaleUpDelay *metav1.Duration `json:"scaleUpDelay,omitempty"`
 }
 
 // TuningMode says whether the tuning loop applies its decisions.
