@@ -21,43 +21,29 @@ import (
 
 // tilingWorkers plays workers that follow the control subject as real ones do: each publishes
 // a stats snapshot every period covering the time since its last one, and one more, early,
-// when a control message changes the default tier's τ (its window under the old τ closes
-// then, as runtime/serve's worker does), each at a steady tokensPerSec with the latency
-// p95(τ) seconds. τ starts at start. The workers' periods start spread over one period, as
-// independent processes' would. It returns a stop that ends and waits for the workers.
-func tilingWorkers(t *testing.T, srv *natsServer, r bus.Ref, workers []string, period time.Duration, start float64, tokensPerSec float64, p95 func(tau float64) float64) (stop func()) {
+// when it applies a τ change of the default tier (its window under the old τ closes then, as
+// runtime/serve's worker does), each at a steady tokensPerSec with the latency p95(τ)
+// seconds. A worker applies a change lag after the control message announced it (a worker
+// busy with a batch, or one that converges through the registry entry). τ starts at start.
+// The workers' periods start spread over one period, as independent processes' would. It
+// returns a stop that ends and waits for the workers.
+func tilingWorkers(t *testing.T, srv *natsServer, r bus.Ref, workers []string, period, lag time.Duration, start float64, tokensPerSec float64, p95 func(tau float64) float64) (stop func()) {
 	t.Helper()
 	nc, _ := srv.js()
-	type worker struct {
-		mu    sync.Mutex
-		name  string
-		tau   float64
-		since time.Time
-	}
-	publish := func(w *worker, now time.Time) { // w.mu held
-		n := int64(math.Round(tokensPerSec * now.Sub(w.since).Seconds()))
-		s := busyWindow(r, w.name, now, w.tau, n, 2, p95(w.tau))
-		s.Start = w.since
-		b, _ := json.Marshal(s)
-		_ = nc.Publish(r.StatsSubject(), b)
-		w.since = now
-	}
-	ws := make([]*worker, len(workers))
-	for i, name := range workers {
-		ws[i] = &worker{name: name, tau: start}
+	changes := make([]chan float64, len(workers))
+	for i := range changes {
+		changes[i] = make(chan float64, 64)
 	}
 	sub, err := nc.Subscribe(r.ControlSubject(), func(m *nats.Msg) {
 		c, err := bus.DecodeControl(m.Data)
 		if err != nil {
 			return
 		}
-		for _, w := range ws {
-			w.mu.Lock()
-			if !w.since.IsZero() && c.ExitThreshold != w.tau {
-				publish(w, time.Now())
-				w.tau = c.ExitThreshold
+		for _, ch := range changes {
+			select {
+			case ch <- c.ExitThreshold:
+			default: // the worker is far behind: the next message repeats it
 			}
-			w.mu.Unlock()
 		}
 	})
 	if err != nil {
@@ -65,28 +51,42 @@ func tilingWorkers(t *testing.T, srv *natsServer, r bus.Ref, workers []string, p
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
-	for i, w := range ws {
-		// Workers are not in step: their periods start spread over one period.
-		offset := period * time.Duration(i) / time.Duration(len(ws))
+	for i, name := range workers {
 		wg.Go(func() {
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(offset):
+			case <-time.After(period * time.Duration(i) / time.Duration(len(workers))):
 			}
-			w.mu.Lock()
-			w.since = time.Now()
-			w.mu.Unlock()
+			tau, since := start, time.Now()
+			publish := func(now time.Time) {
+				n := int64(math.Round(tokensPerSec * now.Sub(since).Seconds()))
+				s := busyWindow(r, name, now, tau, n, 2, p95(tau))
+				s.Start = since
+				b, _ := json.Marshal(s)
+				_ = nc.Publish(r.StatsSubject(), b)
+				since = now
+			}
 			tick := time.NewTicker(period)
 			defer tick.Stop()
+			var apply <-chan time.Time
+			next := tau
 			for {
 				select {
 				case <-ctx.Done():
 					return
+				case v := <-changes[i]:
+					if v != next {
+						next, apply = v, time.After(lag)
+					}
+				case now := <-apply:
+					if next != tau {
+						publish(now)
+						tau = next
+					}
+					apply = nil
 				case now := <-tick.C:
-					w.mu.Lock()
-					publish(w, now)
-					w.mu.Unlock()
+					publish(now)
 				}
 			}
 		})
@@ -104,11 +104,13 @@ func tilingWorkers(t *testing.T, srv *natsServer, r bus.Ref, workers []string, p
 // at the steady count, no decision finds the demand low enough to scale down, and τ never
 // climbs back.
 //
-// Two workers report 300 tokens/s each every 500ms; the decision interval is 1s, so the
-// refused windows cover up to half an interval. Latency (p95) is 48ms at τ 0.9 (3 loop
-// steps), over the 30ms SLO, and 16ms at 0.85 (2 steps). With 4 replicas of 580 loop steps/s
-// (targetLoopStepsPerReplica), the ceiling's demand of about 600 × 3.05 loop steps/s needs 4;
-// a demand 5% lower needs 3.
+// Two workers report 300 tokens/s each every 500ms and apply a τ change 400ms after it is
+// published; the decision interval is 1s, so the refused windows cover 40% to 90% of the
+// next interval. Latency (p95) is 48ms at τ 0.9 (3 loop steps), over the 30ms SLO, and 16ms at
+// 0.85 (2 steps). With replicas of 523 loop steps/s (targetLoopStepsPerReplica) the ceiling's
+// demand of about 600 × 3.05 loop steps/s needs 3.5, so 4; a demand 15% lower needs 3. A
+// snapshot that arrives just after a decision lowers that decision's measure by 25% (12.5%
+// once smoothed): the count holds through it.
 func TestDemandSteadyAcrossThresholdChange(t *testing.T) {
 	ctx := context.Background()
 	ns := newNamespace(t)
@@ -118,7 +120,7 @@ func TestDemandSteadyAcrossThresholdChange(t *testing.T) {
 	lm.Spec.Loop.MinExitThreshold = ptr.To(0.5)
 	lm.Spec.SLO.TokenLatencyP95 = &metav1.Duration{Duration: 30 * time.Millisecond}
 	lm.Spec.Scaling = v1alpha1.ScalingSpec{Replicas: ptr.To[int32](4), MinReplicas: 1, MaxReplicas: 10,
-		TargetLoopStepsPerReplica: ptr.To[int64](580), ScaleDownDelay: &metav1.Duration{Duration: 3 * time.Second}}
+		TargetLoopStepsPerReplica: ptr.To[int64](523), ScaleDownDelay: &metav1.Duration{Duration: 3 * time.Second}}
 	lm.Spec.Tuning = v1alpha1.TuningSpec{Mode: v1alpha1.TuningAuto, Interval: &metav1.Duration{Duration: time.Second}, MaxStep: ptr.To(0.05)}
 	if err := k8s.Create(ctx, lm); err != nil {
 		t.Fatal(err)
@@ -132,7 +134,7 @@ func TestDemandSteadyAcrossThresholdChange(t *testing.T) {
 		}
 		return nil
 	})
-	stop := tilingWorkers(t, srv, r, []string{"a", "b"}, 500*time.Millisecond, 0.9, 300, func(tau float64) float64 {
+	stop := tilingWorkers(t, srv, r, []string{"a", "b"}, 500*time.Millisecond, 400*time.Millisecond, 0.9, 300, func(tau float64) float64 {
 		if tau > 0.85 {
 			return 0.048
 		}
