@@ -137,9 +137,9 @@ func (r Rejected) Add(o Rejected) Rejected {
 // lowered either: Interval times the share of the time the tier's samples cover that the
 // accepted ones cover (per worker, the union of its samples' spans; summed over workers, since
 // each worker reports its own share). It equals Interval when nothing was refused for a stale
-// τ, and is 0 when every sample was. The share assumes that the workers' load was the same in
-// the accepted and the refused spans, which holds on a steady load; the demand assumes
-// nothing.
+// τ, and is 0 when every sample was (the Tuner then keeps the demand it had). The share
+// assumes that the workers' load was the same in the accepted and the refused spans, which
+// holds on a steady load; the demand needs no such assumption.
 type Window struct {
 	Tier     string
 	Tau      float64 // threshold in force for the tier
