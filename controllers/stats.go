@@ -1,7 +1,9 @@
 package controllers
 
 import (
+	"maps"
 	"math"
+	"slices"
 	"sync"
 	"time"
 
@@ -108,11 +110,12 @@ func (b *statsBook) add(r bus.Ref, data []byte) {
 	}
 }
 
-// observed aggregates the LoopModel's snapshots of the last window taken under tau, the
-// threshold in force; ok is false when they hold no generated token. A snapshot under another
+// observed aggregates the LoopModel's snapshots of the last window taken under th, the
+// thresholds in force: the default tier's figures, and each tier's in Tiers (by name); ok is
+// false when the default tier generated no token. A tier's part of a snapshot under another
 // threshold (a worker that has not applied the latest, or the window before a change) is left
-// out; add counts it in loopserve_operator_stats_rejected_total.
-func (b *statsBook) observed(r bus.Ref, now time.Time, tau float64) (*v1alpha1.ObservedStats, bool) {
+// out; add counts the default tier's in loopserve_operator_stats_rejected_total.
+func (b *statsBook) observed(r bus.Ref, now time.Time, th bus.Thresholds) (*v1alpha1.ObservedStats, bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	ms, ok := b.books[r]
@@ -120,14 +123,18 @@ func (b *statsBook) observed(r bus.Ref, now time.Time, tau float64) (*v1alpha1.O
 		return nil, false
 	}
 	ms.snaps = prune(ms.snaps, now.Add(-b.window))
-	ms.tau = tau
-	inForce := make([]bus.StatsSnapshot, 0, len(ms.snaps))
-	for _, s := range ms.snaps {
-		if s.ExitThreshold == tau {
-			inForce = append(inForce, s)
+	ms.tau = th.ExitThreshold
+	def, ok := aggregate(ms.snaps, th.DefaultTier, th.ExitThreshold)
+	if !ok {
+		return nil, false
+	}
+	obs := &v1alpha1.ObservedStats{ObservedFigures: def}
+	for _, name := range slices.Sorted(maps.Keys(th.Tiers)) {
+		if f, ok := aggregate(ms.snaps, name, th.Tiers[name]); ok {
+			obs.Tiers = append(obs.Tiers, v1alpha1.TierObserved{Name: name, ObservedFigures: f})
 		}
 	}
-	return aggregate(inForce)
+	return obs, true
 }
 
 func prune(snaps []bus.StatsSnapshot, since time.Time) []bus.StatsSnapshot {
@@ -138,14 +145,15 @@ func prune(snaps []bus.StatsSnapshot, since time.Time) []bus.StatsSnapshot {
 	return append(snaps[:0], snaps[i:]...)
 }
 
-// aggregate sums the workers' snapshots: the mean depth over all tokens, the loop-step rate as
-// the sum of each worker's rate, the highest worker P95 inter-token latency (a conservative
-// reading of quantiles that cannot be merged), and the probe agreement expected at the observed
-// exit depths, Σ_d P(depth d)·agree(d). Snapshots with another MaxSteps than the newest are
-// skipped (a rollout changed it).
-func aggregate(snaps []bus.StatsSnapshot) (*v1alpha1.ObservedStats, bool) {
+// aggregate sums one tier's part of the workers' snapshots taken under tau: the mean depth
+// over all tokens, the loop-step rate as the sum of each worker's rate over the time its
+// snapshots cover, the highest worker P95 inter-token latency (a conservative reading of
+// quantiles that cannot be merged), and the probe agreement expected at the observed exit
+// depths, Σ_d P(depth d)·agree(d). Snapshots with another MaxSteps than the newest are skipped
+// (a rollout changed it); ok is false when the tier generated no token.
+func aggregate(snaps []bus.StatsSnapshot, tier string, tau float64) (v1alpha1.ObservedFigures, bool) {
 	if len(snaps) == 0 {
-		return nil, false
+		return v1alpha1.ObservedFigures{}, false
 	}
 	steps := snaps[len(snaps)-1].MaxSteps
 	depth := make([]int64, steps)
@@ -161,16 +169,24 @@ func aggregate(snaps []bus.StatsSnapshot) (*v1alpha1.ObservedStats, bool) {
 		if s.MaxSteps != steps {
 			continue
 		}
-		for d := range steps {
-			depth[d] += s.DepthCounts[d]
-			agree[d] += s.ProbeAgree[d]
+		i := slices.IndexFunc(s.All(), func(ts bus.TierStats) bool { return ts.Tier == tier })
+		if i < 0 || s.All()[i].ExitThreshold != tau {
+			continue
 		}
-		probes += s.Probes
-		if s.Tokens > 0 {
-			p95 = max(p95, s.TokenLatencyP95)
+		ts := s.All()[i]
+		if len(ts.DepthCounts) != steps || len(ts.ProbeAgree) != steps {
+			continue
+		}
+		for d := range steps {
+			depth[d] += ts.DepthCounts[d]
+			agree[d] += ts.ProbeAgree[d]
+		}
+		probes += ts.Probes
+		if ts.Tokens > 0 {
+			p95 = max(p95, ts.TokenLatencyP95)
 		}
 		w := perWorker[s.Worker]
-		w.steps += s.LoopSteps
+		w.steps += ts.LoopSteps
 		w.seconds += s.End.Sub(s.Start).Seconds()
 		perWorker[s.Worker] = w
 	}
@@ -180,7 +196,7 @@ func aggregate(snaps []bus.StatsSnapshot) (*v1alpha1.ObservedStats, bool) {
 		sum += int64(d+1) * c
 	}
 	if tokens == 0 {
-		return nil, false
+		return v1alpha1.ObservedFigures{}, false
 	}
 	var rate float64
 	for _, w := range perWorker {
@@ -188,7 +204,7 @@ func aggregate(snaps []bus.StatsSnapshot) (*v1alpha1.ObservedStats, bool) {
 			rate += float64(w.steps) / w.seconds
 		}
 	}
-	obs := &v1alpha1.ObservedStats{
+	obs := v1alpha1.ObservedFigures{
 		MeanDepth:          round3(float64(sum) / float64(tokens)),
 		LoopStepsPerSecond: round3(rate),
 	}

@@ -46,27 +46,30 @@ func TestAggregate(t *testing.T) {
 	tests := []struct {
 		name  string
 		snaps []bus.StatsSnapshot
-		want  *v1alpha1.ObservedStats
+		want  *v1alpha1.ObservedFigures
 	}{
 		{"none", nil, nil},
 		{"idle", []bus.StatsSnapshot{idle}, nil},
-		{"two workers", []bus.StatsSnapshot{a, b}, &v1alpha1.ObservedStats{
+		{"two workers", []bus.StatsSnapshot{a, b}, &v1alpha1.ObservedFigures{
 			MeanDepth: 3, LoopStepsPerSecond: 120, Agreement: 0.8875,
 			TokenLatencyP95: &metav1.Duration{Duration: 50 * time.Millisecond}}},
-		{"one worker over two windows", []bus.StatsSnapshot{a2, a}, &v1alpha1.ObservedStats{
+		{"one worker over two windows", []bus.StatsSnapshot{a2, a}, &v1alpha1.ObservedFigures{
 			MeanDepth: 1.5, LoopStepsPerSecond: 30, Agreement: 0.625*0.5 + 0.25*0.8 + 0.125*0.9,
 			TokenLatencyP95: &metav1.Duration{Duration: 20 * time.Millisecond}}},
-		{"other step count skipped", []bus.StatsSnapshot{old, b}, &v1alpha1.ObservedStats{
+		{"other step count skipped", []bus.StatsSnapshot{old, b}, &v1alpha1.ObservedFigures{
 			MeanDepth: 4, LoopStepsPerSecond: 80, Agreement: 1,
 			TokenLatencyP95: &metav1.Duration{Duration: 50 * time.Millisecond}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, ok := aggregate(tt.snaps)
+			got, ok := aggregate(tt.snaps, "", 0.9)
 			if ok != (tt.want != nil) {
 				t.Fatalf("aggregate ok = %v, want %v", ok, tt.want != nil)
 			}
-			if diff := cmp.Diff(got, tt.want, cmpopts.EquateApprox(0, 1e-3)); diff != "" {
+			if !ok {
+				return
+			}
+			if diff := cmp.Diff(&got, tt.want, cmpopts.EquateApprox(0, 1e-3)); diff != "" {
 				t.Errorf("observed (-got +want):\n%s", diff)
 			}
 		})
@@ -117,7 +120,7 @@ func TestObservedStats(t *testing.T) {
 func TestSLOCondition(t *testing.T) {
 	ms := func(n int) *metav1.Duration { return &metav1.Duration{Duration: time.Duration(n) * time.Millisecond} }
 	f := func(x float64) *float64 { return &x }
-	observed := &v1alpha1.ObservedStats{MeanDepth: 2.5, TokenLatencyP95: ms(40), Agreement: 0.96}
+	observed := &v1alpha1.ObservedStats{ObservedFigures: v1alpha1.ObservedFigures{MeanDepth: 2.5, TokenLatencyP95: ms(40), Agreement: 0.96}}
 	tests := []struct {
 		name   string
 		slo    v1alpha1.SLOSpec
@@ -160,7 +163,7 @@ func TestStatsBookFilters(t *testing.T) {
 		b.add(r, data)
 	}
 	now := time.Now()
-	if _, ok := b.observed(r, now, 0.9); ok { // sets the threshold in force
+	if _, ok := b.observed(r, now, bus.Thresholds{ExitThreshold: 0.9}); ok { // sets the threshold in force
 		t.Fatal("observed without snapshots")
 	}
 	b.add(r, []byte("{not json"))
@@ -171,8 +174,8 @@ func TestStatsBookFilters(t *testing.T) {
 	add(lowered)
 	add(snapshot(r, "a", now, []int64{10, 20, 10, 0}, 80, 0.02, 0, nil))
 
-	got, ok := b.observed(r, now, 0.9)
-	want := &v1alpha1.ObservedStats{MeanDepth: 2, LoopStepsPerSecond: 40, TokenLatencyP95: &metav1.Duration{Duration: 20 * time.Millisecond}}
+	got, ok := b.observed(r, now, bus.Thresholds{ExitThreshold: 0.9})
+	want := &v1alpha1.ObservedStats{ObservedFigures: v1alpha1.ObservedFigures{MeanDepth: 2, LoopStepsPerSecond: 40, TokenLatencyP95: &metav1.Duration{Duration: 20 * time.Millisecond}}}
 	if !ok {
 		t.Fatal("no observed stats from the snapshot under the threshold in force")
 	}
@@ -191,7 +194,81 @@ func TestStatsBookFilters(t *testing.T) {
 			t.Errorf("rejected %s = %v, want %v", c.reason, c.got, c.want)
 		}
 	}
-	if _, ok := b.observed(r, now.Add(2*time.Minute), 0.9); ok {
+	if _, ok := b.observed(r, now.Add(2*time.Minute), bus.Thresholds{ExitThreshold: 0.9}); ok {
 		t.Error("snapshots older than the window still observed")
 	}
+}
+
+// TestObservedPerTier: status.observed holds the default tier's figures and, in tiers, each
+// tier's, each from the snapshots' part under that tier's threshold in force: a tier whose
+// part ran under another threshold is left out of its figures, a tier without tokens is not
+// listed.
+func TestObservedPerTier(t *testing.T) {
+	r := bus.Ref{Namespace: "ml", Name: "ouro"}
+	b := newStatsBook(time.Minute, time.Hour, nil)
+	b.books[r] = &modelStats{}
+	th := bus.Thresholds{DefaultTier: "standard", ExitThreshold: 0.9, Tiers: map[string]float64{"batch": 0.5, "gold": 0.9, "standard": 0.9}}
+	now := time.Now()
+	add := func(s bus.StatsSnapshot) {
+		data, err := json.Marshal(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b.add(r, data)
+	}
+	// a: one second of standard (3 steps) and batch (1 step at 0.5); b: batch under an older
+	// threshold, standard in force.
+	add(tieredWindow(r, "a", now, bus.Thresholds{DefaultTier: "standard", ExitThreshold: 0.9, Tiers: map[string]float64{"batch": 0.5, "standard": 0.9}},
+		map[string]int64{"batch": 120, "standard": 10}))
+	add(tieredWindow(r, "b", now, bus.Thresholds{DefaultTier: "standard", ExitThreshold: 0.9, Tiers: map[string]float64{"batch": 0.6, "standard": 0.9}},
+		map[string]int64{"batch": 500, "standard": 30}))
+	got, ok := b.observed(r, now, th)
+	if !ok {
+		t.Fatal("no observed stats")
+	}
+	standard := v1alpha1.ObservedFigures{MeanDepth: 3, LoopStepsPerSecond: 120, Agreement: 1}
+	want := &v1alpha1.ObservedStats{ObservedFigures: standard, Tiers: []v1alpha1.TierObserved{
+		{Name: "batch", ObservedFigures: v1alpha1.ObservedFigures{MeanDepth: 1, LoopStepsPerSecond: 120, Agreement: 1}},
+		{Name: "standard", ObservedFigures: standard},
+	}}
+	if diff := cmp.Diff(got, want, cmpopts.EquateApprox(0, 1e-3)); diff != "" {
+		t.Errorf("observed (-got +want):\n%s", diff)
+	}
+}
+
+// TestObservedTiersInStatus: a tiered LoopModel's status.observed lists each tier's figures
+// through the API server (the CRD keeps the field).
+func TestObservedTiersInStatus(t *testing.T) {
+	ctx := context.Background()
+	ns := newNamespace(t)
+	srv := startNATS(t)
+	if err := k8s.Create(ctx, tieredSpec(ns, "tiered", srv.url())); err != nil {
+		t.Fatal(err)
+	}
+	r := bus.Ref{Namespace: ns, Name: "tiered"}
+	await(t, waitLong, "queue in place", conditionIs(ns, "tiered", CondDegraded, metav1.ConditionFalse, ReasonAsExpected))
+	nc, _ := srv.js()
+	th := bus.Thresholds{DefaultTier: "standard", ExitThreshold: 0.9, Tiers: map[string]float64{"batch": 0.9, "gold": 0.9, "standard": 0.9}}
+	await(t, waitLong, "status.observed.tiers", func() error {
+		b, err := json.Marshal(tieredWindow(r, "a", time.Now(), th, map[string]int64{"batch": 120, "standard": 10}))
+		if err != nil {
+			return err
+		}
+		if err := nc.Publish(r.StatsSubject(), b); err != nil {
+			return err
+		}
+		obs := getLoopModel(t, ns, "tiered").Status.Observed
+		if obs == nil {
+			return fmt.Errorf("no status.observed")
+		}
+		var names []string
+		for _, tr := range obs.Tiers {
+			names = append(names, fmt.Sprintf("%s:%g", tr.Name, tr.MeanDepth))
+		}
+		// batch runs 4 steps above its floor of 0.5, standard 3 at 0.9; gold saw no token
+		if got, want := fmt.Sprint(names), "[batch:4 standard:3]"; got != want || obs.MeanDepth != 3 {
+			return fmt.Errorf("observed mean depth %v, tiers %s, want 3 and %s", obs.MeanDepth, got, want)
+		}
+		return nil
+	})
 }

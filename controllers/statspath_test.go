@@ -42,7 +42,7 @@ func TestActsOn(t *testing.T) {
 	}{
 		{"nothing", func(_, _ *v1alpha1.LoopModel) {}, false},
 		{"observed and SLOMet", func(_, cur *v1alpha1.LoopModel) {
-			cur.Status.Observed = &v1alpha1.ObservedStats{MeanDepth: 2}
+			cur.Status.Observed = &v1alpha1.ObservedStats{ObservedFigures: v1alpha1.ObservedFigures{MeanDepth: 2}}
 			cur.Status.Conditions = []metav1.Condition{{Type: CondSLOMet, Status: metav1.ConditionTrue}}
 			cur.Status.Recommendation.Reasons = []string{"Held: τ 0.90 held"}
 			cur.Status.LastTuneTime = &metav1.Time{Time: time.Unix(2e9, 0)}

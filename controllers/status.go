@@ -146,7 +146,7 @@ func (r *LoopModelReconciler) refresh(lm *v1alpha1.LoopModel, now time.Time) {
 	if r.stats != nil {
 		// Without stats in the window, status.observed goes: SLOMet never rests on old figures.
 		st.Observed = nil
-		if obs, ok := r.stats.observed(ref(lm), now, thresholdsInForce(lm).ExitThreshold); ok {
+		if obs, ok := r.stats.observed(ref(lm), now, thresholdsInForce(lm)); ok {
 			st.Observed = obs
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"time"
 )
 
@@ -113,13 +114,38 @@ func (r Rejected) Add(o Rejected) Rejected {
 	return Rejected{r.Malformed + o.Malformed, r.Misaddressed + o.Misaddressed, r.StaleThreshold + o.StaleThreshold}
 }
 
-// Window is the sum of the samples of all workers for ONE tier over one tuning interval, all
-// observed under the τ in force (Tau). Build it with NewWindow and Add.
+// Window is the sum of the samples of all workers for ONE tier over one tuning interval. Build
+// it with NewWindow and Add.
+//
+// Two kinds of figure, two sets of samples:
+//
+//   - The counts (Samples, Capacity, InFlight, Requests, Tokens, LoopSteps, BusySeconds, the
+//     latencies and the histograms) are those of the accepted samples only, all observed under
+//     the τ in force (Tau): the depth predictions assume it, and a latency measured under
+//     another τ would make the Tuner correct τ for a depth that no longer runs.
+//   - The demand (DemandRequests, DemandTokens, hence TokenRate and RequestRate) counts every
+//     sample of the tier that is well formed and well addressed, under the τ in force or not.
+//     A token asked for is demand whatever τ it ran under: τ changes the depth of a token, not
+//     the tokens asked for, and the policy predicts the loop-step demand at any τ as
+//     TokenRate × Depth(τ). Counting only the accepted samples over the whole interval would
+//     lower the demand after every τ change (a worker's window under the old τ closes when
+//     the new one arrives and is refused), by the share of the interval that window covers:
+//     the next decision would see the load fall, lift τ back or drop replicas, and oscillate.
+//
+// Seconds is the wall time the counts stand for, so that LoopSteps/Seconds (the replicas'
+// load at which the accepted latencies were measured, which the capacity fit reads) is not
+// lowered either: Interval times the share of the time the tier's samples cover that the
+// accepted ones cover (per worker, the union of its samples' spans; summed over workers, since
+// each worker reports its own share). It equals Interval when nothing was refused for a stale
+// τ, and is 0 when every sample was (the Tuner then keeps the demand it had). The share
+// assumes that the workers' load was the same in the accepted and the refused spans, which
+// holds on a steady load; the demand needs no such assumption.
 type Window struct {
 	Tier     string
 	Tau      float64 // threshold in force for the tier
 	MaxSteps int
-	Seconds  float64 // interval length: the rates divide by it
+	Interval float64 // length of the tuning interval (seconds): the demand rates divide by it
+	Seconds  float64 // the time the accepted counts cover (see above): LoopStepRate divides by it
 
 	Samples     int // accepted samples
 	Capacity    int // batch slots of the workers that reported
@@ -139,15 +165,49 @@ type Window struct {
 	ProbeCum   [][]int64
 	ProbeAgree []int64
 
+	// DemandRequests and DemandTokens count the accepted samples and those refused for a
+	// stale τ alike.
+	DemandRequests int64
+	DemandTokens   int64
+
 	Rejected Rejected
 
 	latW, ttftW float64
+	covered     map[string]*coverage // per worker
+}
+
+// coverage is the spans one worker's samples cover: all that counted in the demand, and the
+// accepted ones.
+type coverage struct{ all, accepted []span }
+
+type span struct{ start, end time.Time }
+
+// union is the length in seconds of the union of spans; it sorts spans in place.
+func union(spans []span) float64 {
+	slices.SortFunc(spans, func(a, b span) int { return a.start.Compare(b.start) })
+	var total time.Duration
+	var cur span
+	for i, s := range spans {
+		switch {
+		case i == 0:
+			cur = s
+		case s.start.After(cur.end):
+			total += cur.end.Sub(cur.start)
+			cur = s
+		case s.end.After(cur.end):
+			cur.end = s.end
+		}
+	}
+	if len(spans) > 0 {
+		total += cur.end.Sub(cur.start)
+	}
+	return total.Seconds()
 }
 
 // NewWindow returns an empty window of one tier whose τ in force is tau, for a model of
-// maxSteps loop steps, covering seconds of wall time.
+// maxSteps loop steps, over a tuning interval of seconds.
 func NewWindow(tier string, tau float64, maxSteps int, seconds float64) *Window {
-	w := &Window{Tier: tier, Tau: tau, MaxSteps: maxSteps, Seconds: seconds,
+	w := &Window{Tier: tier, Tau: tau, MaxSteps: maxSteps, Interval: seconds, Seconds: seconds,
 		Cum: make([][]int64, maxSteps), Censored: make([]int64, maxSteps),
 		ProbeCum: make([][]int64, maxSteps), ProbeAgree: make([]int64, maxSteps)}
 	for t := range maxSteps {
@@ -158,7 +218,9 @@ func NewWindow(tier string, tau float64, maxSteps int, seconds float64) *Window 
 }
 
 // Add merges one sample, or refuses it with an error wrapping ErrMalformed, ErrMisaddressed or
-// ErrStaleThreshold and counts it in Rejected. A refused sample changes nothing else.
+// ErrStaleThreshold and counts it in Rejected. A malformed or misaddressed sample changes
+// nothing else; one under a stale τ counts in the demand and in the time the tier's samples
+// cover, nothing else.
 func (w *Window) Add(s Sample) error {
 	if err := s.Validate(); err != nil {
 		w.Rejected.Malformed++
@@ -168,7 +230,11 @@ func (w *Window) Add(s Sample) error {
 		w.Rejected.Misaddressed++
 		return fmt.Errorf("%w: tier %q with %d steps, window is tier %q with %d", ErrMisaddressed, s.Tier, s.MaxSteps, w.Tier, w.MaxSteps)
 	}
-	if math.Abs(s.ExitThreshold-w.Tau) > 1e-9 {
+	w.DemandRequests += s.Requests
+	w.DemandTokens += s.Tokens
+	stale := math.Abs(s.ExitThreshold-w.Tau) > 1e-9
+	w.cover(s, !stale)
+	if stale {
 		w.Rejected.StaleThreshold++
 		return fmt.Errorf("%w: sample τ %v, in force %v", ErrStaleThreshold, s.ExitThreshold, w.Tau)
 	}
@@ -199,6 +265,33 @@ func (w *Window) Add(s Sample) error {
 		}
 	}
 	return nil
+}
+
+// cover records the span of a sample that counts in the demand (accepted or not) and sets
+// Seconds to Interval times the accepted share of the time the tier's samples cover.
+func (w *Window) cover(s Sample, accepted bool) {
+	if w.covered == nil {
+		w.covered = map[string]*coverage{}
+	}
+	c := w.covered[s.Worker]
+	if c == nil {
+		c = &coverage{}
+		w.covered[s.Worker] = c
+	}
+	sp := span{s.Start, s.End}
+	c.all = append(c.all, sp)
+	if accepted {
+		c.accepted = append(c.accepted, sp)
+	}
+	var all, acc float64
+	for _, c := range w.covered {
+		all += union(c.all)
+		acc += union(c.accepted)
+	}
+	w.Seconds = w.Interval
+	if all > 0 {
+		w.Seconds = w.Interval * acc / all
+	}
 }
 
 // cut is the number of bins that hold c < tau (tau rounded down to a bin edge).
@@ -349,13 +442,16 @@ func (w *Window) ProbeFraction() float64 {
 // queue, and latency measures the queue rather than the replicas' speed.
 func (w *Window) Saturated() bool { return w.Capacity > 0 && w.InFlight >= w.Capacity }
 
-// TokenRate is tokens generated per second over the window.
-func (w *Window) TokenRate() float64 { return rate(float64(w.Tokens), w.Seconds) }
+// TokenRate is the tier's token demand: tokens generated per second over the interval, those
+// of samples refused for a stale τ included (see Window).
+func (w *Window) TokenRate() float64 { return rate(float64(w.DemandTokens), w.Interval) }
 
-// RequestRate is requests finished per second.
-func (w *Window) RequestRate() float64 { return rate(float64(w.Requests), w.Seconds) }
+// RequestRate is requests finished per second over the interval, as TokenRate counts them.
+func (w *Window) RequestRate() float64 { return rate(float64(w.DemandRequests), w.Interval) }
 
-// LoopStepRate is the loop-step demand: decoder-stack passes per second.
+// LoopStepRate is the loop steps per second the workers executed under the τ in force: the
+// accepted samples' loop steps over the time they cover (Seconds). It is the replicas' load,
+// not a demand: the loop-step demand at a τ is TokenRate() × Depth(τ).
 func (w *Window) LoopStepRate() float64 { return rate(float64(w.LoopSteps), w.Seconds) }
 
 // MeasuredDepth is loop steps per token as executed (NaN without tokens).

@@ -275,3 +275,158 @@ func TestWindowSumsWorkers(t *testing.T) {
 		t.Errorf("depth, rate, p95 (-got +want):\n%s", diff)
 	}
 }
+
+// profile is the c_t of every token of steady: τ 0.9 runs 3 steps, τ 0.8 two.
+var profile = []float64{0.5, 0.85, 0.95, 1}
+
+// steady returns the sample worker w would publish for [from, from+secs) at a steady rate of
+// tokensPerSec tokens under tau, every token's c_t following profile.
+func steady(worker string, from time.Time, secs float64, tau float64, tokensPerSec float64) Sample {
+	s := Sample{Worker: worker, ExitThreshold: tau, MaxSteps: 4, Start: from, End: from.Add(time.Duration(secs * float64(time.Second))),
+		Cum: make([][]int64, 4), Censored: make([]int64, 4), ProbeCum: make([][]int64, 4), ProbeAgree: make([]int64, 4), Capacity: 8, InFlight: 2}
+	depth := 4
+	for t, c := range profile {
+		if c >= tau {
+			depth = t + 1
+			break
+		}
+	}
+	s.Tokens = int64(math.Round(tokensPerSec * secs))
+	s.Requests = s.Tokens / 10
+	s.LoopSteps = s.Tokens * int64(depth)
+	for t := range 4 {
+		s.Cum[t] = make([]int64, Bins)
+		s.ProbeCum[t] = make([]int64, Bins)
+		if t < depth {
+			s.Cum[t][bin(profile[t])] = s.Tokens
+		} else {
+			s.Censored[t] = s.Tokens
+		}
+	}
+	s.TokenLatencyP95 = 0.01 * float64(depth)
+	return s
+}
+
+// TestWindowDemandWithRefusedSamples: samples refused for a stale τ (a worker's window under
+// the τ before a change, closed when the change arrived) keep counting in the demand, and the
+// accepted counts stand for the time they cover, so neither the token rate nor the executed
+// loop-step rate falls after a τ change on a steady load. Each worker serves 100 tokens/s
+// over a 10s interval: 3 steps a token under τ 0.9, 2 under the new τ 0.8.
+func TestWindowDemandWithRefusedSamples(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	type want struct {
+		tokenRate, requestRate, loopStepRate, seconds float64
+		tokens                                        int64
+		stale                                         int
+	}
+	for _, c := range []struct {
+		name    string
+		samples []Sample
+		want    want
+	}{
+		{"steady under the τ in force", []Sample{
+			steady("a", at(0), 5, 0.8, 100), steady("a", at(5), 5, 0.8, 100),
+		}, want{100, 10, 200, 10, 1000, 0}},
+		{"window under the old τ refused", []Sample{
+			steady("a", at(0), 4, 0.9, 100), steady("a", at(4), 1, 0.8, 100), steady("a", at(5), 5, 0.8, 100),
+		}, want{100, 10, 200, 6, 600, 1}},
+		{"two workers, one slow to apply the change", []Sample{
+			steady("a", at(0), 2, 0.9, 100), steady("a", at(2), 8, 0.8, 100),
+			steady("b", at(0), 6, 0.9, 100), steady("b", at(6), 4, 0.8, 100),
+		}, want{200, 20, 400, 6, 1200, 2}},
+		{"idle window under the old τ", []Sample{
+			steady("a", at(0), 5, 0.9, 0), steady("a", at(5), 5, 0.8, 100),
+		}, want{50, 5, 200, 5, 500, 1}},
+		{"every sample refused", []Sample{
+			steady("a", at(0), 5, 0.9, 100), steady("a", at(5), 5, 0.9, 100),
+		}, want{100, 10, 0, 0, 0, 2}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			w := NewWindow("", 0.8, 4, 10)
+			stale := 0
+			for _, s := range c.samples {
+				if err := w.Add(s); errors.Is(err, ErrStaleThreshold) {
+					stale++
+				} else if err != nil {
+					t.Fatal(err)
+				}
+			}
+			got := want{w.TokenRate(), w.RequestRate(), w.LoopStepRate(), w.Seconds, w.Tokens, w.Rejected.StaleThreshold}
+			if diff := cmp.Diff(got, c.want, cmp.AllowUnexported(want{}), cmp.Comparer(func(x, y float64) bool { return math.Abs(x-y) < 1e-9 })); diff != "" {
+				t.Errorf("window (-got +want):\n%s", diff)
+			}
+			if stale != c.want.stale {
+				t.Errorf("Add refused %d samples for a stale τ, the window counted %d", stale, c.want.stale)
+			}
+		})
+	}
+}
+
+// TestWindowDemandIgnoresBadSamples: malformed and misaddressed samples count nowhere, not
+// even in the demand or the time covered.
+func TestWindowDemandIgnoresBadSamples(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	good := steady("a", t0, 10, 0.8, 100)
+	bad := []Sample{
+		func() Sample { s := steady("a", t0, 10, 0.8, 100); s.Tier = "gold"; return s }(),
+		func() Sample { s := steady("a", t0, 10, 0.8, 100); s.Cum = s.Cum[:2]; return s }(),
+		func() Sample { s := steady("b", t0, 10, 0.9, 100); s.MaxSteps = 3; return s }(),
+	}
+	w := NewWindow("", 0.8, 4, 10)
+	for _, s := range append([]Sample{good}, bad...) {
+		_ = w.Add(s)
+	}
+	got := []float64{w.TokenRate(), w.LoopStepRate(), w.Seconds, float64(w.Rejected.Total())}
+	if diff := cmp.Diff(got, []float64{100, 200, 10, 3}); diff != "" {
+		t.Errorf("token rate, loop-step rate, seconds, rejected (-got +want):\n%s", diff)
+	}
+}
+
+// TestRefusedSamplesKeepDecision: the decision after a τ change is the one the Tuner takes
+// when the whole interval ran under the new τ: the window under the old τ that the change
+// closed is refused, and neither the replicas (sized under targetLoopStepsPerReplica from the
+// token demand) nor τ move for it. Counting only the accepted samples over the interval, the
+// replicas would drop from 4 to 3 here.
+func TestRefusedSamplesKeepDecision(t *testing.T) {
+	sp := Spec{Ceiling: 0.8, Floor: 0.3, MaxSteps: 4, MinReplicas: 1, MaxReplicas: 10, TargetLoopStepsPerReplica: 300}
+	t0 := time.Unix(1000, 0)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	decide := func(samples []Sample) Decision {
+		tu, err := NewTuner(sp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// a first interval that sizes the replicas, then the interval under test
+		first := NewWindow("", 0.8, 4, 10)
+		for _, w := range []string{"a", "b"} {
+			if err := first.Add(steady(w, at(-10), 10, 0.8, 300)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if d := tu.Decide(Observation{Now: at(0), Windows: map[string]*Window{"": first}, Tau: map[string]float64{"": 0.8}, ReadyReplicas: 1, DesiredReplicas: 1}); d.Replicas != 4 {
+			t.Fatalf("first decision: %d replicas, want 4 (1200 loop steps/s at 300 a replica)", d.Replicas)
+		}
+		w := NewWindow("", 0.8, 4, 10)
+		for _, s := range samples {
+			_ = w.Add(s)
+		}
+		return tu.Decide(Observation{Now: at(10), Windows: map[string]*Window{"": w}, Tau: map[string]float64{"": 0.8}, ReadyReplicas: 4, DesiredReplicas: 4})
+	}
+	var inForce, changed []Sample
+	for _, w := range []string{"a", "b"} {
+		inForce = append(inForce, steady(w, at(0), 10, 0.8, 300))
+		// the worker's window under the τ before (0.9) closed at 7s, when the change arrived
+		changed = append(changed, steady(w, at(0), 7, 0.9, 300), steady(w, at(7), 3, 0.8, 300))
+	}
+	want, got := decide(inForce), decide(changed)
+	if got.Replicas != want.Replicas || got.Tau[""] != want.Tau[""] {
+		t.Errorf("after a τ change: τ %v, %d replicas; the same interval under the τ in force: τ %v, %d replicas", got.Tau[""], got.Replicas, want.Tau[""], want.Replicas)
+	}
+	if want.Replicas != 4 {
+		t.Errorf("steady load: %d replicas, want 4", want.Replicas)
+	}
+	if got.Rejected.StaleThreshold != 2 {
+		t.Errorf("rejected %+v, want the two windows under the old τ", got.Rejected)
+	}
+}

@@ -570,9 +570,30 @@ type Recommendation struct {
 	Reasons []string `json:"reasons,omitempty"`
 }
 
-// ObservedStats are aggregated from the workers' stats snapshots (of the default tier when
-// spec.tiers is set).
+// ObservedStats are aggregated from the workers' stats snapshots taken under the thresholds in
+// force: the default tier's figures (all traffic without spec.tiers), and each tier's.
 type ObservedStats struct {
+	ObservedFigures `json:",inline"`
+
+	// tiers holds the figures of each quality tier that generated tokens, by name (empty
+	// without spec.tiers).
+	// +listType=map
+	// +listMapKey=name
+	// +optional
+	Tiers []TierObserved `json:"tiers,omitempty"`
+}
+
+// TierObserved is one quality tier's observed figures.
+type TierObserved struct {
+	// name of the tier.
+	// +required
+	Name string `json:"name"`
+
+	ObservedFigures `json:",inline"`
+}
+
+// ObservedFigures are the figures observed over the stats window.
+type ObservedFigures struct {
 	// meanDepth is the mean loop steps per generated token.
 	// +optional
 	MeanDepth float64 `json:"meanDepth,omitempty"`
