@@ -180,7 +180,10 @@ func (t *Tuner) syncInForce(obs Observation) {
 
 // absorb takes the interval's windows: demand per tier, usable histograms, a capacity point.
 func (t *Tuner) absorb(obs Observation, d *Decision) {
-	var steps, secs float64
+	// steps and lat/latW give the mean depth and step latency; the load is the sum of each
+	// tier's loop-step rate, each over the time its own accepted samples cover (a τ change of
+	// one tier shortens only that tier's Seconds).
+	var steps, stepRate float64
 	var lat, latW float64
 	saturated := false
 	for _, tr := range t.spec.Tiers {
@@ -206,7 +209,9 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 		}
 		saturated = saturated || w.Saturated()
 		steps += float64(w.LoopSteps)
-		secs = max(secs, w.Seconds)
+		if w.Seconds > 0 {
+			stepRate += float64(w.LoopSteps) / w.Seconds
+		}
 		if w.TokenLatencyP95 > 0 && w.Tokens > 0 {
 			lat += w.TokenLatencyP95 * float64(w.Tokens)
 			latW += float64(w.Tokens)
@@ -215,10 +220,10 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 	if total := d.Rejected.Total(); total > 0 {
 		d.Reasons = append(d.Reasons, Reason{ReasonRejectedStats, fmt.Sprintf("%d stats samples refused (%d malformed, %d misaddressed, %d under a stale τ)", total, d.Rejected.Malformed, d.Rejected.Misaddressed, d.Rejected.StaleThreshold)})
 	}
-	if latW > 0 && secs > 0 && obs.ReadyReplicas > 0 {
+	if latW > 0 && stepRate > 0 && obs.ReadyReplicas > 0 {
 		depth := steps / latW
 		if depth >= 1 {
-			t.points = append(t.points, fitPoint{load: steps / secs / float64(obs.ReadyReplicas), step: lat / latW / depth, saturated: saturated})
+			t.points = append(t.points, fitPoint{load: stepRate / float64(obs.ReadyReplicas), step: lat / latW / depth, saturated: saturated})
 			if len(t.points) > fitPoints {
 				t.points = t.points[len(t.points)-fitPoints:]
 			}

@@ -430,3 +430,38 @@ func TestRefusedSamplesKeepDecision(t *testing.T) {
 		t.Errorf("rejected %+v, want the two windows under the old τ", got.Rejected)
 	}
 }
+
+// With several tiers, the capacity fit's load is the sum of each tier's loop-step rate over
+// the time its own accepted samples cover: a τ change of one tier (its window under the old τ
+// refused) must not lower the load the fit sees.
+func TestCapacityLoadAcrossTiers(t *testing.T) {
+	sp := Spec{Ceiling: 0.8, Floor: 0.3, MaxSteps: 4, MinReplicas: 1, MaxReplicas: 10,
+		Tiers: []Tier{{Name: "batch"}, {Name: "gold", Floor: 0.8}}, DefaultTier: "gold"}
+	t0 := time.Unix(1000, 0)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	tiered := func(s Sample, tier string) Sample { s.Tier = tier; return s }
+	load := func(batch []Sample) float64 {
+		tu, err := NewTuner(sp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ws := map[string]*Window{"batch": NewWindow("batch", 0.8, 4, 10), "gold": NewWindow("gold", 0.8, 4, 10)}
+		for _, s := range batch {
+			_ = ws["batch"].Add(tiered(s, "batch"))
+		}
+		if err := ws["gold"].Add(tiered(steady("a", at(0), 10, 0.8, 100), "gold")); err != nil {
+			t.Fatal(err)
+		}
+		tu.Decide(Observation{Now: at(10), Windows: ws, Tau: map[string]float64{"batch": 0.8, "gold": 0.8}, ReadyReplicas: 2, DesiredReplicas: 2})
+		if len(tu.points) != 1 {
+			t.Fatalf("%d capacity points after one interval, want 1", len(tu.points))
+		}
+		return tu.points[0].load
+	}
+	inForce := load([]Sample{steady("a", at(0), 10, 0.8, 300)})
+	// batch's window under the τ before (0.9) closed at 7s, when the change arrived
+	changed := load([]Sample{steady("a", at(0), 7, 0.9, 300), steady("a", at(7), 3, 0.8, 300)})
+	if math.Abs(changed-inForce) > 1e-9*inForce {
+		t.Errorf("capacity load after batch's τ change: %v loop steps/s a replica; the interval under the τ in force: %v", changed, inForce)
+	}
+}
