@@ -213,8 +213,13 @@ func TestTiersBrownoutOrder(t *testing.T) {
 		}
 	})
 	setLoad := func(k float64) { mu.Lock(); scale = k; mu.Unlock() }
-	tiers := func() map[string]float64 {
+	// tiers reads status.tiers; an error while the first status write with the tiers is still
+	// to come (the registry entry is written before the status).
+	tiers := func() (map[string]float64, error) {
 		st := getLoopModel(t, ns, "tiers").Status
+		if len(st.Tiers) != 3 {
+			return nil, fmt.Errorf("status.tiers %v, want the three tiers", st.Tiers)
+		}
 		m := map[string]float64{}
 		for _, ts := range st.Tiers {
 			m[ts.Name] = ts.ExitThreshold
@@ -225,7 +230,7 @@ func TestTiersBrownoutOrder(t *testing.T) {
 		if m["gold"] != 0.9 {
 			t.Fatalf("gold lowered: status.tiers %v", st.Tiers)
 		}
-		return m
+		return m, nil
 	}
 	entryTiers := func(want map[string]float64) func() error {
 		return func() error {
@@ -251,7 +256,10 @@ func TestTiersBrownoutOrder(t *testing.T) {
 
 	// Phase 1: batch alone goes down, to its floor.
 	await(t, waitLong, "batch at its floor", func() error {
-		m := tiers()
+		m, err := tiers()
+		if err != nil {
+			return err
+		}
 		if m["standard"] != 0.9 {
 			t.Fatalf("standard lowered before batch reached its floor: %v, recommendation %+v", m, getLoopModel(t, ns, "tiers").Status.Recommendation)
 		}
@@ -264,10 +272,11 @@ func TestTiersBrownoutOrder(t *testing.T) {
 	// Phase 2: five times the load: standard goes down too; gold holds (checked by tiers()).
 	setLoad(5)
 	await(t, waitLong, "standard at its floor", func() error {
-		if m := tiers(); m["standard"] != 0.6 || m["batch"] != 0.5 {
-			return fmt.Errorf("tiers %v", m)
+		m, err := tiers()
+		if err == nil && (m["standard"] != 0.6 || m["batch"] != 0.5) {
+			err = fmt.Errorf("tiers %v", m)
 		}
-		return nil
+		return err
 	})
 	await(t, waitLong, "registry and ConfigMap follow", entryTiers(map[string]float64{"batch": 0.5, "standard": 0.6, "gold": 0.9}))
 	rec := getLoopModel(t, ns, "tiers").Status.Recommendation
@@ -278,10 +287,11 @@ func TestTiersBrownoutOrder(t *testing.T) {
 	// Phase 3: a light load: every tier returns to the spec's threshold.
 	setLoad(0.2)
 	await(t, waitLong, "every tier back at the spec's", func() error {
-		if m := tiers(); m["batch"] != 0.9 || m["standard"] != 0.9 {
-			return fmt.Errorf("tiers %v", m)
+		m, err := tiers()
+		if err == nil && (m["batch"] != 0.9 || m["standard"] != 0.9) {
+			err = fmt.Errorf("tiers %v", m)
 		}
-		return nil
+		return err
 	})
 	await(t, waitLong, "registry and ConfigMap follow", entryTiers(map[string]float64{"batch": 0.9, "standard": 0.9, "gold": 0.9}))
 }
