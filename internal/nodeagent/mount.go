@@ -6,6 +6,7 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -83,27 +84,78 @@ func relativePath(p string) error {
 	return nil
 }
 
-// mountScript is the shell script a container's mount namespace runs before the program:
-// create missing mount points, bind-mount (read-only where asked), change to wd (created if
-// missing, as a container runtime does), exec argv.
-func mountScript(binds []bind, wd string, argv []string) string {
+// mountScript is the shell script a container's mount namespace runs before the program.
+//
+// Every bind source (and the working directory, when the agent chose it) is first bound into a
+// private tmpfs at stage, while every host path is still reachable; the script then changes into
+// stage and mounts from there by relative path, so that a volume mounted over a folder (an
+// emptyDir at /tmp) cannot hide the sources of the mounts that follow, however the pod nests
+// them. When exe is not empty it is opened as fd 3 before any mount and executed as
+// /proc/self/fd/3 in place of argv[0], so the agent's binary runs even from under a folder a
+// volume covers; the program inherits that read-only descriptor.
+//
+// Then, per bind, parents before children: create the missing mount point, bind-mount
+// (read-only where asked); change to wd (created if missing, as a container runtime does; the
+// staged one when stagedWD), exec argv.
+type mountScript struct {
+	binds    []bind
+	stage    string // an existing folder of the agent's, where the tmpfs goes
+	wd       string
+	stagedWD bool   // wd is the agent's folder: reached through the stage
+	exe      string // run this file as argv[0] through a descriptor; "" runs argv[0] as given
+	argv     []string
+}
+
+func (m mountScript) String() string {
 	var b strings.Builder
 	b.WriteString("set -e\n")
-	for _, m := range binds {
-		dst := shellQuote(m.dst)
-		if m.file {
-			fmt.Fprintf(&b, "[ -e %s ] || { mkdir -p %s && : > %s; }\n", dst, shellQuote(path.Dir(m.dst)), dst)
+	if m.exe != "" {
+		fmt.Fprintf(&b, "exec 3< %s\n", shellQuote(m.exe))
+	}
+	if len(m.binds) > 0 || m.stagedWD {
+		stage := shellQuote(m.stage)
+		fmt.Fprintf(&b, "mount -t tmpfs -o mode=0700 loopserve-stage %s\n", stage)
+		stageOne := func(name, src string, file bool) {
+			at := shellQuote(path.Join(m.stage, name))
+			if file {
+				fmt.Fprintf(&b, ": > %s\n", at)
+			} else {
+				fmt.Fprintf(&b, "mkdir %s\n", at)
+			}
+			fmt.Fprintf(&b, "mount --bind %s %s\n", shellQuote(src), at)
+		}
+		for i, bd := range m.binds {
+			stageOne(strconv.Itoa(i), bd.src, bd.file)
+		}
+		if m.stagedWD {
+			stageOne("wd", m.wd, false)
+		}
+		fmt.Fprintf(&b, "cd %s\n", stage)
+	}
+	for i, bd := range m.binds {
+		dst := shellQuote(bd.dst)
+		if bd.file {
+			fmt.Fprintf(&b, "[ -e %s ] || { mkdir -p %s && : > %s; }\n", dst, shellQuote(path.Dir(bd.dst)), dst)
 		} else {
 			fmt.Fprintf(&b, "mkdir -p %s\n", dst)
 		}
-		fmt.Fprintf(&b, "mount --bind %s %s\n", shellQuote(m.src), dst)
-		if m.readOnly {
+		// --no-canonicalize: mount(8) would otherwise turn ./i into an absolute path, which a
+		// mount made above may hide.
+		fmt.Fprintf(&b, "mount --no-canonicalize --bind ./%d %s\n", i, dst)
+		if bd.readOnly {
 			fmt.Fprintf(&b, "mount -o remount,bind,ro %s\n", dst)
 		}
 	}
-	fmt.Fprintf(&b, "mkdir -p %s\ncd %s\n", shellQuote(wd), shellQuote(wd))
+	if m.stagedWD {
+		b.WriteString("cd -P ./wd\n") // -P: not through $PWD, which a mount may hide
+	} else {
+		fmt.Fprintf(&b, "mkdir -p %s\ncd %s\n", shellQuote(m.wd), shellQuote(m.wd))
+	}
 	b.WriteString("exec")
-	for _, a := range argv {
+	for i, a := range m.argv {
+		if i == 0 && m.exe != "" {
+			a = "/proc/self/fd/3"
+		}
 		b.WriteString(" " + shellQuote(a))
 	}
 	b.WriteString("\n")

@@ -62,7 +62,7 @@ func TestContainerMounts(t *testing.T) {
 func TestMountScriptQuotes(t *testing.T) {
 	wd := t.TempDir()
 	args := []string{"printf", "%s|", "it's", "a b", "$HOME", `"q"`, ""}
-	script := mountScript(nil, wd, args)
+	script := mountScript{wd: wd, argv: args}.String()
 	out, err := exec.Command("/bin/sh", "-c", script, "sh").Output()
 	if err != nil {
 		t.Fatalf("%v\n%s", err, script)
@@ -85,5 +85,57 @@ func TestWriteVolumeFileRefusesEscapes(t *testing.T) {
 	st, err := os.Stat(filepath.Join(dir, "a", "b.txt"))
 	if err != nil || st.Mode().Perm() != 0o600 {
 		t.Errorf("a/b.txt: %v, mode %v; want 0600", err, st.Mode().Perm())
+	}
+}
+
+// TestMountScriptCoveredSources runs a script whose first mount covers the folder holding every
+// other source, the working directory and the binary (as an emptyDir on /tmp covers Options.Dir
+// under /tmp): the later mounts, the working directory and the binary are still reached.
+func TestMountScriptCoveredSources(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting needs root")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("unshare(1) not found")
+	}
+	root := t.TempDir()
+	at := func(p string) string { return filepath.Join(root, p) }
+	for _, d := range []string{"cover", "src/dir", "wd", "stage", "bin"} {
+		if err := os.MkdirAll(at(d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for p, body := range map[string]string{"src/dir/f": "from a folder\n", "src/file": "from a file\n", "wd/marker": "in the working directory\n"} {
+		if err := os.WriteFile(at(p), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	shell, err := os.ReadFile("/bin/sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := at("bin/sh")
+	if err := os.WriteFile(exe, shell, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s := mountScript{
+		binds: []bind{
+			{src: at("cover"), dst: root},
+			{src: at("src/dir"), dst: at("x"), readOnly: true},
+			{src: at("src/file"), dst: at("y"), file: true},
+		},
+		stage: at("stage"), wd: at("wd"), stagedWD: true, exe: exe,
+		argv: []string{exe, "-c", `cat ./marker "$1/x/f" "$1/y"; if (: > "$1/x/new") 2>/dev/null; then echo x is writable; fi`, "sh", root},
+	}
+	out, err := exec.Command(unshare, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", s.String(), "sh").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s\nscript:\n%s", err, out, s)
+	}
+	if diff := cmp.Diff(string(out), "in the working directory\nfrom a folder\nfrom a file\n"); diff != "" {
+		t.Errorf("output (-got +want):\n%s\nscript:\n%s", diff, s)
+	}
+	if _, err := os.Stat(at("src/dir/new")); err == nil {
+		t.Error("the read-only mount was written through")
 	}
 }
