@@ -69,6 +69,15 @@ func TestOperatorCreatesRegistryAtStart(t *testing.T) {
 
 	srv.start()
 	nc, js := srv.js()
+	// The gateway starts alongside the operator, as in a fresh install: maybe before the buckets exist.
+	g, err := serve.NewGateway(nc, serve.GatewayOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gctx, gstop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = g.Run(gctx) })
+	defer func() { gstop(); wg.Wait() }()
 	await(t, waitLong, "registry buckets created", func() error {
 		for _, b := range []string{bus.RegistryBucket, bus.GatewaysBucket} {
 			if _, err := js.KeyValue(ctx, b); err != nil {
@@ -99,14 +108,6 @@ func TestOperatorCreatesRegistryAtStart(t *testing.T) {
 		t.Error("the test's operator was elected; the buckets must not need the Lease")
 	}
 
-	g, err := serve.NewGateway(nc, serve.GatewayOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	gctx, gstop := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	wg.Go(func() { _ = g.Run(gctx) })
-	defer func() { gstop(); wg.Wait() }()
 	select {
 	case <-g.Ready():
 	case <-time.After(waitLong):
