@@ -1080,7 +1080,7 @@ func TestClaimsOutliveTheirPods(t *testing.T) {
 // TestEmptyDirOverTmp: an emptyDir mounted at /tmp hides the host's /tmp, under which the
 // agent keeps its volumes (Options.Dir) and the binary it runs; the configMap mounted elsewhere,
 // the termination-message file and the binary must still be reached, the emptyDir must be the
-// pod's own, and the host's /tmp untouched.
+// pod's own, and the host's /tmp and /etc untouched.
 func TestEmptyDirOverTmp(t *testing.T) {
 	needCluster(t)
 	for _, p := range []string{agents[cpuNode].opts.Dir, agents[cpuNode].opts.Binary} {
@@ -1154,5 +1154,8 @@ func TestEmptyDirOverTmp(t *testing.T) {
 	}
 	if _, err := os.Stat("/tmp/scratch"); err == nil {
 		t.Errorf("the pod's /tmp/scratch was written on the host's /tmp")
+	}
+	if _, err := os.Lstat("/etc/ls-tmp-test"); err == nil {
+		t.Errorf("the mount point /etc/ls-tmp-test was made on the host, not in the container's overlay of /etc")
 	}
 }

@@ -344,6 +344,11 @@ func (c *container) command(env []string) (*exec.Cmd, *os.File, error) {
 	if ms.wd == "" {
 		ms.wd, ms.stagedWD = c.dir, true
 	}
+	mps, err := mountPoints()
+	if err != nil {
+		return fail(err)
+	}
+	ms.shadows = shadows(mounts, mps)
 	if argv[0] == c.pod.prov.opts.Binary {
 		ms.exe = argv[0]
 	}

@@ -139,3 +139,82 @@ func TestMountScriptCoveredSources(t *testing.T) {
 		t.Error("the read-only mount was written through")
 	}
 }
+
+// TestMountScriptShadows: mount points missing under an existing host folder are made in an
+// overlay of it, not on the host; the folder's files, mode and submounts stay visible.
+func TestMountScriptShadows(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting needs root")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("unshare(1) not found")
+	}
+	root := t.TempDir()
+	at := func(p string) string { return filepath.Join(root, p) }
+	for _, d := range []string{"host/sub", "src/dir", "stage", "wd"} {
+		if err := os.MkdirAll(at(d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chmod(at("host"), 0o751); err != nil {
+		t.Fatal(err)
+	}
+	for p, body := range map[string]string{"host/keep": "kept\n", "src/dir/f": "from a folder\n", "src/file": "from a file\n"} {
+		if err := os.WriteFile(at(p), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	binds := []bind{
+		{src: at("src/dir"), dst: at("host/newdir")},
+		{src: at("src/file"), dst: at("host/new/deep/file"), file: true},
+		{src: at("src/dir"), dst: at("host/newdir/inner")}, // inside a volume: not shadowed
+	}
+	sh := shadows(binds, []string{"/", root, at("host/sub"), at("host/sub/nested"), at("elsewhere")})
+	if diff := cmp.Diff(sh, []shadow{{dir: at("host"), subs: []shsub{{path: at("host/sub")}}}}, cmp.AllowUnexported(shadow{}, shsub{})); diff != "" {
+		t.Fatalf("shadows (-got +want):\n%s", diff)
+	}
+	s := mountScript{binds: binds, stage: at("stage"), wd: at("wd"), shadows: sh, argv: []string{"/bin/sh", "-c",
+		`cat "$1/keep" "$1/sub/f" "$1/newdir/f" "$1/new/deep/file" "$1/newdir/inner/f"; stat -c %a "$1"`, "sh", at("host")}}
+	// The submount exists in the container's namespace only, as /dev/pts does under /dev.
+	prefix := "set -e; mount -t tmpfs sub " + shellQuote(at("host/sub")) + "; echo in the submount > " + shellQuote(at("host/sub/f")) + "\n"
+	out, err := exec.Command(unshare, "--mount", "--propagation", "private", "--", "/bin/sh", "-c", prefix+s.String(), "sh").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s\nscript:\n%s", err, out, s)
+	}
+	want := "kept\nin the submount\nfrom a folder\nfrom a file\nfrom a folder\n751\n"
+	if diff := cmp.Diff(string(out), want); diff != "" {
+		t.Errorf("output (-got +want):\n%s\nscript:\n%s", diff, s)
+	}
+	for _, p := range []string{"host/newdir", "host/new"} {
+		if _, err := os.Lstat(at(p)); err == nil {
+			t.Errorf("the mount point %s was made on the host", p)
+		}
+	}
+}
+
+func TestParseMountInfo(t *testing.T) {
+	in := `22 28 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+98 28 0:45 / /mnt/with\040space\011tab rw - tmpfs tmpfs rw
+99 28 0:46 / /back\134slash rw - tmpfs tmpfs rw
+short line
+100 28 0:47 / relative rw - tmpfs tmpfs rw
+`
+	got := parseMountInfo(in)
+	want := []string{"/sys", "/mnt/with space\ttab", `/back\slash`}
+	if diff := cmp.Diff(got, want); diff != "" {
+		t.Errorf("mount points (-got +want):\n%s", diff)
+	}
+}
+
+func FuzzParseMountInfo(f *testing.F) {
+	f.Add("22 28 0:21 / /sys rw - sysfs sysfs rw\n")
+	f.Add(`1 2 3 4 /a\0`)
+	f.Fuzz(func(t *testing.T, s string) {
+		for _, p := range parseMountInfo(s) {
+			if !strings.HasPrefix(p, "/") {
+				t.Errorf("mount point %q is not absolute", p)
+			}
+		}
+	})
+}
