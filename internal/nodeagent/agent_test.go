@@ -1101,6 +1101,9 @@ func TestEmptyDirOverTmp(t *testing.T) {
 	}
 	onHost.Close()
 	t.Cleanup(func() { os.Remove(onHost.Name()) })
+	// The default termination-message path: made in the container's overlay of /dev, so it
+	// must not appear on the host (unless an older agent left it there).
+	_, termLogErr := os.Lstat(DefaultTerminationMessagePath)
 	mounts := []corev1.VolumeMount{{Name: "tmp", MountPath: "/tmp"}, {Name: "conf", MountPath: "/etc/ls-tmp-test"}}
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "tmp", Namespace: ns},
@@ -1157,5 +1160,8 @@ func TestEmptyDirOverTmp(t *testing.T) {
 	}
 	if _, err := os.Lstat("/etc/ls-tmp-test"); err == nil {
 		t.Errorf("the mount point /etc/ls-tmp-test was made on the host, not in the container's overlay of /etc")
+	}
+	if _, err := os.Lstat(DefaultTerminationMessagePath); err == nil && termLogErr != nil {
+		t.Errorf("the mount point %s was made on the host", DefaultTerminationMessagePath)
 	}
 }
