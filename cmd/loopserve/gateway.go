@@ -45,8 +45,9 @@ stream's leader is re-elected, a publish is retried for --publish-retry with the
 Nats-Msg-Id. A request whose estimated queue wait exceeds --request-timeout is answered 429 with
 Retry-After; one that made its workers fail MaxDeliver times, 500.
 
-/healthz says the process is alive; /readyz is ready once the registry is loaded and the liveness
-key written, and not while NATS is disconnected. /metrics serves Prometheus metrics.
+/healthz says the process is alive; /readyz is ready once the registry is loaded (a missing one
+counts as empty: no models, 404 per model) and the liveness key written (the operator creates its
+bucket at start-up), and not while NATS is disconnected. /metrics serves Prometheus metrics.
 
 Run the NATS servers with "jetstream { sync_interval: always }": with the default two-minute
 fsync, Jepsen's analysis of NATS 2.12.1 lost acknowledged messages on crashes, and a request the

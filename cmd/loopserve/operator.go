@@ -45,6 +45,10 @@ func newOperatorCmd() *cobra.Command {
 JetStream work queues and loopserve_models registry entries, and publishes the exit threshold in
 force on loopserve.ctl.<ns>.<name>.
 
+At start-up, leader or not, it creates the loopserve_models and loopserve_gateways buckets on
+--nats-url (retrying with back-off while NATS is down), so gateways turn ready before any
+LoopModel exists.
+
 Runs with leader election (one active replica), serves Prometheus metrics on --metrics-addr and
 /healthz and /readyz on --health-probe-addr. A NATS outage marks LoopModels Degraded
 (NATSUnreachable) and is retried with backoff; the operator itself keeps running.`,

@@ -17,10 +17,17 @@
 // container's termination-message file onto the paths the pod spec names, then changes to the
 // working directory and execs the program, so the program's process is the one the agent
 // started (signals and exit status are its own). The mounts are private to that process and its
-// children; mount points missing on the host are created there as empty folders or files and
-// left in place. This was chosen over a re-executed helper binary because it needs nothing in
-// the programs that import this package, and over chroot or overlay roots because the programs
-// run from the host's filesystem anyway.
+// children. Every source is first bound into a private tmpfs (a "stage" folder of the
+// container's) and mounted from there, and Options.Binary is opened before any mount and run
+// as /proc/self/fd/3 (the program inherits that descriptor), so a volume mounted over a folder
+// that holds Options.Dir or the binary (an emptyDir at /tmp) hides neither. A mount point
+// missing on the host (/dev/termination-log, /var/run/secrets/kubernetes.io/serviceaccount,
+// /etc/<app>) is made in an overlay of its nearest existing folder (/dev, /run, /etc) whose
+// upper layer is in the stage, the folder's own submounts (/dev/pts) put back on top, so
+// nothing is created on the host; only mount points directly under / (/data) are made there,
+// empty, and left in place. This was chosen over a re-executed helper binary because it needs
+// nothing in the programs that import this package, and over chroot or overlay roots because
+// the programs run from the host's filesystem anyway.
 //
 // Volumes: emptyDir, configMap, secret (a file per key, items and modes honoured), downwardAPI,
 // hostPath, persistentVolumeClaim (a folder per claim under Options.Dir, kept across pods), and

@@ -71,7 +71,8 @@ func run(m *testing.M) int {
 		fmt.Println("node agent tests skipped:", skip)
 		return m.Run()
 	}
-	dir, err := os.MkdirTemp("", "nodeagent-")
+	// Under /tmp on purpose, the binary too: TestEmptyDirOverTmp mounts an emptyDir there.
+	dir, err := os.MkdirTemp("/tmp", "nodeagent-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -101,6 +102,11 @@ func run(m *testing.M) int {
 			return 1
 		}
 	}
+	binary := filepath.Join(dir, "nodeagent.test")
+	if err := copyFile(os.Args[0], binary); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	cl, err = cluster.Start(cluster.Options{Assets: assets, Dir: filepath.Join(dir, "cluster"), Address: pn.Gateway()})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -123,7 +129,7 @@ func run(m *testing.M) int {
 			capacity["nvidia.com/gpu"] = resource.MustParse(n.gpus)
 		}
 		a, err := Start(ctx, Options{
-			Config: cl.Config, NodeName: n.name, Binary: os.Args[0], Dir: filepath.Join(dir, n.name),
+			Config: cl.Config, NodeName: n.name, Binary: binary, Dir: filepath.Join(dir, n.name),
 			Network: pn, Capacity: capacity, APIServer: cl.APIServer,
 		})
 		if err != nil {
@@ -192,6 +198,24 @@ func namespace(t *testing.T) string {
 }
 
 // dumpLogs prints the logs of every container of the namespace's pods.
+// copyFile copies the executable src to dst.
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o755)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return fmt.Errorf("copying %s to %s: %w", src, dst, err)
+	}
+	return out.Close()
+}
+
 func dumpLogs(t *testing.T, ns string) {
 	for _, a := range agents {
 		_ = filepath.WalkDir(filepath.Join(a.opts.Dir, "logs", ns), func(p string, d os.DirEntry, err error) error {
@@ -1050,5 +1074,94 @@ func TestClaimsOutliveTheirPods(t *testing.T) {
 	}
 	if got != "written" {
 		t.Errorf("the reader found %q in the claim, want what the writer wrote", got)
+	}
+}
+
+// TestEmptyDirOverTmp: an emptyDir mounted at /tmp hides the host's /tmp, under which the
+// agent keeps its volumes (Options.Dir) and the binary it runs; the configMap mounted elsewhere,
+// the termination-message file and the binary must still be reached, the emptyDir must be the
+// pod's own, and the host's /tmp and /etc untouched.
+func TestEmptyDirOverTmp(t *testing.T) {
+	needCluster(t)
+	for _, p := range []string{agents[cpuNode].opts.Dir, agents[cpuNode].opts.Binary} {
+		if !strings.HasPrefix(p, "/tmp/") {
+			t.Fatalf("%s is not under /tmp: the test proves nothing", p)
+		}
+	}
+	ns := namespace(t)
+	ctx := context.Background()
+	if _, err := k8s.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: "conf"}, Data: map[string]string{"model": "ouro-tiny"},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	onHost, err := os.CreateTemp("/tmp", "host-only-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	onHost.Close()
+	t.Cleanup(func() { os.Remove(onHost.Name()) })
+	// The default termination-message path: made in the container's overlay of /dev, so it
+	// must not appear on the host (unless an older agent left it there).
+	_, termLogErr := os.Lstat(DefaultTerminationMessagePath)
+	mounts := []corev1.VolumeMount{{Name: "tmp", MountPath: "/tmp"}, {Name: "conf", MountPath: "/etc/ls-tmp-test"}}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "tmp", Namespace: ns},
+		Spec: corev1.PodSpec{
+			NodeSelector:  map[string]string{corev1.LabelHostname: cpuNode},
+			RestartPolicy: corev1.RestartPolicyNever,
+			InitContainers: []corev1.Container{{
+				Name: "init", Image: "loopserve:ignored", Command: []string{"loopserve"}, Args: helperArgs("exit", "0", "init done"),
+				VolumeMounts: mounts,
+			}},
+			Containers: []corev1.Container{{
+				Name: "main", Image: "loopserve:ignored", Command: []string{"loopserve"}, Args: helperArgs("serve", ":8080"),
+				VolumeMounts:   mounts,
+				ReadinessProbe: httpProbe("/healthz", 8080),
+			}},
+			Volumes: []corev1.Volume{
+				{Name: "tmp", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}},
+				{Name: "conf", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
+					LocalObjectReference: corev1.LocalObjectReference{Name: "conf"}}}},
+			},
+		},
+	}
+	if _, err := k8s.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	removeMountPoints(t, ns, "/etc/ls-tmp-test")
+	var p *corev1.Pod
+	await(t, "the pod Ready", func(ctx context.Context) (bool, error) {
+		p, err = getPod(ctx, ns, "tmp")
+		if err != nil {
+			return false, err
+		}
+		return podReady(p), nil
+	})
+	if st := p.Status.InitContainerStatuses; len(st) != 1 || st[0].State.Terminated == nil || st[0].State.Terminated.Message != "init done" {
+		t.Errorf("init container status %+v, want terminated with the message %q", st, "init done")
+	}
+	base := "http://" + p.Status.PodIP + ":8080"
+	if got, err := get(ctx, base+"/read?path="+url.QueryEscape("/etc/ls-tmp-test/model")); err != nil || got != "ouro-tiny" {
+		t.Errorf("the configMap's file reads %q, %v; want %q", got, err, "ouro-tiny")
+	}
+	if _, err := get(ctx, base+"/write?path="+url.QueryEscape("/tmp/scratch")); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := get(ctx, base+"/read?path="+url.QueryEscape(onHost.Name())); err == nil {
+		t.Errorf("the host's %s is visible in the pod's /tmp (read %q)", onHost.Name(), got)
+	}
+	scratch := filepath.Join(agents[cpuNode].opts.Dir, "pods", fmt.Sprintf("%s_%s_%s", ns, p.Name, p.UID), "volumes", "tmp", "scratch")
+	if b, err := os.ReadFile(scratch); err != nil || string(b) != "written" {
+		t.Errorf("the pod's /tmp/scratch in its emptyDir %s: %q, %v; want %q", scratch, b, err, "written")
+	}
+	if _, err := os.Stat("/tmp/scratch"); err == nil {
+		t.Errorf("the pod's /tmp/scratch was written on the host's /tmp")
+	}
+	if _, err := os.Lstat("/etc/ls-tmp-test"); err == nil {
+		t.Errorf("the mount point /etc/ls-tmp-test was made on the host, not in the container's overlay of /etc")
+	}
+	if _, err := os.Lstat(DefaultTerminationMessagePath); err == nil && termLogErr != nil {
+		t.Errorf("the mount point %s was made on the host", DefaultTerminationMessagePath)
 	}
 }

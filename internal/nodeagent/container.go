@@ -336,11 +336,23 @@ func (c *container) command(env []string) (*exec.Cmd, *os.File, error) {
 	if err != nil {
 		return fail(err)
 	}
-	wd := c.spec.WorkingDir
-	if wd == "" {
-		wd = c.dir
+	stage := filepath.Join(c.dir, "stage")
+	if err := os.MkdirAll(stage, 0o700); err != nil {
+		return fail(fmt.Errorf("creating %s: %w", stage, err))
 	}
-	script := mountScript(mounts, wd, argv)
+	ms := mountScript{binds: mounts, stage: stage, wd: c.spec.WorkingDir, argv: argv}
+	if ms.wd == "" {
+		ms.wd, ms.stagedWD = c.dir, true
+	}
+	mps, err := mountPoints()
+	if err != nil {
+		return fail(err)
+	}
+	ms.shadows = shadows(mounts, mps)
+	if argv[0] == c.pod.prov.opts.Binary {
+		ms.exe = argv[0]
+	}
+	script := ms.String()
 	unshare, err := exec.LookPath("unshare")
 	if err != nil {
 		return fail(fmt.Errorf("unshare(1) (util-linux) not found: %w", err))

@@ -62,11 +62,19 @@ func TestQuickstart(t *testing.T) {
 	step := func(name string) { t.Logf("%6.1fs %s", time.Since(start).Seconds(), name) }
 
 	step("helm install")
-	// No --wait: the gateways turn ready only once the operator has created the NATS buckets,
-	// which it does for the first LoopModel; the operator is awaited alone.
+	// --wait before any LoopModel: the operator creates the NATS buckets at start-up, so the
+	// gateways turn ready without one.
 	h.helmT(t, ctx, "install", release, filepath.Join(root, "charts", "loopserve"),
-		"--namespace", releaseNS, "--create-namespace", "--set", "nats.url="+h.natsURL)
-	h.kubectlT(t, ctx, "rollout", "status", "-n", releaseNS, "deployment/loopserve-operator", "--timeout=5m")
+		"--namespace", releaseNS, "--create-namespace", "--set", "nats.url="+h.natsURL, "--wait", "--timeout", "5m")
+	for _, name := range []string{"loopserve-operator", "loopserve-gateway"} {
+		d, err := h.kube.AppsV1().Deployments(releaseNS).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Status.ReadyReplicas != *d.Spec.Replicas || d.Status.ReadyReplicas == 0 {
+			t.Fatalf("deployment %s after helm install --wait: %d of %d ready", name, d.Status.ReadyReplicas, *d.Spec.Replicas)
+		}
+	}
 
 	step("kubectl apply the CPU sample")
 	sample := h.sample(t, root)
@@ -74,16 +82,6 @@ func TestQuickstart(t *testing.T) {
 		t.Fatalf("kubectl apply printed %q", out)
 	}
 	h.kubectlT(t, ctx, "wait", "-n", modelNS, "loopmodel/"+model, "--for=condition=Ready", "--timeout=5m")
-	h.kubectlT(t, ctx, "rollout", "status", "-n", releaseNS, "deployment/loopserve-gateway", "--timeout=5m")
-	for _, name := range []string{"loopserve-operator", "loopserve-gateway"} {
-		d, err := h.kube.AppsV1().Deployments(releaseNS).Get(ctx, name, metav1.GetOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if d.Status.ReadyReplicas != *d.Spec.Replicas || d.Status.ReadyReplicas == 0 {
-			t.Fatalf("deployment %s after rollout status: %d of %d ready", name, d.Status.ReadyReplicas, *d.Spec.Replicas)
-		}
-	}
 
 	gw := h.gatewayURL(t, ctx)
 	step("requests through the gateway pod " + gw)
