@@ -148,32 +148,38 @@ func TestUpListensOnLoopback(t *testing.T) {
 	}
 }
 
+// startTunedUp starts `up` on the shipped tiny model (spec threshold 0.7, fast mode) with the
+// tuning flags tf, until ctx ends; it is stopped when the test ends.
+func startTunedUp(t *testing.T, ctx context.Context, tf upTuningFlags) *serve.Local {
+	t.Helper()
+	tuning, err := tf.tuning()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ef := serveEngineFlags{threshold: 0.7, mode: "fast", kvPolicy: "full", capacity: 4}
+	_, local, stop, err := startUp(ctx, slog.New(slog.DiscardHandler), upConfig{dir: filepath.Join("..", "..", "testdata", "models", "ouro-tiny-arith"),
+		ref: bus.Ref{Namespace: "default", Name: "ouro-tiny-arith"}, listen: "127.0.0.1:0", engine: ef, tuning: tuning})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
+			t.Errorf("stopping: %v", err)
+		}
+	})
+	return local
+}
+
 // TestUpTuning runs `up` with an inter-token latency SLO no machine meets: in auto mode the
 // tuning loop lowers the threshold in force step by step to --min-threshold under load, and
 // /v1/models and /metrics show it; in advisory mode the decision says so but the threshold in
 // force stays.
 func TestUpTuning(t *testing.T) {
-	modelDir := filepath.Join("..", "..", "testdata", "models", "ouro-tiny-arith")
 	for _, mode := range []string{"auto", "advisory"} {
 		t.Run(mode, func(t *testing.T) {
-			tf := upTuningFlags{slo: time.Microsecond, floor: 0.3, mode: mode, interval: 300 * time.Millisecond}
-			tuning, err := tf.tuning()
-			if err != nil {
-				t.Fatal(err)
-			}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			ef := serveEngineFlags{threshold: 0.7, mode: "fast", kvPolicy: "full", capacity: 4}
-			_, local, stop, err := startUp(ctx, slog.New(slog.DiscardHandler), upConfig{dir: modelDir,
-				ref: bus.Ref{Namespace: "default", Name: "ouro-tiny-arith"}, listen: "127.0.0.1:0", engine: ef, tuning: tuning})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer func() {
-				if err := stop(); err != nil {
-					t.Errorf("stopping: %v", err)
-				}
-			}()
+			local := startTunedUp(t, ctx, upTuningFlags{slo: time.Microsecond, floor: 0.3, mode: mode, interval: 300 * time.Millisecond})
 			base := local.URL()
 			var load sync.WaitGroup
 			load.Go(func() {
@@ -283,26 +289,10 @@ func TestUpTierFlags(t *testing.T) {
 // floor, never lowers the tier whose floor is the threshold, and shows both in /v1/models;
 // a request for an unknown tier is refused.
 func TestUpTiers(t *testing.T) {
-	modelDir := filepath.Join("..", "..", "testdata", "models", "ouro-tiny-arith")
-	tf := upTuningFlags{slo: time.Microsecond, mode: "auto", interval: 300 * time.Millisecond,
-		tiers: []string{"batch=0.3", "gold=0.7"}, defaultTier: "gold"}
-	tuning, err := tf.tuning()
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	ef := serveEngineFlags{threshold: 0.7, mode: "fast", kvPolicy: "full", capacity: 4}
-	_, local, stop, err := startUp(ctx, slog.New(slog.DiscardHandler), upConfig{dir: modelDir,
-		ref: bus.Ref{Namespace: "default", Name: "ouro-tiny-arith"}, listen: "127.0.0.1:0", engine: ef, tuning: tuning})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := stop(); err != nil {
-			t.Errorf("stopping: %v", err)
-		}
-	}()
+	local := startTunedUp(t, ctx, upTuningFlags{slo: time.Microsecond, mode: "auto", interval: 300 * time.Millisecond,
+		tiers: []string{"batch=0.3", "gold=0.7"}, defaultTier: "gold"})
 	base := local.URL()
 	send := func(ctx context.Context, tier string) int {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/completions",
