@@ -20,6 +20,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
@@ -245,4 +246,20 @@ func gone(obj client.Object, ns, name string) func() error {
 		}
 		return errors.New("still exists")
 	}
+}
+
+// runManager starts mgr until the test ends; then it stops it, waits for it, reports its error
+// as the test's (named by what), and closes its NATS pool.
+func runManager(t *testing.T, what string, mgr ctrl.Manager, pool *NATSPool) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("%s: %v", what, err)
+		}
+		pool.Close()
+	})
 }

@@ -53,16 +53,7 @@ func TestOperatorCreatesRegistryAtStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(mctx) }()
-	defer func() {
-		stop()
-		if err := <-done; err != nil {
-			t.Errorf("manager: %v", err)
-		}
-		pool.Close()
-	}()
+	runManager(t, "manager", mgr, pool)
 	for _, path := range []string{"/healthz", "/readyz"} {
 		await(t, waitLong, "operator "+path+" while NATS is down", func() error { return httpOK("http://" + probe + path) })
 	}

@@ -42,16 +42,7 @@ func TestNamespaceScopedOperator(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(mctx) }()
-	defer func() {
-		stop()
-		if err := <-done; err != nil {
-			t.Errorf("scoped manager: %v", err)
-		}
-		pool.Close()
-	}()
+	runManager(t, "scoped manager", mgr, pool)
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if !mgr.GetCache().WaitForCacheSync(sctx) {

@@ -223,16 +223,7 @@ func startCountedOperator(t *testing.T, ns string) *calls {
 	if err := r.SetupWithManager(mgr); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("counted operator: %v", err)
-		}
-		pool.Close()
-	})
+	runManager(t, "counted operator", mgr, pool)
 	return c
 }
 
