@@ -61,3 +61,62 @@ func dpTile8x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo 
 
 //go:noescape
 func pairTile8x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+// The prefetching variants of the tiles above (the P tiles of matmulbf16_amd64.s and
+// matmulpair_amd64.s): the same sums, with each chunk also prefetching the same chunk of the
+// next tile's weight rows.
+//
+//go:noescape
+func dpTileP4x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTileP4x2(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTileP4x3(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTileP4x4(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTileP4x5(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTileP4x6(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func dpTileP8x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTileP4x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTileP4x2(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTileP4x3(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTileP4x4(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTileP4x5(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTileP8x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+// The kernel sets the products use: the prefetching tiles walked weight tile by weight tile
+// for small batches, the plain ones otherwise (dpNew, pairNew), and the former sets (plain
+// tiles, row blocks at every batch size) that the benchmarks compare against.
+var (
+	dpNew = dpKernels{
+		tiles:   [...]dpTileFunc{dpTileP4x1, dpTileP4x2, dpTileP4x3, dpTileP4x4, dpTileP4x5, dpTileP4x6},
+		blocked: dpTiles, wide: dpTile8x1, small: smallBatch,
+	}
+	dpOld   = dpKernels{tiles: dpTiles, blocked: dpTiles, wide: dpTile8x1}
+	pairNew = pairKernels{
+		tiles:   [...]pairTileFunc{pairTileP4x1, pairTileP4x2, pairTileP4x3, pairTileP4x4, pairTileP4x5},
+		blocked: pairTiles, wide: pairTile8x1, small: smallBatch,
+	}
+	pairOld = pairKernels{tiles: pairTiles, blocked: pairTiles, wide: pairTile8x1}
+)

@@ -21,3 +21,7 @@ func dpTile8x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo 
 func pairTile8x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int) {
 	panic("cpu: no AVX-512 on this architecture")
 }
+
+var dpNew, dpOld dpKernels
+
+var pairNew, pairOld pairKernels

@@ -133,6 +133,8 @@ func FuzzDPRows(f *testing.F) {
 // BenchmarkProduct compares one thread's product kernels on a 16384×2048 weight (64 MB:
 // streamed from memory) at decode and prefill batch sizes: widen (the float32 tiles that
 // widen bf16 weights), pairs (the exact pair tiles) and bf16 (VDPBF16PS). GMAC/s is the
+// multiply-add rate by wall time; pairs-old and bf16-old are the former kernel sets (tiles
+// without prefetching, row blocks at every batch size), kept for comparison. GMAC/s is the
 // multiply-add rate by wall time, cpu-GMAC/s by the thread's CPU time (steadier on a shared
 // machine: time the thread spent descheduled is not counted).
 func BenchmarkProduct(b *testing.B) {
@@ -151,7 +153,9 @@ func BenchmarkProduct(b *testing.B) {
 			run  func()
 		}{
 			{"widen", true, func() { matRows(out, x, n, w, 0, w.Rows, w.Rows, w.Cols) }},
+			{"pairs-old", pairOK(w), func() { pairOld.rows(out, w.Rows, xp, n, w, 0, w.Rows) }},
 			{"pairs", pairOK(w), func() { pairRows(out, w.Rows, xp, n, w, 0, w.Rows) }},
+			{"bf16-old", dpOK(w), func() { dpOld.rows(out, w.Rows, xb, n, w, 0, w.Rows) }},
 			{"bf16", dpOK(w), func() { dpRows(out, w.Rows, xb, n, w, 0, w.Rows) }},
 		} {
 			if !k.ok {
@@ -324,4 +328,77 @@ func TestNormVectorMatchesScalar(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestKernelSetsAgree: every kernel set (the prefetching small-batch walk, the row blocks, the
+// former set) gives bit for bit the same outputs on random shapes and batch sizes, within
+// [lo, hi) only, and the sets match the plain-Go reference within tolerance (checkDP,
+// checkPair).
+func TestKernelSetsAgree(t *testing.T) {
+	if !haveAVX512 {
+		t.Skip("no AVX-512")
+	}
+	r := rand.New(rand.NewPCG(17, 18))
+	for trial := range 40 {
+		rows, cols := 4*(1+r.IntN(40)), 32*(1+r.IntN(40))
+		n := 1 + r.IntN(2*smallBatch)
+		lo := 4 * r.IntN(rows/4)
+		hi := lo + 4*(1+r.IntN((rows-lo)/4))
+		w := fastRandMatrix(r, rows, cols)
+		x := fastRandVec(r, n*cols)
+		xp := make([]float32, len(x))
+		permutePairs(xp, x)
+		xb := bf16Vec(x)
+		type run struct {
+			name string
+			ok   bool
+			fn   func(out []float32)
+		}
+		for _, runs := range [][]run{
+			{
+				{"pairs", true, func(o []float32) { pairNew.rows(o, rows, xp, n, w, lo, hi) }},
+				{"pairs-old", true, func(o []float32) { pairOld.rows(o, rows, xp, n, w, lo, hi) }},
+				{"pairs-walk", true, func(o []float32) { k := pairNew; k.small = 1 << 20; k.rows(o, rows, xp, n, w, lo, hi) }},
+			},
+			{
+				{"bf16", haveBF16, func(o []float32) { dpNew.rows(o, rows, xb, n, w, lo, hi) }},
+				{"bf16-old", haveBF16, func(o []float32) { dpOld.rows(o, rows, xb, n, w, lo, hi) }},
+				{"bf16-walk", haveBF16, func(o []float32) { k := dpNew; k.small = 1 << 20; k.rows(o, rows, xb, n, w, lo, hi) }},
+				{"go", true, func(o []float32) { dpRowsGo(o, rows, xb, n, w, lo, hi) }},
+			},
+		} {
+			var want []float32
+			for _, rn := range runs {
+				if !rn.ok {
+					continue
+				}
+				got := make([]float32, n*rows)
+				for i := range got {
+					got[i] = -12345
+				}
+				rn.fn(got)
+				if want == nil {
+					want = got
+					continue
+				}
+				for i := range got {
+					if got[i] != want[i] && !(rn.name == "go" && closeRel(got[i], want[i], cols)) {
+						t.Fatalf("trial %d %d×%d n %d [%d,%d): %s out[%d] = %g, %s %g", trial, rows, cols, n, lo, hi, rn.name, i, got[i], runs[0].name, want[i])
+					}
+				}
+			}
+		}
+		if trial < 8 {
+			checkPair(t, w, x, n, lo, hi)
+			if haveBF16 {
+				checkDP(t, w, x, n, lo, hi, dpRows)
+			}
+		}
+	}
+}
+
+// closeRel reports whether a and b agree to float32 summation error over cols terms of
+// magnitude about 1 (the Go path sums in the same lanes but may round the final sum apart).
+func closeRel(a, b float32, cols int) bool {
+	return math.Abs(float64(a-b)) <= float64(cols)*0x1p-22*(1+math.Abs(float64(b)))
 }
