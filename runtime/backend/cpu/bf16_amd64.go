@@ -85,9 +85,6 @@ func dpTileP4x5(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo
 func dpTileP4x6(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
 
 //go:noescape
-func dpTileP8x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
-
-//go:noescape
 func pairTileP4x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
 
 //go:noescape
@@ -101,9 +98,6 @@ func pairTileP4x4(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, 
 
 //go:noescape
 func pairTileP4x5(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
-
-//go:noescape
-func pairTileP8x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
 
 // The kernel sets the products use: the prefetching tiles walked weight tile by weight tile
 // for small batches, the plain ones otherwise (dpNew, pairNew), and the former sets (plain

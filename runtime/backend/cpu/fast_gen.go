@@ -65,8 +65,10 @@ func main() {
 			b.WriteString("\n")
 			writeDPTileR(&b, 4, m, pf)
 		}
-		b.WriteString("\n")
-		writeDPTileR(&b, 8, 1, pf)
+		if !pf { // batch 1 keeps the plain 8-row tile: prefetching made it slower
+			b.WriteString("\n")
+			writeDPTileR(&b, 8, 1, pf)
+		}
 	}
 	if err := os.WriteFile("matmulbf16_amd64.s", []byte(b.String()), 0o644); err != nil {
 		log.Fatal(err)
@@ -78,8 +80,10 @@ func main() {
 			b.WriteString("\n")
 			writePairTileR(&b, 4, m, pf)
 		}
-		b.WriteString("\n")
-		writePairTileR(&b, 8, 1, pf)
+		if !pf { // batch 1 keeps the plain 8-row tile: prefetching made it slower
+			b.WriteString("\n")
+			writePairTileR(&b, 8, 1, pf)
+		}
 	}
 	if err := os.WriteFile("matmulpair_amd64.s", []byte(b.String()), 0o644); err != nil {
 		log.Fatal(err)
