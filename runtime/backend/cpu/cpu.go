@@ -28,44 +28,6 @@ type Backend struct {
 	rope     atomic.Pointer[ropeTable] // the latest rotation table, see rotations
 }
 
-// pool is a fixed set of goroutines taking kernel chunks: handing a chunk to a parked worker
-// is cheaper than starting a goroutine per chunk, hundreds of times per token.
-type pool struct {
-	work chan poolTask
-	quit chan struct{}
-	once sync.Once
-	wg   sync.WaitGroup
-}
-
-type poolTask struct {
-	fn     func(lo, hi int)
-	lo, hi int
-	done   *sync.WaitGroup
-}
-
-func newPool(workers int) *pool {
-	p := &pool{work: make(chan poolTask, workers), quit: make(chan struct{})}
-	for range workers {
-		p.wg.Go(func() {
-			for {
-				select {
-				case t := <-p.work:
-					t.fn(t.lo, t.hi)
-					t.done.Done()
-				case <-p.quit:
-					return
-				}
-			}
-		})
-	}
-	return p
-}
-
-func (p *pool) stop() {
-	p.once.Do(func() { close(p.quit) })
-	p.wg.Wait()
-}
-
 // Close stops the worker goroutines and waits for them; the Backend must not be used after.
 func (b *Backend) Close() error {
 	if b.pool != nil {

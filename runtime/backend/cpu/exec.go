@@ -3,7 +3,6 @@ package cpu
 import (
 	"fmt"
 	"math"
-	"sync"
 
 	"github.com/loopserve/loopserve/runtime/backend/host"
 	"github.com/loopserve/loopserve/runtime/engine"
@@ -93,7 +92,6 @@ type stream struct {
 	states host.States
 	wk     []worker
 	phases [5]func(int, int)
-	wg     sync.WaitGroup
 
 	// The step in progress.
 	bt         *engine.Batch
@@ -186,12 +184,7 @@ func (s *stream) run(t, p int) {
 		fn(0, 0)
 		return
 	}
-	s.wg.Add(t - 1)
-	for w := 1; w < t; w++ {
-		s.x.b.pool.work <- poolTask{fn: fn, lo: w, done: &s.wg}
-	}
-	fn(0, 0)
-	s.wg.Wait()
+	s.x.b.pool.phase(t, fn)
 }
 
 // split returns worker w's share of [0, total) in whole grains, t workers in all.

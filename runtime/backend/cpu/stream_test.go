@@ -254,6 +254,28 @@ func TestStreamInvariance(t *testing.T) {
 	}
 }
 
+// TestStreamsShareBackend: streams of one Backend stepping at the same time (one holds the
+// workers' spinning lanes, the others hand their phases through the channel) each get the
+// results of a stream stepping alone.
+func TestStreamsShareBackend(t *testing.T) {
+	m := tinyModel(t, "ouro-tiny-arith")
+	V := m.Config.VocabSize
+	want := newScript(t, cpu.New(1), m, false).history(V)
+	be := cpu.New(3)
+	t.Cleanup(func() { be.Close() })
+	for i := range 4 {
+		t.Run(fmt.Sprint("stream", i), func(t *testing.T) {
+			t.Parallel()
+			for range 3 {
+				got := newScript(t, be, m, false).history(V)
+				if diff := cmp.Diff(got, want, cmp.AllowUnexported(stepOut{})); diff != "" {
+					t.Fatalf("(-shared +alone):\n%s", diff)
+				}
+			}
+		})
+	}
+}
+
 // TestStepAllocatesNothing: once buffers have grown, a loop step allocates nothing.
 func TestStepAllocatesNothing(t *testing.T) {
 	m := tinyModel(t, "ouro-tiny-random")

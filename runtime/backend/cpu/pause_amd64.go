@@ -1,0 +1,6 @@
+package cpu
+
+// spinPause is one PAUSE: a spin-wait hint that yields the core's pipeline to its sibling.
+//
+//go:noescape
+func spinPause()
