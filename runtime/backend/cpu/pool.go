@@ -1,6 +1,7 @@
 package cpu
 
 import (
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,6 +28,7 @@ type pool struct {
 	once sync.Once
 	wg   sync.WaitGroup
 
+	spin    time.Duration // spinFor, or 0 with one P (a spinning goroutine would hold it)
 	gang    sync.Mutex
 	lanes   []lane
 	pending atomic.Int32 // lanes of the current phase not finished
@@ -57,6 +59,9 @@ const spinFor = 200 * time.Microsecond
 
 func newPool(workers int) *pool {
 	p := &pool{work: make(chan poolTask, workers), quit: make(chan struct{}), lanes: make([]lane, workers), woken: make(chan struct{}, 1)}
+	if runtime.GOMAXPROCS(0) > 1 {
+		p.spin = spinFor
+	}
 	for i := range p.lanes {
 		l := &p.lanes[i]
 		l.wake = make(chan struct{}, 1)
@@ -103,7 +108,7 @@ func (p *pool) poll(l *lane, last uint64) bool {
 		if l.seq.Load() != last {
 			return true
 		}
-		if i%64 == 0 && (len(p.work) > 0 || time.Since(start) > spinFor) {
+		if i%64 == 0 && (len(p.work) > 0 || time.Since(start) > p.spin) {
 			return false
 		}
 		spinPause()
@@ -136,7 +141,7 @@ func (p *pool) phase(t int, fn func(lo, hi int)) {
 	fn(0, 0)
 	start := time.Now()
 	for i := 1; p.pending.Load() > 0; i++ {
-		if i%64 != 0 || time.Since(start) < spinFor {
+		if i%64 != 0 || time.Since(start) < p.spin {
 			spinPause()
 			continue
 		}
