@@ -1,6 +1,4 @@
 package cpu
 
 // spinPause is one PAUSE: a spin-wait hint that yields the core's pipeline to its sibling.
-//
-//go:noescape
 func spinPause()
