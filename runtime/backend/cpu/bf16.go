@@ -85,9 +85,10 @@ type dpTileFunc = func(w *uint16, ldw int, x *uint16, ldx int, k int, out *float
 // activation rows walk the weights 4 rows at a time with tiles, each weight tile serving every
 // activation tile while it is in L1, the first prefetching the next weight tile (so the
 // weights stream from memory once, overlapped with the arithmetic: on a Zen 5 core, 1.3-1.5×
-// the rate of row blocks at 8 rows); one row (wide, which the hardware prefetcher serves
-// better alone) and more than small rows take row blocks (see blocking) with blocked. Every tile sums an output alike,
-// so neither the set nor the order changes a result.
+// the rate of row blocks at 8 rows); one row takes wide, 8 weight rows at a time (in the
+// new sets prefetching two tiles ahead), and more than small rows take row blocks (see
+// blocking) with blocked. Every tile sums an output alike, so neither the set nor the order
+// changes a result.
 type dpKernels struct {
 	tiles   [6]dpTileFunc // small batches
 	blocked [6]dpTileFunc // row blocks

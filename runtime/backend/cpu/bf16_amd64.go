@@ -67,6 +67,12 @@ func pairTile8x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, l
 // next tile's weight rows.
 //
 //go:noescape
+func dpTileP8x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
+func pairTileP8x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
+
+//go:noescape
 func dpTileP4x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
 
 //go:noescape
@@ -100,17 +106,18 @@ func pairTileP4x4(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, 
 func pairTileP4x5(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, ldo int)
 
 // The kernel sets the products use: the prefetching tiles walked weight tile by weight tile
-// for small batches, the plain ones otherwise (dpNew, pairNew), and the former sets (plain
-// tiles, row blocks at every batch size) that the benchmarks compare against.
+// for small batches and for one row, the plain ones in row blocks otherwise (dpNew, pairNew),
+// and the former sets (plain tiles, row blocks at every batch size) that the benchmarks
+// compare against.
 var (
 	dpNew = dpKernels{
 		tiles:   [...]dpTileFunc{dpTileP4x1, dpTileP4x2, dpTileP4x3, dpTileP4x4, dpTileP4x5, dpTileP4x6},
-		blocked: dpTiles, wide: dpTile8x1, small: smallBatch,
+		blocked: dpTiles, wide: dpTileP8x1, small: smallBatch,
 	}
 	dpOld   = dpKernels{tiles: dpTiles, blocked: dpTiles, wide: dpTile8x1}
 	pairNew = pairKernels{
 		tiles:   [...]pairTileFunc{pairTileP4x1, pairTileP4x2, pairTileP4x3, pairTileP4x4, pairTileP4x5},
-		blocked: pairTiles, wide: pairTile8x1, small: smallBatch,
+		blocked: pairTiles, wide: pairTileP8x1, small: smallBatch,
 	}
 	pairOld = pairKernels{tiles: pairTiles, blocked: pairTiles, wide: pairTile8x1}
 )
