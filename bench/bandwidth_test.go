@@ -59,3 +59,47 @@ func TestLastLevelCache(t *testing.T) {
 		t.Errorf("LastLevelCache() = %d bytes, want at least an L1's 16 KiB", llc)
 	}
 }
+
+func TestProbeStream(t *testing.T) {
+	p, err := NewProbe(1 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := p.Size()
+	if size <= 0 || size > 1<<20 || size%int64(64*len(p.parts)) != 0 {
+		t.Fatalf("Size() = %d, want whole cache lines per worker within 1 MiB", size)
+	}
+	// A stream longer than the buffer wraps around it; one shorter continues where the last ended.
+	for _, bytes := range []int64{3 * size, size / 3, size, 1} {
+		per := bytes / 8 / int64(len(p.parts)) / 8 * 8
+		start := p.next
+		read, d := p.Stream(bytes)
+		if want := per * 8 * int64(len(p.parts)); read != want {
+			t.Errorf("Stream(%d) read %d bytes, want %d", bytes, read, want)
+		}
+		if read > 0 && d <= 0 {
+			t.Errorf("Stream(%d) took %v, want a positive duration", bytes, d)
+		}
+		if want := (start + per) % int64(len(p.parts[0])); p.next != want {
+			t.Errorf("after Stream(%d) next = %d, want %d", bytes, p.next, want)
+		}
+	}
+	// The sums are of the filled words: a whole pass of every worker adds each part's sum.
+	p.next, p.sink = 0, 0
+	var want uint64
+	for _, part := range p.parts {
+		for _, v := range part {
+			want += v
+		}
+	}
+	p.Stream(size)
+	if p.sink != want {
+		t.Errorf("one pass summed %d, want %d", p.sink, want)
+	}
+	if _, err := NewProbe(0); err == nil {
+		t.Error("NewProbe(0) returned no error")
+	}
+	if _, err := p.Measure(t.Context(), 0); err == nil {
+		t.Error("Measure(0 passes) returned no error")
+	}
+}

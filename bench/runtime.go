@@ -25,6 +25,10 @@ type RuntimeOptions struct {
 	// per-token early exit at Exit.Threshold τ (the engine runs in Fast mode, so a token that
 	// exits at step d costs d loop steps). 0 measures full depth only.
 	Threshold float64
+	// Probe, when set, adds the paired bandwidth fractions: after the batch-1 decode the same
+	// prompt is decoded again by PairedDecode, streaming a token's weight bytes through Probe
+	// after each token.
+	Probe *Probe
 }
 
 func (o *RuntimeOptions) defaults() {
@@ -73,6 +77,10 @@ type RuntimeResult struct {
 	// MeanDepthAdaptive is the loop steps executed per decoded token of the adaptive batch-1
 	// run, from the engine's counters (the first token, from prefill, left out).
 	MeanDepthAdaptive float64 `json:"mean_depth_adaptive"`
+
+	// PairedFractions are PairedDecode's per-token bandwidth fractions (RuntimeOptions.Probe
+	// set), every repeat's.
+	PairedFractions []float64 `json:"bandwidth_fractions_paired_b1,omitempty"`
 }
 
 // WeightBytesPerToken is the weight bytes a full-depth decode step of one token reads: every
@@ -145,6 +153,13 @@ func Runtime(ctx context.Context, m *model.Model, be engine.Backend, o RuntimeOp
 		if dt := after.Tokens - before.Tokens; dt > 0 {
 			res.LoopStepsPerTok = float64(after.ChosenDepth-before.ChosenDepth) / float64(dt)
 		}
+		if o.Probe != nil {
+			f, err := PairedDecode(ctx, e, prompts[0], o.DecodeTokens, res.WeightBytesPerTk, o.Probe)
+			if err != nil {
+				return RuntimeResult{}, err
+			}
+			res.PairedFractions = append(res.PairedFractions, f...)
+		}
 
 		if rate, err = DecodeRate(ctx, e, prompts, o.DecodeTokens); err != nil {
 			return RuntimeResult{}, err
@@ -174,6 +189,56 @@ func Runtime(ctx context.Context, m *model.Model, be engine.Backend, o RuntimeOp
 		return RuntimeResult{}, fmt.Errorf("engine run: %w", runErr)
 	}
 	return res, nil
+}
+
+// PairedDecode decodes prompt at batch 1 and full depth, tokens tokens, and after each one
+// (the engine paused in Generate's callback, which runs on this goroutine) streams as many
+// bytes through probe as a token reads of weights, bytesPerToken. It returns, for each token
+// after the first (which also ran the prompt), the weight bytes it read per second over the
+// mean bandwidth of the probe passes just before and just after it: the bandwidth fraction of
+// decode measured within a fraction of a second of each token. The best decode rate of a run
+// over its best bandwidth pass compares moments seconds apart, on a host whose bandwidth swings
+// by half within seconds (see the README's runtime figures).
+func PairedDecode(ctx context.Context, e *engine.Engine, prompt []int, tokens int, bytesPerToken int64, probe *Probe) ([]float64, error) {
+	if tokens < 2 || bytesPerToken <= 0 {
+		return nil, fmt.Errorf("paired decode: %d tokens of %d bytes: want at least 2 of a positive size", tokens, bytesPerToken)
+	}
+	var fractions []float64
+	var last time.Time
+	var before float64 // the probe's bytes/s after the previous token
+	n := 0
+	_, err := e.Generate(ctx, request("paired-b1", prompt, tokens, fullDepth(e)), func(engine.Token) bool {
+		took := time.Since(last)
+		read, d := probe.Stream(bytesPerToken)
+		after := float64(read) / d.Seconds()
+		if n > 0 {
+			fractions = append(fractions, float64(bytesPerToken)/took.Seconds()/((before+after)/2))
+		}
+		before = after
+		n++
+		last = time.Now()
+		return true
+	})
+	if err != nil {
+		return nil, fmt.Errorf("paired decode: %w", err)
+	}
+	if n != tokens {
+		return nil, fmt.Errorf("paired decode: %d tokens, want %d", n, tokens)
+	}
+	return fractions, nil
+}
+
+// Median is the middle value of xs (the mean of the two middle ones for an even count), or 0
+// for none. xs is not changed.
+func Median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Sorted(slices.Values(xs))
+	if h := len(s) / 2; len(s)%2 == 0 {
+		return (s[h-1] + s[h]) / 2
+	}
+	return s[len(s)/2]
 }
 
 // errNoOverlap reports a batched run in which the sequences never all decoded at once.
@@ -217,9 +282,10 @@ func DecodeRateExit(ctx context.Context, e *engine.Engine, prompts [][]int, toke
 	if len(prompts) > 1 {
 		// The engine admits requests at token boundaries; on a busy machine this goroutine can
 		// be descheduled between Submits long enough for the first sequences to finish before
-		// the last starts. Such a run has no all-decoding interval: run again.
+		// the last starts. Such a run has no all-decoding interval: run again. On a tiny model
+		// (a sequence in a millisecond) four tries in ten find none: twenty leave one in 10⁸.
 		var err error
-		for range 6 {
+		for range 20 {
 			var rate float64
 			if rate, err = batchRate(ctx, e, prompts, tokens, exit); !errors.Is(err, errNoOverlap) {
 				return rate, err

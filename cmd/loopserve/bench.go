@@ -55,6 +55,12 @@ type runtimeReport struct {
 	WeightBytesPerTok  int64   `json:"weight_bytes_per_token"`
 	BandwidthGBs       float64 `json:"bandwidth_gb_s"`
 	BandwidthFractionB float64 `json:"bandwidth_fraction_b1"`
+	// BandwidthFractionPaired is the median over every round's batch-1 tokens of each token's
+	// weight bytes per second over the bandwidth measured just before and after it
+	// (bench.PairedDecode); BandwidthFractionB compares the best decode rate of the run with its
+	// best bandwidth pass, moments that may lie seconds apart.
+	BandwidthFractionPaired float64 `json:"bandwidth_fraction_b1_paired"`
+	PairedTokens            int     `json:"bandwidth_fraction_b1_paired_tokens"`
 	// LastLevelCache is the largest CPU cache: a model whose per-step weights fit in it is not
 	// bound by memory bandwidth, and bandwidth_fraction_b1 can exceed 1.
 	LastLevelCache int64 `json:"last_level_cache_bytes,omitempty"`
@@ -90,17 +96,20 @@ type runtimeReport struct {
 // engineFigures are one engine's full-depth rates, with ratios to the peer and the baseline
 // (null where those did not run).
 type engineFigures struct {
-	Name              string   `json:"name"` // numerics, or the baseline binary
-	PrefillTokS       float64  `json:"prefill_tok_s"`
-	DecodeTokSB1      float64  `json:"decode_tok_s_b1"`
-	DecodeTokSB8      float64  `json:"decode_tok_s_b8"`
-	BandwidthFraction float64  `json:"bandwidth_fraction_b1"`
-	PeerPrefill       *float64 `json:"ratio_prefill"`
-	PeerDecodeB1      *float64 `json:"ratio_decode_b1"`
-	PeerDecodeB8      *float64 `json:"ratio_decode_b8"`
-	BasePrefill       *float64 `json:"baseline_ratio_prefill"`
-	BaseDecodeB1      *float64 `json:"baseline_ratio_decode_b1"`
-	BaseDecodeB8      *float64 `json:"baseline_ratio_decode_b8"`
+	Name              string  `json:"name"` // numerics, or the baseline binary
+	PrefillTokS       float64 `json:"prefill_tok_s"`
+	DecodeTokSB1      float64 `json:"decode_tok_s_b1"`
+	DecodeTokSB8      float64 `json:"decode_tok_s_b8"`
+	BandwidthFraction float64 `json:"bandwidth_fraction_b1"`
+	// BandwidthPaired is runtimeReport.BandwidthFractionPaired for this engine (0 for the
+	// baseline, which runs in its own process).
+	BandwidthPaired float64  `json:"bandwidth_fraction_b1_paired"`
+	PeerPrefill     *float64 `json:"ratio_prefill"`
+	PeerDecodeB1    *float64 `json:"ratio_decode_b1"`
+	PeerDecodeB8    *float64 `json:"ratio_decode_b8"`
+	BasePrefill     *float64 `json:"baseline_ratio_prefill"`
+	BaseDecodeB1    *float64 `json:"baseline_ratio_decode_b1"`
+	BaseDecodeB8    *float64 `json:"baseline_ratio_decode_b8"`
 }
 
 func newBenchRuntimeCmd() *cobra.Command {
@@ -121,7 +130,11 @@ before the engine runs and as many after). With --rounds N the engine and the pe
 times and each figure's best counts: the host's memory bandwidth and free cores swing by 2× within
 seconds on shared machines.
 bandwidth_fraction_b1 = weight bytes read per decoded token (every layer once per loop step, the
-LM head once) × decode tokens/s at batch 1 / bandwidth.
+LM head once) × decode tokens/s at batch 1 / bandwidth. bandwidth_fraction_b1_paired pairs each
+batch-1 token with the bandwidth of its own moment: after the batch-1 figure the engine decodes
+the prompt again, and after each token (the engine paused) the bandwidth buffer streams as many
+bytes as a token reads; each token's rate over the mean of the passes just before and after it,
+median over every round's tokens.
 
 --numerics exact,bf16 measures the engine once per CPU arithmetic in each round (the first's
 figures fill the main table; every one is listed after it). --baseline BINARY also runs another
@@ -200,6 +213,12 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 			rep.Params = params(m)
 			rep.LoopSteps = m.Config.TotalUTSteps
 			prefill, prompts := opts.Prompts(m.Config.VocabSize)
+			probe, err := bench.NewProbe(int64(bwMiB) << 20)
+			if err != nil {
+				return err
+			}
+			opts.Probe = probe
+			paired := make([][]float64, len(backends)) // [engine][tokens of every round]
 			var pr *bench.PeerResult
 			// Rounds alternate the engine and the peer and keep each figure's best, so that
 			// neither side is measured only in a moment when other work holds the machine.
@@ -224,6 +243,7 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 						ef.PrefillTokS = max(ef.PrefillTokS, res.PrefillTokS)
 						ef.DecodeTokSB1 = max(ef.DecodeTokSB1, res.DecodeTokSB1)
 						ef.DecodeTokSB8 = max(ef.DecodeTokSB8, res.DecodeTokSBN)
+						paired[i] = append(paired[i], res.PairedFractions...)
 						if i > 0 {
 							continue
 						}
@@ -238,7 +258,7 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 						depthAdaptive = res.MeanDepthAdaptive // greedy: the same tokens every round
 					}
 					fmt.Fprintf(progress, "round %d/%d: measuring memory bandwidth (%d MiB, %d passes)…\n", round+1, rounds, bwMiB, bwPasses)
-					bw, err := bench.MeasureBandwidth(ctx, int64(bwMiB)<<20, bwPasses)
+					bw, err := probe.Measure(ctx, bwPasses)
 					if err != nil {
 						return err
 					}
@@ -277,6 +297,10 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 			if rep.BandwidthGBs > 0 {
 				rep.BandwidthFractionB = float64(rep.WeightBytesPerTok) * rep.DecodeTokSB1 / (rep.BandwidthGBs * 1e9)
 			}
+			for i := range rep.Engines {
+				rep.Engines[i].BandwidthPaired = bench.Median(paired[i])
+			}
+			rep.BandwidthFractionPaired, rep.PairedTokens = rep.Engines[0].BandwidthPaired, len(paired[0])
 			figs := append([]*engineFigures{}, rep.Baseline)
 			for i := range rep.Engines {
 				figs = append(figs, &rep.Engines[i])
@@ -426,6 +450,12 @@ func printRuntimeReport(w io.Writer, r runtimeReport) error {
 		float64(r.WeightBytesPerTok)*r.DecodeTokSB1/1e9, 100*r.BandwidthFractionB, r.LoopStepsPerToken, cmp.Or(r.Numerics, "exact")); err != nil {
 		return err
 	}
+	if r.PairedTokens > 0 {
+		if _, err := fmt.Fprintf(w, "paired with the bandwidth measured just before and after each batch-1 token: %.0f%% (median of %d tokens)\n",
+			100*r.BandwidthFractionPaired, r.PairedTokens); err != nil {
+			return err
+		}
+	}
 	if len(r.Engines) > 1 || r.Baseline != nil {
 		if err := printEngines(w, r); err != nil {
 			return err
@@ -447,7 +477,7 @@ func printRuntimeReport(w io.Writer, r runtimeReport) error {
 // printEngines lists every numerics' figures and the baseline's, with their ratios.
 func printEngines(w io.Writer, r runtimeReport) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "engine\tprefill tok/s\tdecode b1\tdecode b%d\tb1 bandwidth\tvs peer (prefill, b1, b%d)\tvs baseline (prefill, b1, b%d)\n", r.Batch, r.Batch, r.Batch)
+	fmt.Fprintf(tw, "engine\tprefill tok/s\tdecode b1\tdecode b%d\tb1 bandwidth (best, paired)\tvs peer (prefill, b1, b%d)\tvs baseline (prefill, b1, b%d)\n", r.Batch, r.Batch, r.Batch)
 	x := func(v *float64) string {
 		if v == nil {
 			return "-"
@@ -461,8 +491,12 @@ func printEngines(w io.Writer, r runtimeReport) error {
 		all = append(all, b)
 	}
 	for _, f := range all {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.0f%%\t%s %s %s\t%s %s %s\n", f.Name, rate(f.PrefillTokS), rate(f.DecodeTokSB1), rate(f.DecodeTokSB8),
-			100*f.BandwidthFraction, x(f.PeerPrefill), x(f.PeerDecodeB1), x(f.PeerDecodeB8), x(f.BasePrefill), x(f.BaseDecodeB1), x(f.BaseDecodeB8))
+		p := "-"
+		if f.BandwidthPaired > 0 {
+			p = fmt.Sprintf("%.0f%%", 100*f.BandwidthPaired)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.0f%% %s\t%s %s %s\t%s %s %s\n", f.Name, rate(f.PrefillTokS), rate(f.DecodeTokSB1), rate(f.DecodeTokSB8),
+			100*f.BandwidthFraction, p, x(f.PeerPrefill), x(f.PeerDecodeB1), x(f.PeerDecodeB8), x(f.BasePrefill), x(f.BaseDecodeB1), x(f.BaseDecodeB8))
 	}
 	return tw.Flush()
 }

@@ -21,10 +21,14 @@ func TestBenchRuntimeJSON(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
 		t.Fatalf("output %q is not one JSON object: %v", out.String(), err)
 	}
-	for _, k := range []string{"decode_tok_s_b1", "decode_tok_s_b8", "prefill_tok_s", "bandwidth_gb_s", "bandwidth_fraction_b1"} {
+	for _, k := range []string{"decode_tok_s_b1", "decode_tok_s_b8", "prefill_tok_s", "bandwidth_gb_s", "bandwidth_fraction_b1", "bandwidth_fraction_b1_paired"} {
 		if v, ok := rep[k].(float64); !ok || v <= 0 {
 			t.Errorf("%s = %v, want a positive number", k, rep[k])
 		}
+	}
+	// One round of 48 tokens: 47 paired after the first.
+	if rep["bandwidth_fraction_b1_paired_tokens"] != 47.0 {
+		t.Errorf("bandwidth_fraction_b1_paired_tokens = %v, want 47", rep["bandwidth_fraction_b1_paired_tokens"])
 	}
 	for _, k := range []string{"peer_decode_tok_s_b1", "peer_prefill_tok_s"} {
 		if v, ok := rep[k]; !ok || v != nil {

@@ -64,7 +64,8 @@ func pairTile8x1(w *uint16, ldw int, x *float32, ldx int, k int, out *float32, l
 
 // The prefetching variants of the tiles above (the P tiles of matmulbf16_amd64.s and
 // matmulpair_amd64.s): the same sums, with each chunk also prefetching the same chunk of the
-// next tile's weight rows.
+// next tile's weight rows (the 4-row tiles, into L1) or of the tile after it (the 8-row ones,
+// for one activation row, into L2: a stream that far ahead keeps more lines in flight).
 //
 //go:noescape
 func dpTileP8x1(w *uint16, ldw int, x *uint16, ldx int, k int, out *float32, ldo int)
