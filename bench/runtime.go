@@ -133,8 +133,13 @@ func Runtime(ctx context.Context, m *model.Model, be engine.Backend, o RuntimeOp
 	res := RuntimeResult{PrefillTokens: o.PrefillLen, DecodeTokens: o.DecodeTokens - 1, Batch: o.Batch,
 		WeightBytesPerTk: WeightBytesPerToken(m)}
 
-	// Warm-up: grows the engine's scratch buffers and faults the weights in.
+	// Warm-up: grows the engine's scratch buffers and faults the weights in; the batch, decoded
+	// at depth 1, leaves Run's stream the KV blocks of the batched figures mapped (spare), as
+	// a serving engine's are after its first requests.
 	if _, err := PrefillRate(ctx, e, prefill[:min(8, len(prefill))]); err != nil {
+		return RuntimeResult{}, fmt.Errorf("warm-up: %w", err)
+	}
+	if _, err := DecodeRateExit(ctx, e, prompts, o.DecodeTokens, engine.Exit{ForceDepth: 1}); err != nil {
 		return RuntimeResult{}, fmt.Errorf("warm-up: %w", err)
 	}
 	for range o.Repeats {

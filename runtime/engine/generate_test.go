@@ -29,10 +29,17 @@ func goldenExit(mode string, R int) engine.Exit {
 
 var goldenModes = []string{"full", "step0", "q0.5", "q0.9"}
 
+// newEngine makes an engine with opts, on a CPU backend that poisons the KV blocks it reuses
+// unless opts names another: every test through it checks that no step reads a position its
+// request never wrote (that would turn its logits into NaN).
 func newEngine(t testing.TB, m *model.Model, opts engine.Options) *engine.Engine {
 	t.Helper()
 	if opts.Backend == nil {
-		opts.Backend = cpu.New(0)
+		be, err := cpu.NewWith(cpu.Options{PoisonKV: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts.Backend = be
 	}
 	e, err := engine.New(m, opts)
 	if err != nil {

@@ -24,6 +24,7 @@ import (
 type Backend struct {
 	threads  int
 	numerics Numerics
+	poisonKV bool
 	pool     *pool
 	rope     atomic.Pointer[ropeTable] // the latest rotation table, see rotations
 }
@@ -42,6 +43,9 @@ var _ engine.Backend = (*Backend)(nil)
 type Options struct {
 	Threads  int      // goroutines per step (GOMAXPROCS when <= 0)
 	Numerics Numerics // Exact (the default) or BF16
+	// PoisonKV fills every KV block a stream reuses from a freed cache with NaN (host.Caches.
+	// Poison): a step that read a position its request never wrote would show it (tests).
+	PoisonKV bool
 }
 
 // New returns an Exact backend using threads goroutines (GOMAXPROCS when threads <= 0).
@@ -62,7 +66,7 @@ func NewWith(o Options) (*Backend, error) {
 	if threads <= 0 {
 		threads = runtime.GOMAXPROCS(0)
 	}
-	b := &Backend{threads: threads, numerics: o.Numerics}
+	b := &Backend{threads: threads, numerics: o.Numerics, poisonKV: o.PoisonKV}
 	if threads > 1 {
 		b.pool = newPool(threads - 1)
 		runtime.AddCleanup(b, func(p *pool) { p.stop() }, b.pool)

@@ -49,6 +49,9 @@ type executor struct {
 
 func (x *executor) NewStream() (engine.Stream, error) {
 	s := &stream{x: x, caches: host.NewCaches(x.c.NumHiddenLayers, x.c.KVDim(), x.bf16), states: host.States{H: x.c.HiddenSize}}
+	if x.b.poisonKV {
+		s.caches.Poison()
+	}
 	s.wk = make([]worker, x.b.threads)
 	s.phases = [...]func(int, int){
 		func(w, _ int) { s.attention(w) },
