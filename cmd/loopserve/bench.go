@@ -91,6 +91,12 @@ type runtimeReport struct {
 	// Baseline is another loopserve binary (--baseline, e.g. the build before a change) run in
 	// the same rounds with the same prompts; null without --baseline.
 	Baseline *engineFigures `json:"baseline"`
+	// Own are this binary's figures, per --numerics, run the way Baseline is (its own process,
+	// every round): the ratios to the baseline are theirs. A fresh process faults in its heap
+	// as it first allocates (KV blocks, scratch), which a process that already ran an engine
+	// reuses: the same binary measured in this process beats itself in its own process by up to
+	// 1.7× at prefill, so in-process figures are compared with the baseline's only through these.
+	Own []engineFigures `json:"own_process,omitempty"`
 }
 
 // engineFigures are one engine's full-depth rates, with ratios to the peer and the baseline
@@ -139,7 +145,9 @@ median over every round's tokens.
 --numerics exact,bf16 measures the engine once per CPU arithmetic in each round (the first's
 figures fill the main table; every one is listed after it). --baseline BINARY also runs another
 loopserve binary's "bench runtime --json" in each round with the same prompts (e.g. the build
-of the commit before a change), and prints our rates over its own.
+of the commit before a change), and this binary the same way (its own process, once per
+--numerics), and prints the latter's rates over the former's: a fresh process pays page faults
+that one which already ran an engine does not, so in-process figures are not compared with it.
 
 With --threshold τ > 0 (0.5 by default) the engine also decodes the same prompts at batch 1 and
 at --batch sequences with per-token early exit at τ (Fast mode: a token that exits at loop step
@@ -273,9 +281,23 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 					if rep.Baseline == nil {
 						rep.Baseline = &f
 					} else {
-						rep.Baseline.PrefillTokS = max(rep.Baseline.PrefillTokS, f.PrefillTokS)
-						rep.Baseline.DecodeTokSB1 = max(rep.Baseline.DecodeTokSB1, f.DecodeTokSB1)
-						rep.Baseline.DecodeTokSB8 = max(rep.Baseline.DecodeTokSB8, f.DecodeTokSB8)
+						rep.Baseline.keepBest(f)
+					}
+					self, err := os.Executable()
+					if err != nil {
+						return fmt.Errorf("--baseline: this binary: %w", err)
+					}
+					if rep.Own == nil {
+						rep.Own = make([]engineFigures, len(names))
+					}
+					for i, n := range names {
+						fmt.Fprintf(progress, "round %d/%d: running this binary in its own process (%s numerics)…\n", round+1, rounds, n)
+						f, err := runBaseline(ctx, self, modelDir, opts, threads, "--numerics", n)
+						if err != nil {
+							return err
+						}
+						f.Name = n + " (own process)"
+						rep.Own[i].keepBest(f)
 					}
 				}
 				if withPeer {
@@ -305,6 +327,9 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 			for i := range rep.Engines {
 				figs = append(figs, &rep.Engines[i])
 			}
+			for i := range rep.Own {
+				figs = append(figs, &rep.Own[i])
+			}
 			for _, f := range figs {
 				if f == nil {
 					continue
@@ -315,7 +340,7 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 				if pr != nil {
 					f.PeerPrefill, f.PeerDecodeB1, f.PeerDecodeB8 = ratio(f.PrefillTokS, pr.PrefillTokS), ratio(f.DecodeTokSB1, pr.DecodeTokSB1), ratio(f.DecodeTokSB8, pr.DecodeTokSBN)
 				}
-				if b := rep.Baseline; b != nil && f != b {
+				if b := rep.Baseline; b != nil && f != b && (rep.Own == nil || strings.HasSuffix(f.Name, "(own process)")) {
 					f.BasePrefill, f.BaseDecodeB1, f.BaseDecodeB8 = ratio(f.PrefillTokS, b.PrefillTokS), ratio(f.DecodeTokSB1, b.DecodeTokSB1), ratio(f.DecodeTokSB8, b.DecodeTokSB8)
 				}
 			}
@@ -365,11 +390,12 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 
 // runBaseline runs another loopserve binary's bench runtime (engine only, full depth) with the
 // same options and returns its rates.
-func runBaseline(ctx context.Context, bin, modelDir string, o bench.RuntimeOptions, threads int) (engineFigures, error) {
+func runBaseline(ctx context.Context, bin, modelDir string, o bench.RuntimeOptions, threads int, extra ...string) (engineFigures, error) {
 	args := []string{"bench", "runtime", "--json", "--peer=false", "--threshold", "0", "--model", modelDir,
 		"--prefill", fmt.Sprint(o.PrefillLen), "--prompt", fmt.Sprint(o.PromptLen), "--tokens", fmt.Sprint(o.DecodeTokens),
 		"--batch", fmt.Sprint(o.Batch), "--repeats", fmt.Sprint(max(o.Repeats, 1)), "--seed", fmt.Sprint(max(o.Seed, 1)),
 		"--bandwidth-mib", "16", "--bandwidth-passes", "1", "--threads", fmt.Sprint(threads)}
+	args = append(args, extra...)
 	var stderr bytes.Buffer
 	c := exec.CommandContext(ctx, bin, args...)
 	c.Stderr = &stderr
@@ -386,6 +412,14 @@ func runBaseline(ctx context.Context, bin, modelDir string, o bench.RuntimeOptio
 		return engineFigures{}, fmt.Errorf("baseline %s: output is not its bench JSON: %w", bin, err)
 	}
 	return engineFigures{Name: bin, PrefillTokS: r.PrefillTokS, DecodeTokSB1: r.DecodeTokSB1, DecodeTokSB8: r.DecodeTokSB8}, nil
+}
+
+// keepBest keeps the best of f's rates and g's, and g's name where f has none.
+func (f *engineFigures) keepBest(g engineFigures) {
+	f.Name = cmp.Or(f.Name, g.Name)
+	f.PrefillTokS = max(f.PrefillTokS, g.PrefillTokS)
+	f.DecodeTokSB1 = max(f.DecodeTokSB1, g.DecodeTokSB1)
+	f.DecodeTokSB8 = max(f.DecodeTokSB8, g.DecodeTokSB8)
 }
 
 func params(m *model.Model) int64 {
@@ -484,7 +518,7 @@ func printEngines(w io.Writer, r runtimeReport) error {
 		}
 		return fmt.Sprintf("%.2f×", *v)
 	}
-	all := append([]engineFigures{}, r.Engines...)
+	all := append(append([]engineFigures{}, r.Engines...), r.Own...)
 	if r.Baseline != nil {
 		b := *r.Baseline
 		b.Name = "baseline " + b.Name

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"os"
 	"strings"
 	"testing"
 )
@@ -40,6 +41,50 @@ func TestBenchRuntimeJSON(t *testing.T) {
 	}
 	if errOut.Len() != 0 {
 		t.Errorf("--json wrote to stderr: %q", errOut.String())
+	}
+}
+
+// TestBenchRuntimeBaseline runs --baseline with this binary as the baseline: the ratios to it
+// are those of this binary run the same way (its own process), not of the in-process engine.
+func TestBenchRuntimeBaseline(t *testing.T) {
+	t.Setenv("LOOPSERVE_TEST_AS_CLI", "1") // the processes it starts are this test binary as loopserve
+	bin, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := newBenchCmd()
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetArgs([]string{"runtime", "--model", "../../testdata/models/ouro-tiny-random", "--json", "--peer=false", "--threshold", "0",
+		"--prefill", "8", "--prompt", "4", "--tokens", "48", "--batch", "2", "--bandwidth-mib", "64", "--bandwidth-passes", "1",
+		"--baseline", bin, "--rounds", "2"})
+	if err := cmd.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	var rep struct {
+		Engines []map[string]any `json:"engines"`
+		Own     []map[string]any `json:"own_process"`
+		Base    map[string]any   `json:"baseline"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
+		t.Fatalf("output %q is not one JSON object: %v", out.String(), err)
+	}
+	if len(rep.Engines) != 1 || len(rep.Own) != 1 || rep.Base == nil {
+		t.Fatalf("engines %v, own_process %v, baseline %v: want one engine, one own-process run and a baseline", rep.Engines, rep.Own, rep.Base)
+	}
+	if got, want := rep.Own[0]["name"], "exact (own process)"; got != want {
+		t.Errorf("own_process name = %v, want %q", got, want)
+	}
+	for _, k := range []string{"prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8", "baseline_ratio_prefill", "baseline_ratio_decode_b1", "baseline_ratio_decode_b8"} {
+		if v, ok := rep.Own[0][k].(float64); !ok || v <= 0 {
+			t.Errorf("own_process %s = %v, want a positive number", k, rep.Own[0][k])
+		}
+		if strings.HasPrefix(k, "baseline_") && rep.Engines[0][k] != nil {
+			t.Errorf("engines[0] %s = %v, want null (in-process figures are not compared with a process's)", k, rep.Engines[0][k])
+		}
+	}
+	if v, ok := rep.Base["prefill_tok_s"].(float64); !ok || v <= 0 {
+		t.Errorf("baseline prefill_tok_s = %v, want a positive number", rep.Base["prefill_tok_s"])
 	}
 }
 
