@@ -108,7 +108,7 @@ type engineFigures struct {
 	DecodeTokSB8      float64 `json:"decode_tok_s_b8"`
 	BandwidthFraction float64 `json:"bandwidth_fraction_b1"`
 	// BandwidthPaired is runtimeReport.BandwidthFractionPaired for this engine (0 for the
-	// baseline, which runs in its own process).
+	// baseline and the own-process runs, and with --paired=false).
 	BandwidthPaired float64  `json:"bandwidth_fraction_b1_paired"`
 	PeerPrefill     *float64 `json:"ratio_prefill"`
 	PeerDecodeB1    *float64 `json:"ratio_decode_b1"`
@@ -121,7 +121,7 @@ type engineFigures struct {
 func newBenchRuntimeCmd() *cobra.Command {
 	var (
 		modelDir, peerScript, python, peerDtype, baseline string
-		asJSON, withPeer                                  bool
+		asJSON, withPeer, withPaired                      bool
 		opts                                              bench.RuntimeOptions
 		bwMiB, bwPasses, rounds                           int
 		bf                                                backendFlags
@@ -140,7 +140,7 @@ LM head once) × decode tokens/s at batch 1 / bandwidth. bandwidth_fraction_b1_p
 batch-1 token with the bandwidth of its own moment: after the batch-1 figure the engine decodes
 the prompt again, and after each token (the engine paused) the bandwidth buffer streams as many
 bytes as a token reads; each token's rate over the mean of the passes just before and after it,
-median over every round's tokens.
+median over every round's tokens (--paired=false skips it).
 
 --numerics exact,bf16 measures the engine once per CPU arithmetic in each round (the first's
 figures fill the main table; every one is listed after it). --baseline BINARY also runs another
@@ -225,7 +225,15 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 			if err != nil {
 				return err
 			}
-			opts.Probe = probe
+			if withPaired {
+				opts.Probe = probe
+			}
+			var self string // this binary, for the own-process runs beside --baseline
+			if baseline != "" {
+				if self, err = os.Executable(); err != nil {
+					return fmt.Errorf("--baseline: this binary: %w", err)
+				}
+			}
 			paired := make([][]float64, len(backends)) // [engine][tokens of every round]
 			var pr *bench.PeerResult
 			// Rounds alternate the engine and the peer and keep each figure's best, so that
@@ -283,16 +291,12 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 					} else {
 						rep.Baseline.keepBest(f)
 					}
-					self, err := os.Executable()
-					if err != nil {
-						return fmt.Errorf("--baseline: this binary: %w", err)
-					}
 					if rep.Own == nil {
 						rep.Own = make([]engineFigures, len(names))
 					}
 					for i, n := range names {
 						fmt.Fprintf(progress, "round %d/%d: running this binary in its own process (%s numerics)…\n", round+1, rounds, n)
-						f, err := runBaseline(ctx, self, modelDir, opts, threads, "--numerics", n)
+						f, err := runBaseline(ctx, self, modelDir, opts, threads, "--numerics", n, "--paired=false")
 						if err != nil {
 							return err
 						}
@@ -329,6 +333,10 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 			}
 			for i := range rep.Own {
 				figs = append(figs, &rep.Own[i])
+				if b := rep.Baseline; b != nil {
+					f := &rep.Own[i]
+					f.BasePrefill, f.BaseDecodeB1, f.BaseDecodeB8 = ratio(f.PrefillTokS, b.PrefillTokS), ratio(f.DecodeTokSB1, b.DecodeTokSB1), ratio(f.DecodeTokSB8, b.DecodeTokSB8)
+				}
 			}
 			for _, f := range figs {
 				if f == nil {
@@ -339,9 +347,6 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 				}
 				if pr != nil {
 					f.PeerPrefill, f.PeerDecodeB1, f.PeerDecodeB8 = ratio(f.PrefillTokS, pr.PrefillTokS), ratio(f.DecodeTokSB1, pr.DecodeTokSB1), ratio(f.DecodeTokSB8, pr.DecodeTokSBN)
-				}
-				if b := rep.Baseline; b != nil && f != b && (rep.Own == nil || strings.HasSuffix(f.Name, "(own process)")) {
-					f.BasePrefill, f.BaseDecodeB1, f.BaseDecodeB8 = ratio(f.PrefillTokS, b.PrefillTokS), ratio(f.DecodeTokSB1, b.DecodeTokSB1), ratio(f.DecodeTokSB8, b.DecodeTokSB8)
 				}
 			}
 			if opts.Threshold > 0 {
@@ -380,6 +385,7 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 	f.Float64Var(&opts.Threshold, "threshold", 0.5, "exit threshold τ of the adaptive-depth decode figures (early exit, unlike the peer); 0 skips them")
 	f.IntVar(&bwMiB, "bandwidth-mib", 2048, "bandwidth buffer size in MiB (far above the last-level cache)")
 	f.IntVar(&bwPasses, "bandwidth-passes", 5, "bandwidth passes before and again after the engine (best one counts)")
+	f.BoolVar(&withPaired, "paired", true, "also decode at batch 1 with the bandwidth measured after every token (bandwidth_fraction_b1_paired)")
 	f.IntVar(&rounds, "rounds", 1, "rounds alternating engine and peer; each figure's best counts")
 	f.StringVar(&baseline, "baseline", "", "another loopserve binary to run side by side in every round (e.g. the build before a change)")
 	bf.register(cmd)
@@ -388,8 +394,9 @@ A 1.4B-shaped model: go run ./hack/mkmodel (writes ~/.cache/loopserve/models/our
 	return cmd
 }
 
-// runBaseline runs another loopserve binary's bench runtime (engine only, full depth) with the
-// same options and returns its rates.
+// runBaseline runs a loopserve binary's bench runtime in its own process (engine only, full
+// depth) with the same options and the extra flags (which the binary must know: the baseline
+// gets none) and returns its rates.
 func runBaseline(ctx context.Context, bin, modelDir string, o bench.RuntimeOptions, threads int, extra ...string) (engineFigures, error) {
 	args := []string{"bench", "runtime", "--json", "--peer=false", "--threshold", "0", "--model", modelDir,
 		"--prefill", fmt.Sprint(o.PrefillLen), "--prompt", fmt.Sprint(o.PromptLen), "--tokens", fmt.Sprint(o.DecodeTokens),

@@ -44,6 +44,28 @@ func TestBenchRuntimeJSON(t *testing.T) {
 	}
 }
 
+// TestBenchRuntimePairedOff checks that --paired=false skips the paired decode.
+func TestBenchRuntimePairedOff(t *testing.T) {
+	cmd := newBenchCmd()
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetArgs([]string{"runtime", "--model", "../../testdata/models/ouro-tiny-random", "--json", "--peer=false", "--paired=false",
+		"--prefill", "8", "--prompt", "4", "--tokens", "12", "--batch", "2", "--bandwidth-mib", "16", "--bandwidth-passes", "1"})
+	if err := cmd.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	var rep map[string]any
+	if err := json.Unmarshal(out.Bytes(), &rep); err != nil {
+		t.Fatalf("output %q is not one JSON object: %v", out.String(), err)
+	}
+	if rep["bandwidth_fraction_b1_paired_tokens"] != 0.0 || rep["bandwidth_fraction_b1_paired"] != 0.0 {
+		t.Errorf("paired fraction %v over %v tokens, want 0 over 0 with --paired=false", rep["bandwidth_fraction_b1_paired"], rep["bandwidth_fraction_b1_paired_tokens"])
+	}
+	if v, ok := rep["decode_tok_s_b1"].(float64); !ok || v <= 0 {
+		t.Errorf("decode_tok_s_b1 = %v, want a positive number", rep["decode_tok_s_b1"])
+	}
+}
+
 // TestBenchRuntimeBaseline runs --baseline with this binary as the baseline: the ratios to it
 // are those of this binary run the same way (its own process), not of the in-process engine.
 func TestBenchRuntimeBaseline(t *testing.T) {
