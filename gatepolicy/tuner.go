@@ -93,6 +93,12 @@ type Tuner struct {
 	// cool counts the decisions left before any τ may rise again after a window that missed
 	// the SLO or queued (latency and batch slots are shared by the tiers).
 	cool int
+	// tried remembers, per tier, the last raise made on measured headroom against the model
+	// (explore) until a window at that τ met the SLO.
+	tried map[string]tried
+	// steady counts the decisions in a row that kept the replicas ready and wanted unchanged
+	// (and none pending to go): the only ones whose measured headroom explore may use.
+	steady int
 
 	replicas int
 	recent   []stampedTarget // replica targets of the last ScaleDownDelay, oldest first
@@ -106,7 +112,7 @@ func NewTuner(spec Spec) (*Tuner, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
-	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, replicas: spec.MinReplicas}
+	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, tried: map[string]tried{}, replicas: spec.MinReplicas}
 	for _, tr := range spec.Tiers {
 		t.tau[tr.Name] = spec.Ceiling
 	}
@@ -160,7 +166,16 @@ func (t *Tuner) Decide(obs Observation) Decision {
 	if d.Brownout {
 		d.Reasons = append(d.Reasons, Reason{ReasonBrownout, fmt.Sprintf("%d replicas ready of %d wanted: τ lowered to fit the ready capacity", ready, d.Replicas)})
 	}
-	t.step(browned, floors, d.Brownout, hot, t.rate(d.Replicas), &d)
+	// measured headroom raises τ only on the replicas meant to stay: not while a scale-down is
+	// pending (the headroom is about to go) nor while replicas are still starting
+	if n >= d.Replicas && ready == d.Replicas && obs.DesiredReplicas == d.Replicas && obs.StartingReplicas <= 0 {
+		t.steady++
+	} else {
+		t.steady = 0
+	}
+	settled := t.steady >= 2 // this interval and the one before ran on the replicas that stay
+	raise, holds := t.explore(obs, browned, hot, settled)
+	t.step(browned, raise, holds, floors, d.Brownout, hot, t.rate(d.Replicas), &d)
 	t.predict(ready, &d)
 	return d
 }
@@ -236,6 +251,26 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 func (t *Tuner) clampTier(tr Tier, v float64) float64 { return min(max(v, tr.Floor), t.spec.Ceiling) }
 
 type blocked struct{ tau, rate float64 }
+
+// tried is a raise to tau made on measured headroom, from a window whose latency p95 was p95:
+// if a window at tau misses the SLO or queues, no such raise reaches tau again until the
+// latency at the τ then in force has fallen to retryLatency × p95 (the load got lighter).
+type tried struct {
+	tau, p95 float64
+	failed   bool
+}
+
+// exploreMargin is the share of the SLO that the measured latency, scaled by the predicted
+// depth ratio, may take for a raise the model refuses (explore); retryLatency is the fall in
+// measured latency after which a failed one may be tried again.
+const (
+	exploreMargin = 0.8
+	retryLatency  = 0.7
+)
+
+// holdMargin is the share of the SLO under which the latency measured at the τ in force keeps
+// that τ against a model that would lower it (outside a brownout): see explore.
+const holdMargin = 0.8
 
 // saturatedDemand is the factor by which a saturated window's served token rate is taken to
 // understate demand (the queue hides the rest): it makes the Tuner scale up and brown out at
@@ -535,7 +570,10 @@ func (t *Tuner) brownout(target, floors map[string]float64, ready int) map[strin
 // tier first, by at most MaxStep in all, a tier only when its want exceeds τ by the
 // hysteresis (or reaches the ceiling), not within coolDecisions of a window that missed the
 // SLO or queued, and above its quality floor only while every dearer tier is at the ceiling.
-func (t *Tuner) step(want, floors map[string]float64, brownout, hot bool, rate float64, d *Decision) {
+// measured and holds come from explore: a measured raise replaces a lower want (a block on
+// it is lifted: what was measured supersedes the prediction it stood for), and a held tier is
+// not lowered by the model outside a brownout.
+func (t *Tuner) step(want map[string]float64, measured map[string]tried, holds map[string]bool, floors map[string]float64, brownout, hot bool, rate float64, d *Decision) {
 	tiers := t.spec.Tiers
 	next := maps.Clone(t.tau)
 	ordered := t.order(next, floors)
@@ -546,7 +584,7 @@ func (t *Tuner) step(want, floors map[string]float64, brownout, hot bool, rate f
 	if cooling {
 		t.cool--
 	}
-	w := map[string]float64{}
+	w, onMeasure := map[string]float64{}, map[string]bool{}
 	for _, tr := range tiers {
 		k, cur := tr.Name, next[tr.Name]
 		w[k] = want[k]
@@ -560,6 +598,15 @@ func (t *Tuner) step(want, floors map[string]float64, brownout, hot bool, rate f
 				w[k] = min(max(cur, math.Round((b.tau-grid)*Bins)/Bins), w[k])
 			}
 		}
+		if m, ok := measured[k]; ok && !cooling && m.tau > w[k]+1e-9 && m.tau > cur+1e-9 {
+			// the model refuses what the latency measured at the τ in force allows
+			onMeasure[k] = true
+			w[k] = m.tau
+			t.tried[k] = m
+			if b, ok := t.block[k]; ok && m.tau >= b.tau-1e-9 {
+				delete(t.block, k)
+			}
+		}
 	}
 	budget := t.spec.MaxStep
 	if brownout {
@@ -568,11 +615,15 @@ func (t *Tuner) step(want, floors map[string]float64, brownout, hot bool, rate f
 	lowered := false
 	for _, tr := range tiers { // cheapest first
 		k := tr.Name
-		if w[k] < next[k]-1e-9 && budget > 1e-9 {
+		if w[k] < next[k]-1e-9 && budget > 1e-9 && !(holds[k] && !brownout) {
 			v := max(w[k], next[k]-budget)
 			budget -= next[k] - v
 			if !brownout {
 				t.block[k] = blocked{tau: next[k], rate: rate}
+			}
+			if tp, ok := t.tried[k]; ok && next[k] >= tp.tau-1e-9 {
+				tp.failed = true // a measured raise the model lowers again is not retried at once
+				t.tried[k] = tp
 			}
 			next[k], lowered = v, true
 		}
@@ -604,14 +655,116 @@ func (t *Tuner) step(want, floors map[string]float64, brownout, hot bool, rate f
 			d.Reasons = append(d.Reasons, Reason{ReasonLowered, fmt.Sprintf("tier %q: τ %.2f → %.2f: a dearer tier is lowered, so this cheaper one goes to its quality floor first", k, cur, v)})
 		case v < cur-1e-9 && !brownout:
 			d.Reasons = append(d.Reasons, Reason{ReasonLowered, fmt.Sprintf("tier %q: τ %.2f → %.2f to meet the SLO", k, cur, v)})
+		case v > cur+1e-9 && onMeasure[k]:
+			d.Reasons = append(d.Reasons, Reason{ReasonRaised, fmt.Sprintf("tier %q: τ %.2f → %.2f, the latency measured at %.2f allows it", k, cur, v, cur)})
 		case v > cur+1e-9:
 			d.Reasons = append(d.Reasons, Reason{ReasonRaised, fmt.Sprintf("tier %q: τ %.2f → %.2f, demand allows it", k, cur, v)})
+		case v == cur && v < t.spec.Ceiling-1e-9:
+			d.Reasons = append(d.Reasons, Reason{ReasonHeld, fmt.Sprintf("tier %q: τ %.2f held: %s", k, cur, t.heldBy(k, want[k], w[k], cooling, d.Replicas))})
 		case v == cur:
 			d.Reasons = append(d.Reasons, Reason{ReasonHeld, fmt.Sprintf("tier %q: τ %.2f held", k, cur)})
+		}
+		if tp, ok := t.tried[k]; ok && !tp.failed && !hot && cur >= tp.tau-1e-9 && v >= cur-1e-9 {
+			delete(t.tried, k) // a window at the raised τ met the SLO and the model keeps it
 		}
 		t.tau[k] = v
 		d.Tau[k] = v
 	}
+}
+
+// explore returns, per tier, the highest τ within MaxStep above the τ in force that the
+// latency measured this interval allows by itself (the window's p95 scaled by the predicted
+// depth ratio stays within exploreMargin of the SLO; absent where none), with that p95, and
+// the tiers whose τ in force the measured latency keeps (p95 within holdMargin of the SLO:
+// the model may not lower them outside a brownout; a window that misses still lowers them in
+// correct). Neither is given unless settled: the replicas ready and wanted stayed the same
+// over this interval and the one before, and no scale-down is pending (headroom that is about
+// to go, or that was measured on other replicas, says nothing).
+//
+// The capacity model takes the token rate as a demand that does not depend on τ (arrivals
+// that do not wait for answers). Clients that send their next request when the last one ends
+// (a fixed concurrency, as benchmark clients and chat users do) lower their token rate as τ
+// rises, so their loop-step load does not grow, and the model alone would hold τ low for ever
+// once they are few. This raises τ on what was measured, at most MaxStep per decision, never
+// from a window that queued, missed, or was not mostly under the τ in force; a raise whose
+// window then misses the SLO or queues is lowered again by correct and not retried until the
+// latency measured has fallen to retryLatency of what it was.
+func (t *Tuner) explore(obs Observation, want map[string]float64, hot, settled bool) (map[string]tried, map[string]bool) {
+	out, holds := map[string]tried{}, map[string]bool{}
+	slo := t.spec.TokenLatencyP95.Seconds()
+	for _, tr := range t.spec.Tiers {
+		k, cur := tr.Name, t.tau[tr.Name]
+		w := obs.Windows[k]
+		if tp, ok := t.tried[k]; ok && hot && cur >= tp.tau-1e-9 {
+			tp.failed = true
+			t.tried[k] = tp
+		}
+		if slo <= 0 || hot || !settled || w == nil || w.Tokens < minExploreTokens || w.Tau != cur || w.Saturated() ||
+			!(w.TokenLatencyP95 > 0) || w.Seconds < 0.5*w.Interval {
+			continue
+		}
+		holds[k] = w.TokenLatencyP95 <= holdMargin*slo
+		if cur >= t.spec.Ceiling-1e-9 {
+			continue
+		}
+		dep := t.depth(k, cur)
+		limit := min(t.spec.Ceiling, cur+t.spec.MaxStep)
+		if tp, ok := t.tried[k]; ok && tp.failed && w.TokenLatencyP95 > retryLatency*tp.p95 {
+			limit = min(limit, math.Round((tp.tau-grid)*Bins)/Bins)
+		}
+		best := 0.0
+		for _, v := range t.taus(tr) {
+			if v > limit+1e-9 || v <= cur+1e-9 {
+				continue
+			}
+			dv := t.depth(k, v)
+			if t.spec.MaxMeanDepth > 0 && dv > t.spec.MaxMeanDepth+1e-9 {
+				continue
+			}
+			if w.TokenLatencyP95*dv/dep <= exploreMargin*slo {
+				best = max(best, v)
+			}
+		}
+		if best > want[k]+1e-9 {
+			out[k] = tried{tau: best, p95: w.TokenLatencyP95}
+		}
+	}
+	return out, holds
+}
+
+// minExploreTokens is the fewest tokens of a window whose latency explore trusts.
+const minExploreTokens = 50
+
+// heldBy says why tier k, below the ceiling, kept its τ (want is its target of this decision,
+// w that target after the guards of step, n the replicas decided): what an operator reads to
+// tell a model limit from a guard.
+func (t *Tuner) heldBy(k string, want, w float64, cooling bool, n int) string {
+	cur := t.tau[k]
+	switch {
+	case w < cur-1e-9:
+		return fmt.Sprintf("the latency measured at it is within %.0f%% of the SLO; the model's %.2f waits for a window that misses", holdMargin*100, w)
+	case cooling:
+		return "a recent window missed the SLO or queued"
+	case want > cur+1e-9:
+		if b, ok := t.block[k]; ok && want >= b.tau-1e-9 {
+			return fmt.Sprintf("τ %.2f missed the SLO at %.0f tokens/s per replica; waiting for the rate to fall", b.tau, b.rate)
+		}
+		return fmt.Sprintf("target %.2f within the hysteresis %.2f", want, t.spec.Hysteresis)
+	}
+	up := maps.Clone(t.tau)
+	up[k] = min(t.spec.Ceiling, math.Round((cur+grid)*Bins)/Bins)
+	dep := t.depth(k, up[k])
+	load := t.demandAt(up) / float64(max(n, 1))
+	switch {
+	case t.spec.MaxMeanDepth > 0 && dep > t.spec.MaxMeanDepth+1e-9:
+		return fmt.Sprintf("τ %.2f predicts depth %.2f above maxMeanDepth %.2f", up[k], dep, t.spec.MaxMeanDepth)
+	case t.capy.LoopStepsPerSecond > 0 && load >= t.capy.LoopStepsPerSecond*0.95:
+		return fmt.Sprintf("τ %.2f predicts %.0f loop steps/s per replica, at its capacity %.0f", up[k], load, t.capy.LoopStepsPerSecond)
+	case t.capy.Known():
+		return fmt.Sprintf("τ %.2f predicts latency p95 %s at depth %.2f and %.0f loop steps/s per replica (capacity %.0f, step %s)",
+			up[k], time.Duration(t.capy.ITL(dep, load)*float64(time.Second)).Round(time.Microsecond), dep, load, t.capy.LoopStepsPerSecond, time.Duration(t.capy.StepTime*float64(time.Second)).Round(time.Microsecond))
+	}
+	return fmt.Sprintf("τ %.2f predicts %.0f loop steps/s per replica, above the target utilisation", up[k], load)
 }
 
 // order restores the brownout order in taus: every tier cheaper than one below the ceiling

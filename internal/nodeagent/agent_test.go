@@ -1145,18 +1145,23 @@ func TestEmptyDirOverTmp(t *testing.T) {
 	if got, err := get(ctx, base+"/read?path="+url.QueryEscape("/etc/ls-tmp-test/model")); err != nil || got != "ouro-tiny" {
 		t.Errorf("the configMap's file reads %q, %v; want %q", got, err, "ouro-tiny")
 	}
-	if _, err := get(ctx, base+"/write?path="+url.QueryEscape("/tmp/scratch")); err != nil {
+	// a name no host has yet: the host's /tmp must not hold it afterwards
+	name := "ls-scratch-" + string(p.UID)
+	if _, err := os.Lstat(filepath.Join("/tmp", name)); err == nil {
+		t.Fatalf("the host's /tmp already holds %s", name)
+	}
+	if _, err := get(ctx, base+"/write?path="+url.QueryEscape("/tmp/"+name)); err != nil {
 		t.Fatal(err)
 	}
 	if got, err := get(ctx, base+"/read?path="+url.QueryEscape(onHost.Name())); err == nil {
 		t.Errorf("the host's %s is visible in the pod's /tmp (read %q)", onHost.Name(), got)
 	}
-	scratch := filepath.Join(agents[cpuNode].opts.Dir, "pods", fmt.Sprintf("%s_%s_%s", ns, p.Name, p.UID), "volumes", "tmp", "scratch")
+	scratch := filepath.Join(agents[cpuNode].opts.Dir, "pods", fmt.Sprintf("%s_%s_%s", ns, p.Name, p.UID), "volumes", "tmp", name)
 	if b, err := os.ReadFile(scratch); err != nil || string(b) != "written" {
-		t.Errorf("the pod's /tmp/scratch in its emptyDir %s: %q, %v; want %q", scratch, b, err, "written")
+		t.Errorf("the pod's /tmp/%s in its emptyDir %s: %q, %v; want %q", name, scratch, b, err, "written")
 	}
-	if _, err := os.Stat("/tmp/scratch"); err == nil {
-		t.Errorf("the pod's /tmp/scratch was written on the host's /tmp")
+	if _, err := os.Lstat(filepath.Join("/tmp", name)); err == nil {
+		t.Errorf("the pod's /tmp/%s was written on the host's /tmp", name)
 	}
 	if _, err := os.Lstat("/etc/ls-tmp-test"); err == nil {
 		t.Errorf("the mount point /etc/ls-tmp-test was made on the host, not in the container's overlay of /etc")
