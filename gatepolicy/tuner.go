@@ -252,9 +252,11 @@ func (t *Tuner) clampTier(tr Tier, v float64) float64 { return min(max(v, tr.Flo
 
 type blocked struct{ tau, rate float64 }
 
-// tried is a raise to tau made on measured headroom, from a window whose latency p95 was p95:
-// if a window at tau misses the SLO or queues, no such raise reaches tau again until the
-// latency at the τ then in force has fallen to retryLatency × p95 (the load got lighter).
+// tried is a raise to tau made on measured headroom, from a window whose latency p95 was p95,
+// or (failed) a τ whose window missed the SLO or queued, with p95 the first latency measured
+// under the τ it went down to: after a failure no raise is made on measured headroom (the
+// model alone may raise) until the latency at the τ then in force has fallen to retryLatency ×
+// p95 (the load got lighter). A raise that the model lowers again fails too.
 type tried struct {
 	tau, p95 float64
 	failed   bool
@@ -687,16 +689,21 @@ func (t *Tuner) step(want map[string]float64, measured map[string]tried, holds m
 // rises, so their loop-step load does not grow, and the model alone would hold τ low for ever
 // once they are few. This raises τ on what was measured, at most MaxStep per decision, never
 // from a window that queued, missed, or was not mostly under the τ in force; a raise whose
-// window then misses the SLO or queues is lowered again by correct and not retried until the
-// latency measured has fallen to retryLatency of what it was.
+// window then misses the SLO or queues is lowered again by correct, and after any such window
+// no raise is made on measured headroom until the latency measured has fallen to retryLatency
+// of what it was.
 func (t *Tuner) explore(obs Observation, want map[string]float64, hot, settled bool) (map[string]tried, map[string]bool) {
 	out, holds := map[string]tried{}, map[string]bool{}
 	slo := t.spec.TokenLatencyP95.Seconds()
 	for _, tr := range t.spec.Tiers {
 		k, cur := tr.Name, t.tau[tr.Name]
 		w := obs.Windows[k]
-		if tp, ok := t.tried[k]; ok && hot && cur >= tp.tau-1e-9 {
-			tp.failed = true
+		tp, ok := t.tried[k]
+		switch {
+		case hot:
+			t.tried[k] = tried{tau: cur, failed: true} // measured: cur misses or queues at this load
+		case ok && tp.failed && tp.p95 == 0 && w != nil && w.Tau == cur && cur < tp.tau && w.TokenLatencyP95 > 0:
+			tp.p95 = w.TokenLatencyP95 // the latency under the τ it went down to
 			t.tried[k] = tp
 		}
 		if slo <= 0 || hot || !settled || w == nil || w.Tokens < minExploreTokens || w.Tau != cur || w.Saturated() ||
@@ -709,8 +716,8 @@ func (t *Tuner) explore(obs Observation, want map[string]float64, hot, settled b
 		}
 		dep := t.depth(k, cur)
 		limit := min(t.spec.Ceiling, cur+t.spec.MaxStep)
-		if tp, ok := t.tried[k]; ok && tp.failed && w.TokenLatencyP95 > retryLatency*tp.p95 {
-			limit = min(limit, math.Round((tp.tau-grid)*Bins)/Bins)
+		if tp, ok := t.tried[k]; ok && tp.failed && !(tp.p95 > 0 && w.TokenLatencyP95 <= retryLatency*tp.p95) {
+			continue // the gap up to tp.tau was measured once at this load: the model decides it
 		}
 		best := 0.0
 		for _, v := range t.taus(tr) {
