@@ -253,8 +253,8 @@ func (t *Tuner) clampTier(tr Tier, v float64) float64 { return min(max(v, tr.Flo
 type blocked struct{ tau, rate float64 }
 
 // tried is a raise to tau made on measured headroom, from a window whose latency p95 was p95,
-// or (failed) a τ whose window missed the SLO or queued, with p95 the first latency measured
-// under the τ it went down to: after a failure no raise is made on measured headroom (the
+// or (failed) the lowest τ whose window missed the SLO or queued, with p95 the latency of the
+// next window (under the τ it went down to, or the same at the floor): after a failure no raise is made on measured headroom (the
 // model alone may raise) until the latency at the τ then in force has fallen to retryLatency ×
 // p95 (the load got lighter). A raise that the model lowers again fails too.
 type tried struct {
@@ -699,12 +699,12 @@ func (t *Tuner) explore(obs Observation, want map[string]float64, hot, settled b
 		k, cur := tr.Name, t.tau[tr.Name]
 		w := obs.Windows[k]
 		tp, ok := t.tried[k]
-		switch {
-		case hot:
-			t.tried[k] = tried{tau: cur, failed: true} // measured: cur misses or queues at this load
-		case ok && tp.failed && tp.p95 == 0 && w != nil && w.Tau == cur && cur < tp.tau && w.TokenLatencyP95 > 0:
-			tp.p95 = w.TokenLatencyP95 // the latency under the τ it went down to
+		if ok && tp.failed && tp.p95 == 0 && w != nil && w.Tau == cur && cur <= tp.tau+1e-9 && w.TokenLatencyP95 > 0 {
+			tp.p95 = w.TokenLatencyP95 // the first window after the failure: the load it failed at
 			t.tried[k] = tp
+		}
+		if hot && !(ok && tp.failed && tp.tau <= cur+1e-9) {
+			t.tried[k] = tried{tau: cur, failed: true} // measured: cur misses or queues at this load
 		}
 		if slo <= 0 || hot || !settled || w == nil || w.Tokens < minExploreTokens || w.Tau != cur || w.Saturated() ||
 			!(w.TokenLatencyP95 > 0) || w.Seconds < 0.5*w.Interval {
