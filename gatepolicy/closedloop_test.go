@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"strings"
 	"testing"
 	"time"
 )
@@ -115,5 +116,36 @@ func TestClosedLoopClientsRestoreTau(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestHeldSaysWhy: a τ held below the ceiling names what holds it, here the model's predicted
+// latency at the next τ on the open-arrival plant (a fixed load the ceiling cannot carry on
+// one replica), and a hold right after a missed window names the miss.
+func TestHeldSaysWhy(t *testing.T) {
+	sp := baseSpec()
+	sp.TokenLatencyP95 = 7 * time.Millisecond
+	p := newPlant(0)
+	p.demand[""] = 865
+	tu, err := NewTuner(sp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tau, ready := tauOf(sp), 1
+	var hist []Decision
+	run(t, tu, p, time.Unix(0, 0), 80, 1, tau, &ready, &hist)
+	var cooling, predicted bool
+	for _, d := range hist {
+		for _, r := range d.Reasons {
+			if r.Code != ReasonHeld {
+				continue
+			}
+			cooling = cooling || strings.Contains(r.Message, "held: a recent window missed the SLO or queued")
+			predicted = predicted || strings.Contains(r.Message, "predicts latency p95")
+		}
+	}
+	last := hist[len(hist)-1]
+	if !(last.Tau[""] < sp.Ceiling) || !cooling || !predicted {
+		t.Errorf("settled τ %v; a held reason naming the missed window: %v, naming the predicted latency: %v; last reasons %v", last.Tau[""], cooling, predicted, last.Reasons)
 	}
 }

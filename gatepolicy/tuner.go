@@ -94,7 +94,7 @@ type Tuner struct {
 	// the SLO or queued (latency and batch slots are shared by the tiers).
 	cool int
 	// tried remembers, per tier, the last raise made on measured headroom against the model
-	// (explore) until a window at that τ met the SLO.
+	// (explore) until a window at that τ met the SLO, or the last τ measured to miss.
 	tried map[string]tried
 	// steady counts the decisions in a row that kept the replicas ready and wanted unchanged
 	// (and none pending to go): the only ones whose measured headroom explore may use.
@@ -254,9 +254,10 @@ type blocked struct{ tau, rate float64 }
 
 // tried is a raise to tau made on measured headroom, from a window whose latency p95 was p95,
 // or (failed) the lowest τ whose window missed the SLO or queued, with p95 the latency of the
-// next window (under the τ it went down to, or the same at the floor): after a failure no raise is made on measured headroom (the
-// model alone may raise) until the latency at the τ then in force has fallen to retryLatency ×
-// p95 (the load got lighter). A raise that the model lowers again fails too.
+// next window (under the τ it went down to, or the same at the floor): after a failure no
+// raise is made on measured headroom (the model alone may raise) until the latency at the τ
+// then in force has fallen to retryLatency × p95 (the load got lighter). A raise that the
+// model lowers again fails too.
 type tried struct {
 	tau, p95 float64
 	failed   bool
@@ -441,6 +442,9 @@ func (t *Tuner) replicasFor(taus map[string]float64, margin float64) int {
 // load, and a cancelled replica asked for again starts its cold start over.
 const cancelMargin = 1.15
 
+// maxLoad is the share of a replica's fitted capacity that fits never plans past.
+const maxLoad = 0.95
+
 // fits reports whether every tier meets the SLO with taus on n replicas.
 func (t *Tuner) fits(taus map[string]float64, n int) bool {
 	if n <= 0 {
@@ -448,7 +452,7 @@ func (t *Tuner) fits(taus map[string]float64, n int) bool {
 	}
 	load := t.demandAt(taus) / float64(n)
 	per := t.perReplica()
-	if t.capy.LoopStepsPerSecond > 0 && load >= t.capy.LoopStepsPerSecond*0.95 {
+	if t.capy.LoopStepsPerSecond > 0 && load >= t.capy.LoopStepsPerSecond*maxLoad {
 		return false
 	}
 	if !math.IsNaN(per) && !(t.spec.TokenLatencyP95 > 0 && t.capy.Known()) && load > per/t.spec.TargetUtilisation {
@@ -714,11 +718,11 @@ func (t *Tuner) explore(obs Observation, want map[string]float64, hot, settled b
 		if cur >= t.spec.Ceiling-1e-9 {
 			continue
 		}
-		dep := t.depth(k, cur)
-		limit := min(t.spec.Ceiling, cur+t.spec.MaxStep)
 		if tp, ok := t.tried[k]; ok && tp.failed && !(tp.p95 > 0 && w.TokenLatencyP95 <= retryLatency*tp.p95) {
 			continue // the gap up to tp.tau was measured once at this load: the model decides it
 		}
+		dep := t.depth(k, cur)
+		limit := min(t.spec.Ceiling, cur+t.spec.MaxStep)
 		best := 0.0
 		for _, v := range t.taus(tr) {
 			if v > limit+1e-9 || v <= cur+1e-9 {
@@ -765,7 +769,7 @@ func (t *Tuner) heldBy(k string, want, w float64, cooling bool, n int) string {
 	switch {
 	case t.spec.MaxMeanDepth > 0 && dep > t.spec.MaxMeanDepth+1e-9:
 		return fmt.Sprintf("τ %.2f predicts depth %.2f above maxMeanDepth %.2f", up[k], dep, t.spec.MaxMeanDepth)
-	case t.capy.LoopStepsPerSecond > 0 && load >= t.capy.LoopStepsPerSecond*0.95:
+	case t.capy.LoopStepsPerSecond > 0 && load >= t.capy.LoopStepsPerSecond*maxLoad:
 		return fmt.Sprintf("τ %.2f predicts %.0f loop steps/s per replica, at its capacity %.0f", up[k], load, t.capy.LoopStepsPerSecond)
 	case t.capy.Known():
 		return fmt.Sprintf("τ %.2f predicts latency p95 %s at depth %.2f and %.0f loop steps/s per replica (capacity %.0f, step %s)",
