@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -23,6 +24,15 @@ type closedPlant struct {
 	noise          float64 // lognormal σ of each window's p95 and iteration time
 	rng            *rand.Rand
 	secs           float64
+	// lag is the share of the window after a τ change that ran under the old τ (a worker
+	// applies a change mid-window; the operator refuses those samples as stale): the window
+	// that follows a change covers only 1-lag of the interval.
+	lag  float64
+	last float64 // the τ of the previous window
+	// spike multiplies the p95 of the window of that number (counted from 1): a hiccup of the
+	// machine (a GC pause, a noisy neighbour) that misses the SLO once
+	spike map[int]float64
+	n     int
 }
 
 func (p *closedPlant) observe(now time.Time, tau float64) Observation {
@@ -34,9 +44,13 @@ func (p *closedPlant) observe(now time.Time, tau float64) Observation {
 		iter *= math.Exp(p.noise * p.rng.NormFloat64())
 	}
 	tokens := float64(rows) / (d * iter) * p.secs
-	scale := tokens / float64(s.Tokens)
-	s.Tokens = int64(math.Round(tokens))
-	s.LoopSteps = int64(math.Round(tokens * d))
+	share := 1.0
+	if p.last != 0 && p.last != tau {
+		share = 1 - p.lag
+	}
+	scale := tokens * share / float64(s.Tokens)
+	s.Tokens = int64(math.Round(tokens * share))
+	s.LoopSteps = int64(math.Round(tokens * share * d))
 	s.Probes = int64(math.Round(float64(s.Probes) * scale))
 	for st := range s.ProbeAgree {
 		s.ProbeAgree[st] = min(int64(math.Round(float64(s.ProbeAgree[st])*scale)), s.Probes)
@@ -49,8 +63,22 @@ func (p *closedPlant) observe(now time.Time, tau float64) Observation {
 		tail *= math.Exp(p.noise * p.rng.NormFloat64())
 	}
 	s.TokenLatencyP95 = d * iter * tail
+	p.n++
+	if x, ok := p.spike[p.n]; ok {
+		s.TokenLatencyP95 *= x
+	}
 	s.Capacity, s.InFlight = p.slots, p.clients
 	w := NewWindow("", tau, 4, p.secs)
+	if share < 1 {
+		// the part under the old τ, refused as stale: it counts in the demand and the time
+		old := record(p.toks[:1], p.last, 0)
+		old.Tokens = int64(math.Round(tokens * (1 - share)))
+		old.LoopSteps = int64(math.Round(tokens * (1 - share) * d))
+		old.End = s.Start.Add(time.Duration(float64(s.End.Sub(s.Start)) * (1 - share)))
+		s.Start = old.End
+		_ = w.Add(old)
+	}
+	p.last = tau
 	if err := w.Add(s); err != nil {
 		panic(err)
 	}
@@ -60,8 +88,30 @@ func (p *closedPlant) observe(now time.Time, tau float64) Observation {
 // TestClosedLoopClientsRestoreTau: clients at fixed concurrency that break the SLO at the
 // ceiling get τ lowered; when most of them leave, τ climbs back to the ceiling, although the
 // token rate the few left reach at the lowered τ, taken as a fixed demand, would not fit the
-// ceiling (the loop-step load of a closed loop does not grow with τ).
+// ceiling (the loop-step load of a closed loop does not grow with τ). It does so too when the
+// window after each τ change covers only 40% of the interval (the rest ran under the old τ
+// and is refused: a raise is not measured before the next decision), and when one window of
+// the light load misses the SLO five times over (a hiccup of the machine, not the load): at
+// a τ that met the SLO before, within 10 decisions more; where the hiccup may hit the first
+// window of a raise (indistinguishable from a raise that failed), within the back-off more.
 func TestClosedLoopClientsRestoreTau(t *testing.T) {
+	for _, cond := range []struct {
+		name   string
+		lag    float64
+		spike  int // the window of the light load (counted from 1) whose p95 is 5×; 0: none
+		budget int // the decisions of the light load
+	}{
+		{"", 0, 0, 30},
+		{"late windows, ", 0.6, 0, 30},
+		{"one hiccup, ", 0, 20, 40},
+		{"a hiccup on a raise, ", 0, 10, 30 + retryAfter(1)},
+		{"late windows and a hiccup, ", 0.6, 8, 30 + retryAfter(1)},
+	} {
+		testClosedLoopClientsRestoreTau(t, cond.name, cond.lag, cond.spike, cond.budget)
+	}
+}
+
+func testClosedLoopClientsRestoreTau(t *testing.T, cond string, lag float64, spike, budget int) {
 	for _, c := range []struct {
 		name          string
 		t0, t1, tail  float64
@@ -78,7 +128,7 @@ func TestClosedLoopClientsRestoreTau(t *testing.T) {
 		{"no batching gain, heavier tail alone", 0.00002, 0.0004, 2, 4, 0.0003},
 	} {
 		for seed := range uint64(20) {
-			t.Run(fmt.Sprint(c.name, seed), func(t *testing.T) {
+			t.Run(fmt.Sprint(cond, c.name, seed), func(t *testing.T) {
 				p := &closedPlant{toks: tokens(rand.New(rand.NewPCG(3, 9)), 3000, 4, 1.2), t0: c.t0, t1: c.t1, tail: c.tail, lightTail: c.lightTail, tk: c.tk, clients: 8, slots: 8, secs: 1, noise: 0.1}
 				// the SLO lies between the latencies at the floor and at the ceiling under 8 clients
 				lo, hi := p.observe(time.Unix(0, 0), 0.3), p.observe(time.Unix(0, 0), 0.9)
@@ -87,7 +137,7 @@ func TestClosedLoopClientsRestoreTau(t *testing.T) {
 				if light := p.observe(time.Unix(0, 0), 0.9).Windows[""].TokenLatencyP95; light > 0.8*slo {
 					t.Fatalf("no room: one client at the ceiling takes %v of the SLO %v", light, slo)
 				}
-				p.clients = 8
+				p.clients, p.lag = 8, lag
 				sp := Spec{Ceiling: 0.9, Floor: 0.3, MaxSteps: 4, MaxStep: 0.1, MinReplicas: 1, MaxReplicas: 1,
 					TokenLatencyP95: time.Duration(slo * float64(time.Second))}
 				tu, err := NewTuner(sp)
@@ -109,10 +159,13 @@ func TestClosedLoopClientsRestoreTau(t *testing.T) {
 				lowered := tau
 				p.rng = rand.New(rand.NewPCG(seed, 1)) // each window's p95 and iteration time vary from here on
 				p.clients = 1
-				step(30)
+				if spike > 0 {
+					p.spike = map[int]float64{p.n + spike: 5}
+				}
+				step(budget)
 				if tau != 0.9 {
 					d := tu.Decide(p.observe(now.Add(time.Second), tau))
-					t.Errorf("1 client after 30 decisions: τ %v (lowered to %v under 8), want the ceiling 0.9; last reasons %v", tau, lowered, d.Reasons)
+					t.Errorf("1 client after %d decisions: τ %v (lowered to %v under 8), want the ceiling 0.9; last reasons %v", budget, tau, lowered, d.Reasons)
 				}
 			})
 		}
@@ -147,5 +200,61 @@ func TestHeldSaysWhy(t *testing.T) {
 	last := hist[len(hist)-1]
 	if !(last.Tau[""] < sp.Ceiling) || !cooling || !predicted {
 		t.Errorf("settled τ %v; a held reason naming the missed window: %v, naming the predicted latency: %v; last reasons %v", last.Tau[""], cooling, predicted, last.Reasons)
+	}
+}
+
+// TestMissBackOff: one client at fixed concurrency; one window misses the SLO five times over.
+// On the first windows of a raise to the ceiling the miss counts against measured headroom: τ
+// stays below the ceiling, its held reason names the retry, and it is back at the ceiling
+// once the back-off has passed. After outlierWindows windows at the ceiling within the SLO it
+// is an outlier: τ is back within a few decisions and no reason names a retry.
+func TestMissBackOff(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		spike   int // the window of the light load whose p95 is 5×
+		outlier bool
+	}{
+		{"on the second window at the ceiling", 11, false},
+		{"on the third window at the ceiling", 12, false},
+		{"after three windows at the ceiling", 13, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			p := &closedPlant{toks: tokens(rand.New(rand.NewPCG(3, 9)), 3000, 4, 1.2), t0: 0.0001, t1: 0.0005, tail: 3, clients: 8, slots: 8, secs: 1}
+			lo, hi := p.observe(time.Unix(0, 0), 0.3), p.observe(time.Unix(0, 0), 0.9)
+			slo := math.Sqrt(lo.Windows[""].TokenLatencyP95 * hi.Windows[""].TokenLatencyP95)
+			tu, err := NewTuner(Spec{Ceiling: 0.9, Floor: 0.3, MaxSteps: 4, MaxStep: 0.1, MinReplicas: 1, MaxReplicas: 1, TokenLatencyP95: time.Duration(slo * float64(time.Second))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			tau, now := 0.9, time.Unix(0, 0)
+			var taus []float64 // of the light load's decisions
+			retryNamed := false
+			for i := range 30 + c.spike + retryAfter(1) + 10 {
+				if i == 30 {
+					p.clients = 1
+					p.spike = map[int]float64{p.n + c.spike: 5}
+				}
+				now = now.Add(time.Second)
+				d := tu.Decide(p.observe(now, tau))
+				tau = d.Tau[""]
+				if i < 30 {
+					continue
+				}
+				taus = append(taus, tau)
+				for _, r := range d.Reasons {
+					retryNamed = retryNamed || (len(taus) > c.spike && r.Code == ReasonHeld && strings.Contains(r.Message, "measured headroom is tried again in"))
+				}
+			}
+			if got := taus[c.spike-2]; got != 0.9 {
+				t.Fatalf("τ %v before the miss, want the ceiling 0.9 (decisions %v)", got, taus)
+			}
+			back := slices.Index(taus[c.spike-1:], 0.9) // decisions after the miss until τ is back
+			switch {
+			case c.outlier && (back < 0 || back > coolDecisions+4 || retryNamed):
+				t.Errorf("an outlier: τ back at the ceiling after %d decisions (want ≤ %d), a retry named: %v; decisions %v", back, coolDecisions+4, retryNamed, taus)
+			case !c.outlier && (back < retryAfter(1)-2 || back > retryAfter(1)+8 || !retryNamed):
+				t.Errorf("a miss on a raise: τ back at the ceiling after %d decisions (want after the back-off of %d), a retry named: %v; decisions %v", back, retryAfter(1), retryNamed, taus)
+			}
+		})
 	}
 }

@@ -99,6 +99,11 @@ type Tuner struct {
 	// steady counts the decisions in a row that kept the replicas ready and wanted unchanged
 	// (and none pending to go): the only ones whose measured headroom explore may use.
 	steady int
+	// decisions counts the calls of Decide: the clock of tried's back-off.
+	decisions int
+	// good counts, per tier, the windows in a row measured at the τ in force within holdMargin
+	// of the SLO: a miss after outlierWindows of them is taken for an outlier (see explore).
+	good map[string]goodRun
 
 	replicas int
 	recent   []stampedTarget // replica targets of the last ScaleDownDelay, oldest first
@@ -112,7 +117,7 @@ func NewTuner(spec Spec) (*Tuner, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
-	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, tried: map[string]tried{}, replicas: spec.MinReplicas}
+	t := &Tuner{spec: spec, tau: map[string]float64{}, hist: map[string]*Window{}, demand: map[string]float64{}, block: map[string]blocked{}, tried: map[string]tried{}, good: map[string]goodRun{}, replicas: spec.MinReplicas}
 	for _, tr := range spec.Tiers {
 		t.tau[tr.Name] = spec.Ceiling
 	}
@@ -129,6 +134,7 @@ const grid = 1.0 / Bins
 func (t *Tuner) Decide(obs Observation) Decision {
 	d := Decision{Tau: map[string]float64{}, SLOReachable: true}
 	t.memo = map[depthKey]float64{}
+	t.decisions++
 	t.syncInForce(obs)
 	t.absorb(obs, &d)
 	if len(t.hist) == 0 {
@@ -174,7 +180,7 @@ func (t *Tuner) Decide(obs Observation) Decision {
 		t.steady = 0
 	}
 	settled := t.steady >= 2 // this interval and the one before ran on the replicas that stay
-	raise, holds := t.explore(obs, browned, hot, settled)
+	raise, holds := t.explore(obs, hot, settled)
 	t.step(browned, raise, holds, floors, d.Brownout, hot, t.rate(d.Replicas), &d)
 	t.predict(ready, &d)
 	return d
@@ -256,19 +262,47 @@ type blocked struct{ tau, rate float64 }
 // or (failed) the lowest τ whose window missed the SLO or queued, with p95 the latency of the
 // next window (under the τ it went down to, or the same at the floor): after a failure no
 // raise is made on measured headroom (the model alone may raise) until the latency at the τ
-// then in force has fallen to retryLatency × p95 (the load got lighter). A raise that the
-// model lowers again fails too.
+// then in force has fallen to retryLatency × p95 (the load got lighter), or until the
+// back-off has passed (retryAfter: a miss may have been a hiccup of the machine, and the
+// model alone misreads a fixed-concurrency load for good). A raise that the model lowers
+// again after a window at it fails too. at is the decision that made the raise or saw the
+// (latest) miss; fails counts the failures since a raise last held.
 type tried struct {
-	tau, p95 float64
-	failed   bool
+	tau, p95  float64
+	failed    bool
+	at, fails int
 }
+
+// goodRun is n windows in a row measured at tau within holdMargin of the SLO.
+type goodRun struct {
+	tau float64
+	n   int
+}
+
+// outlierWindows is how many windows in a row must have met the SLO with room at a τ for a miss
+// there to be taken for an outlier: τ is lowered and cools as after any miss, but the miss is
+// not recorded against measured headroom (a hiccup of the machine must not hold τ low for an
+// hour; a load that did grow shows again in the next window tried).
+const outlierWindows = 3
+
+// retryAfter is the number of decisions after a failure before measured headroom is tried
+// again at the same load: retryDecisions, doubled for each failure in a row, at most 8 times
+// that.
+func retryAfter(fails int) int { return retryDecisions << min(max(fails-1, 0), 3) }
+
+// pendingDecisions is how many decisions a raise made on measured headroom is kept against the
+// model while no window has measured it yet (the window after a change mostly ran under the
+// old τ): the model, which refused it, does not get to lower it unseen.
+const pendingDecisions = 3
 
 // exploreMargin is the share of the SLO that the measured latency, scaled by the predicted
 // depth ratio, may take for a raise the model refuses (explore); retryLatency is the fall in
-// measured latency after which a failed one may be tried again.
+// measured latency after which a failed one may be tried again, retryDecisions the
+// decisions after which it may be anyway (see retryAfter).
 const (
-	exploreMargin = 0.8
-	retryLatency  = 0.7
+	exploreMargin  = 0.8
+	retryLatency   = 0.7
+	retryDecisions = 120
 )
 
 // holdMargin is the share of the SLO under which the latency measured at the τ in force keeps
@@ -608,6 +642,7 @@ func (t *Tuner) step(want map[string]float64, measured map[string]tried, holds m
 			// the model refuses what the latency measured at the τ in force allows
 			onMeasure[k] = true
 			w[k] = m.tau
+			m.at = t.decisions
 			t.tried[k] = m
 			if b, ok := t.block[k]; ok && m.tau >= b.tau-1e-9 {
 				delete(t.block, k)
@@ -627,8 +662,9 @@ func (t *Tuner) step(want map[string]float64, measured map[string]tried, holds m
 			if !brownout {
 				t.block[k] = blocked{tau: next[k], rate: rate}
 			}
-			if tp, ok := t.tried[k]; ok && next[k] >= tp.tau-1e-9 {
-				tp.failed = true // a measured raise the model lowers again is not retried at once
+			if tp, ok := t.tried[k]; ok && next[k] >= tp.tau-1e-9 && !tp.failed {
+				// a measured raise the model lowers again is not retried at once
+				tp.failed, tp.at, tp.fails = true, t.decisions, tp.fails+1
 				t.tried[k] = tp
 			}
 			next[k], lowered = v, true
@@ -666,12 +702,12 @@ func (t *Tuner) step(want map[string]float64, measured map[string]tried, holds m
 		case v > cur+1e-9:
 			d.Reasons = append(d.Reasons, Reason{ReasonRaised, fmt.Sprintf("tier %q: τ %.2f → %.2f, demand allows it", k, cur, v)})
 		case v == cur && v < t.spec.Ceiling-1e-9:
-			d.Reasons = append(d.Reasons, Reason{ReasonHeld, fmt.Sprintf("tier %q: τ %.2f held: %s", k, cur, t.heldBy(k, want[k], w[k], cooling, d.Replicas))})
+			d.Reasons = append(d.Reasons, Reason{ReasonHeld, fmt.Sprintf("tier %q: τ %.2f held: %s%s", k, cur, t.heldBy(k, want[k], w[k], cooling, d.Replicas), t.retryNote(k))})
 		case v == cur:
 			d.Reasons = append(d.Reasons, Reason{ReasonHeld, fmt.Sprintf("tier %q: τ %.2f held", k, cur)})
 		}
-		if tp, ok := t.tried[k]; ok && !tp.failed && !hot && cur >= tp.tau-1e-9 && v >= cur-1e-9 {
-			delete(t.tried, k) // a window at the raised τ met the SLO and the model keeps it
+		if tp, ok := t.tried[k]; ok && !tp.failed && !onMeasure[k] && v > tp.tau+1e-9 {
+			delete(t.tried, k) // the model raised past the measured raise: its prediction carries it
 		}
 		t.tau[k] = v
 		d.Tau[k] = v
@@ -685,7 +721,9 @@ func (t *Tuner) step(want map[string]float64, measured map[string]tried, holds m
 // the model may not lower them outside a brownout; a window that misses still lowers them in
 // correct). Neither is given unless settled: the replicas ready and wanted stayed the same
 // over this interval and the one before, and no scale-down is pending (headroom that is about
-// to go, or that was measured on other replicas, says nothing).
+// to go, or that was measured on other replicas, says nothing). A raise it made is kept from
+// the model too until a window has measured it (for pendingDecisions at most): the window
+// after a change mostly ran under the old τ.
 //
 // The capacity model takes the token rate as a demand that does not depend on τ (arrivals
 // that do not wait for answers). Clients that send their next request when the last one ends
@@ -695,8 +733,9 @@ func (t *Tuner) step(want map[string]float64, measured map[string]tried, holds m
 // from a window that queued, missed, or was not mostly under the τ in force; a raise whose
 // window then misses the SLO or queues is lowered again by correct, and after any such window
 // no raise is made on measured headroom until the latency measured has fallen to retryLatency
-// of what it was.
-func (t *Tuner) explore(obs Observation, want map[string]float64, hot, settled bool) (map[string]tried, map[string]bool) {
+// of what it was, or the back-off (retryAfter) has passed. A miss at a τ whose last
+// outlierWindows windows met the SLO with room is taken for an outlier and not recorded.
+func (t *Tuner) explore(obs Observation, hot, settled bool) (map[string]tried, map[string]bool) {
 	out, holds := map[string]tried{}, map[string]bool{}
 	slo := t.spec.TokenLatencyP95.Seconds()
 	for _, tr := range t.spec.Tiers {
@@ -707,19 +746,53 @@ func (t *Tuner) explore(obs Observation, want map[string]float64, hot, settled b
 			tp.p95 = w.TokenLatencyP95 // the first window after the failure: the load it failed at
 			t.tried[k] = tp
 		}
-		if hot && !(ok && tp.failed && tp.tau <= cur+1e-9) {
-			t.tried[k] = tried{tau: cur, failed: true} // measured: cur misses or queues at this load
+		run := t.good[k]
+		if run.tau != cur {
+			run = goodRun{tau: cur}
 		}
-		if slo <= 0 || hot || !settled || w == nil || w.Tokens < minExploreTokens || w.Tau != cur || w.Saturated() ||
-			!(w.TokenLatencyP95 > 0) || w.Seconds < 0.5*w.Interval {
+		switch {
+		case hot && run.n >= outlierWindows:
+			// an outlier at a τ that met the SLO with room until now: no failure recorded
+		case hot && ok && tp.failed && tp.tau <= cur+1e-9:
+			tp.at = t.decisions // still missing at this load: the back-off starts again
+			t.tried[k] = tp
+		case hot:
+			// measured: cur misses or queues at this load (a raise on measured headroom failed,
+			// or a τ the load outgrew; a failure at a higher τ goes on to this lower one)
+			fails := tp.fails
+			if !ok || !tp.failed {
+				fails++
+			}
+			t.tried[k] = tried{tau: cur, failed: true, at: t.decisions, fails: fails}
+		}
+		measured := slo > 0 && !hot && settled && w != nil && w.Tokens >= minExploreTokens && w.Tau == cur && !w.Saturated() &&
+			w.TokenLatencyP95 > 0 && w.Seconds >= 0.5*w.Interval
+		pending := ok && !tp.failed && cur >= tp.tau-1e-9
+		if hot {
+			run.n = 0
+		}
+		if !measured {
+			t.good[k] = run
+			// a raise on measured headroom not yet measured itself is kept from the model
+			holds[k] = pending && !hot && t.decisions-tp.at <= pendingDecisions
 			continue
 		}
 		holds[k] = w.TokenLatencyP95 <= holdMargin*slo
+		if holds[k] {
+			run.n++
+		} else {
+			run.n = 0
+		}
+		t.good[k] = run
+		if pending && holds[k] {
+			delete(t.tried, k) // a window at the raised τ met the SLO with room: the raise held
+		}
 		if cur >= t.spec.Ceiling-1e-9 {
 			continue
 		}
-		if tp, ok := t.tried[k]; ok && tp.failed && !(tp.p95 > 0 && w.TokenLatencyP95 <= retryLatency*tp.p95) {
-			continue // the gap up to tp.tau was measured once at this load: the model decides it
+		tp, ok = t.tried[k]
+		if ok && tp.failed && !(tp.p95 > 0 && w.TokenLatencyP95 <= retryLatency*tp.p95) && t.decisions-tp.at < retryAfter(tp.fails) {
+			continue // the gap up to tp.tau was measured at this load lately: the model decides it
 		}
 		dep := t.depth(k, cur)
 		limit := min(t.spec.Ceiling, cur+t.spec.MaxStep)
@@ -736,8 +809,8 @@ func (t *Tuner) explore(obs Observation, want map[string]float64, hot, settled b
 				best = max(best, v)
 			}
 		}
-		if best > want[k]+1e-9 {
-			out[k] = tried{tau: best, p95: w.TokenLatencyP95}
+		if best > cur+1e-9 {
+			out[k] = tried{tau: best, p95: w.TokenLatencyP95, fails: tp.fails}
 		}
 	}
 	return out, holds
@@ -776,6 +849,24 @@ func (t *Tuner) heldBy(k string, want, w float64, cooling bool, n int) string {
 			up[k], time.Duration(t.capy.ITL(dep, load)*float64(time.Second)).Round(time.Microsecond), dep, load, t.capy.LoopStepsPerSecond, time.Duration(t.capy.StepTime*float64(time.Second)).Round(time.Microsecond))
 	}
 	return fmt.Sprintf("τ %.2f predicts %.0f loop steps/s per replica, above the target utilisation", up[k], load)
+}
+
+// retryNote says, for a held τ, when measured headroom will be tried again after a failure
+// (empty when none is recorded).
+func (t *Tuner) retryNote(k string) string {
+	tp, ok := t.tried[k]
+	if !ok || !tp.failed {
+		return ""
+	}
+	left := tp.at + retryAfter(tp.fails) - t.decisions
+	if left <= 0 {
+		return ""
+	}
+	note := fmt.Sprintf("; τ %.2f missed at this load: measured headroom is tried again in %d decisions", tp.tau, left)
+	if tp.p95 > 0 {
+		note += fmt.Sprintf(" or once the latency p95 falls to %s", time.Duration(retryLatency*tp.p95*float64(time.Second)).Round(time.Microsecond))
+	}
+	return note
 }
 
 // order restores the brownout order in taus: every tier cheaper than one below the ceiling
