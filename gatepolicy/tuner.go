@@ -82,6 +82,7 @@ type Tuner struct {
 	tau    map[string]float64
 	hist   map[string]*Window // newest window with tokens, per tier
 	demand map[string]float64 // tokens/s per tier (smoothed)
+	served float64            // tokens/s of the last interval, all tiers, unsmoothed and as served
 	points []fitPoint
 	capy   Capacity
 
@@ -107,7 +108,14 @@ type Tuner struct {
 
 	replicas int
 	recent   []stampedTarget // replica targets of the last ScaleDownDelay, oldest first
-	upRecent []stampedTarget // replica targets of the last ScaleUpDelay, oldest first
+	// lastDown is the latest scale-down; downBlock a count that a scale-down went to and a
+	// scale-up left again within ScaleDownDelay at about the same load (see scale), with the
+	// token demand when it scaled down: no scale-down goes to that count or below until the
+	// demand has fallen by blockRelief (a model that puts the SLO within a hair of a smaller
+	// fleet flaps between the two).
+	lastDown  scaledDown
+	downBlock scaledDown
+	upRecent  []stampedTarget // replica targets of the last ScaleUpDelay, oldest first
 }
 
 // NewTuner validates spec (after WithDefaults) and returns a Tuner at the ceiling τ and
@@ -207,6 +215,7 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 	var steps, stepRate float64
 	var lat, latW float64
 	saturated := false
+	t.served = 0
 	for _, tr := range t.spec.Tiers {
 		w := obs.Windows[tr.Name]
 		if w == nil {
@@ -216,6 +225,7 @@ func (t *Tuner) absorb(obs Observation, d *Decision) {
 		d.Rejected = d.Rejected.Add(w.Rejected)
 		if w.Seconds > 0 {
 			r := w.TokenRate()
+			t.served += r
 			if w.Saturated() {
 				r *= saturatedDemand // requests queue: the offered rate exceeds what was served
 			}
@@ -899,11 +909,21 @@ func (t *Tuner) holdReplicas(obs Observation) int {
 	return min(max(t.replicas, t.spec.MinReplicas), t.spec.MaxReplicas)
 }
 
+// scaledDown is a scale-down to n replicas at a total token demand (tokens/s).
+type scaledDown struct {
+	at     time.Time
+	n      int
+	demand float64
+}
+
 // scale moves replicas toward want: up at once; down to the highest target of the last
 // ScaleDownDelay (the stabilisation window: a target below the current count must have held
 // that long), except that replicas still starting are dropped at once when the ready ones
 // suffice (they serve nothing yet; the delay guards serving capacity, not a cold start
-// nobody needs).
+// nobody needs). A scale-down that a scale-up undoes within ScaleDownDelay, while the token
+// rate served is still within 1/blockRelief of the demand it was made at (the model misjudged
+// that load; not a burst), blocks the next one to as few replicas until the demand has fallen
+// by blockRelief (see downBlock).
 func (t *Tuner) scale(obs Observation, want int, target map[string]float64, d *Decision) {
 	cur := t.replicas
 	start := obs.Now.Add(-t.spec.ScaleDownDelay)
@@ -916,13 +936,26 @@ func (t *Tuner) scale(obs Observation, want int, target map[string]float64, d *D
 		hi = max(hi, cur) // the history is shorter than the delay
 	}
 	ready := cur - max(obs.StartingReplicas, 0)
+	demand := t.rate(1)
+	if b := t.downBlock; b.n > 0 && demand < blockRelief*b.demand {
+		t.downBlock = scaledDown{}
+	}
+	floor := t.downBlock.n + 1 // the fewest replicas a scale-down may go to (1 when unblocked)
 	switch {
 	case want > cur:
+		if l := t.lastDown; l.n == cur && !obs.Now.After(l.at.Add(t.spec.ScaleDownDelay)) && t.served <= l.demand/blockRelief {
+			t.downBlock = l // the scale-down to cur was undone within the delay at the load it was made for
+		}
 		t.replicas = want
 		d.Reasons = append(d.Reasons, Reason{ReasonScaledUp, fmt.Sprintf("replicas %d → %d for %.0f loop steps/s", cur, want, t.demandAt(target))})
+	case want < cur && hi < cur && floor >= cur:
+		b := t.downBlock
+		d.Reasons = append(d.Reasons, Reason{ReasonScaleDownPending, fmt.Sprintf("%d replicas would do, but a scale-down to %d was undone at once %s ago: waiting for the demand to fall below %.0f tokens/s",
+			want, b.n, obs.Now.Sub(b.at).Round(time.Second), blockRelief*b.demand)})
 	case want < cur && hi < cur:
-		t.replicas = hi
-		d.Reasons = append(d.Reasons, Reason{ReasonScaledDown, fmt.Sprintf("replicas %d → %d: demand stayed low for %s", cur, hi, t.spec.ScaleDownDelay)})
+		t.replicas = max(hi, floor)
+		t.lastDown = scaledDown{at: obs.Now, n: t.replicas, demand: demand}
+		d.Reasons = append(d.Reasons, Reason{ReasonScaledDown, fmt.Sprintf("replicas %d → %d: demand stayed low for %s", cur, t.replicas, t.spec.ScaleDownDelay)})
 	case want < cur && obs.StartingReplicas > 0 && t.replicasFor(target, cancelMargin) <= ready:
 		t.replicas = max(ready, 1)
 		d.Reasons = append(d.Reasons, Reason{ReasonScaledDown, fmt.Sprintf("replicas %d → %d: the %d still starting are no longer needed", cur, t.replicas, cur-t.replicas)})

@@ -1,8 +1,10 @@
 package gatepolicy
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
+	"strings"
 	"testing"
 	"time"
 
@@ -448,5 +450,44 @@ func TestStartingReplicasDropped(t *testing.T) {
 	got := hist[len(hist)-1]
 	if got.Replicas != base {
 		t.Errorf("surge over before its replicas started: %d replicas (reasons %v), want the %d ready before the 5-minute delay", got.Replicas, got.Reasons, base)
+	}
+}
+
+// TestUndoneScaleDownBlocks: loads where the capacity model puts the SLO within a hair of a
+// smaller fleet (found by sweeping TestSteadyLoadSettles's space: 5 of 22,540 points flapped
+// between two counts, every ScaleDownDelay, missing the SLO each time). A scale-down that a
+// scale-up undoes within ScaleDownDelay blocks the next one: the count settles at the larger
+// fleet and the reasons say why it does not scale down.
+func TestUndoneScaleDownBlocks(t *testing.T) {
+	for _, c := range []struct {
+		sloMs  int
+		demand float64
+	}{{16, 2603}, {19, 5230}, {11, 1728}} {
+		t.Run(fmt.Sprint(c.sloMs, "ms ", c.demand), func(t *testing.T) {
+			sp := baseSpec()
+			sp.TokenLatencyP95 = time.Duration(c.sloMs) * time.Millisecond
+			p := newPlant(3)
+			p.demand[""] = c.demand
+			tu, err := NewTuner(sp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tau, ready := tauOf(sp), 1
+			var hist []Decision
+			run(t, tu, p, time.Unix(0, 0), 120, 1, tau, &ready, &hist)
+			last := hist[len(hist)-1]
+			blocked := false
+			for i, d := range hist[50:] {
+				if d.Tau[""] != last.Tau[""] || d.Replicas != last.Replicas {
+					t.Fatalf("interval %d: τ %v replicas %d, settled at τ %v replicas %d", 50+i, d.Tau[""], d.Replicas, last.Tau[""], last.Replicas)
+				}
+				for _, r := range d.Reasons {
+					blocked = blocked || (r.Code == ReasonScaleDownPending && strings.Contains(r.Message, "was undone at once"))
+				}
+			}
+			if !blocked {
+				t.Errorf("no decision says a scale-down was blocked; last reasons %v", last.Reasons)
+			}
+		})
 	}
 }
