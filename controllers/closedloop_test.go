@@ -23,6 +23,7 @@ import (
 
 	"github.com/loopserve/loopserve/api/v1alpha1"
 	"github.com/loopserve/loopserve/bus"
+	"github.com/loopserve/loopserve/gatepolicy"
 	"github.com/loopserve/loopserve/runtime/engine"
 	"github.com/loopserve/loopserve/runtime/serve"
 )
@@ -271,7 +272,9 @@ func TestClosedLoopRealWorkers(t *testing.T) {
 		t.Skipf("one client at τ 0.9 already takes %v of the %v SLO on this machine now: no room to show τ restored", light, slo)
 	}
 	clients.Store(1)
-	await(t, 6*waitLong, "τ back at the spec's", func() error {
+	// τ climbs back on measured headroom; a hiccup of the machine on the first window of a
+	// raise counts as a miss there and holds τ for gatepolicy's back-off (at the 1 s interval).
+	await(t, 6*waitLong+gatepolicy.RetryDecisions*time.Second, "τ back at the spec's", func() error {
 		st := getLoopModel(t, ns, "loop").Status
 		if st.ExitThreshold != 0.9 {
 			return fmt.Errorf("status τ %v observed %+v recommendation %+v", st.ExitThreshold, st.Observed, st.Recommendation)

@@ -296,9 +296,9 @@ type goodRun struct {
 const outlierWindows = 3
 
 // retryAfter is the number of decisions after a failure before measured headroom is tried
-// again at the same load: retryDecisions, doubled for each failure in a row, at most 8 times
+// again at the same load: RetryDecisions, doubled for each failure in a row, at most 8 times
 // that.
-func retryAfter(fails int) int { return retryDecisions << min(max(fails-1, 0), 3) }
+func retryAfter(fails int) int { return RetryDecisions << min(max(fails-1, 0), 3) }
 
 // pendingDecisions is how many decisions a raise made on measured headroom is kept against the
 // model while no window has measured it yet (the window after a change mostly ran under the
@@ -307,13 +307,16 @@ const pendingDecisions = 3
 
 // exploreMargin is the share of the SLO that the measured latency, scaled by the predicted
 // depth ratio, may take for a raise the model refuses (explore); retryLatency is the fall in
-// measured latency after which a failed one may be tried again, retryDecisions the
-// decisions after which it may be anyway (see retryAfter).
+// measured latency after which a failed one may be tried again.
 const (
-	exploreMargin  = 0.8
-	retryLatency   = 0.7
-	retryDecisions = 120
+	exploreMargin = 0.8
+	retryLatency  = 0.7
 )
+
+// RetryDecisions is the number of decisions after a miss on measured headroom before it is
+// tried again at the same load (doubled for each failure in a row: see retryAfter): with
+// spec.tuning.interval, the time a hiccup of the machine on a raise may hold τ low.
+const RetryDecisions = 120
 
 // holdMargin is the share of the SLO under which the latency measured at the τ in force keeps
 // that τ against a model that would lower it (outside a brownout): see explore.
