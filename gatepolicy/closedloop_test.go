@@ -85,6 +85,15 @@ func (p *closedPlant) observe(now time.Time, tau float64) Observation {
 	return Observation{Now: now, Windows: map[string]*Window{"": w}, Tau: map[string]float64{"": tau}, ReadyReplicas: 1, DesiredReplicas: 1}
 }
 
+// spec is the one-replica spec (τ 0.9, floor 0.3, maxStep 0.1) whose SLO lies between the
+// latencies at the floor and at the ceiling under the plant's clients (their geometric mean).
+func (p *closedPlant) spec() Spec {
+	lo, hi := p.observe(time.Unix(0, 0), 0.3), p.observe(time.Unix(0, 0), 0.9)
+	slo := math.Sqrt(lo.Windows[""].TokenLatencyP95 * hi.Windows[""].TokenLatencyP95)
+	return Spec{Ceiling: 0.9, Floor: 0.3, MaxSteps: 4, MaxStep: 0.1, MinReplicas: 1, MaxReplicas: 1,
+		TokenLatencyP95: time.Duration(slo * float64(time.Second))}
+}
+
 // TestClosedLoopClientsRestoreTau: clients at fixed concurrency that break the SLO at the
 // ceiling get τ lowered; when most of them leave, τ climbs back to the ceiling, although the
 // token rate the few left reach at the lowered τ, taken as a fixed demand, would not fit the
@@ -131,15 +140,13 @@ func testClosedLoopClientsRestoreTau(t *testing.T, cond string, lag float64, spi
 			t.Run(fmt.Sprint(cond, c.name, seed), func(t *testing.T) {
 				p := &closedPlant{toks: tokens(rand.New(rand.NewPCG(3, 9)), 3000, 4, 1.2), t0: c.t0, t1: c.t1, tail: c.tail, lightTail: c.lightTail, tk: c.tk, clients: 8, slots: 8, secs: 1, noise: 0.1}
 				// the SLO lies between the latencies at the floor and at the ceiling under 8 clients
-				lo, hi := p.observe(time.Unix(0, 0), 0.3), p.observe(time.Unix(0, 0), 0.9)
-				slo := math.Sqrt(lo.Windows[""].TokenLatencyP95 * hi.Windows[""].TokenLatencyP95)
+				sp := p.spec()
+				slo := sp.TokenLatencyP95.Seconds()
 				p.clients = 1
 				if light := p.observe(time.Unix(0, 0), 0.9).Windows[""].TokenLatencyP95; light > 0.8*slo {
 					t.Fatalf("no room: one client at the ceiling takes %v of the SLO %v", light, slo)
 				}
 				p.clients, p.lag = 8, lag
-				sp := Spec{Ceiling: 0.9, Floor: 0.3, MaxSteps: 4, MaxStep: 0.1, MinReplicas: 1, MaxReplicas: 1,
-					TokenLatencyP95: time.Duration(slo * float64(time.Second))}
 				tu, err := NewTuner(sp)
 				if err != nil {
 					t.Fatal(err)
@@ -220,9 +227,7 @@ func TestMissBackOff(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			p := &closedPlant{toks: tokens(rand.New(rand.NewPCG(3, 9)), 3000, 4, 1.2), t0: 0.0001, t1: 0.0005, tail: 3, clients: 8, slots: 8, secs: 1}
-			lo, hi := p.observe(time.Unix(0, 0), 0.3), p.observe(time.Unix(0, 0), 0.9)
-			slo := math.Sqrt(lo.Windows[""].TokenLatencyP95 * hi.Windows[""].TokenLatencyP95)
-			tu, err := NewTuner(Spec{Ceiling: 0.9, Floor: 0.3, MaxSteps: 4, MaxStep: 0.1, MinReplicas: 1, MaxReplicas: 1, TokenLatencyP95: time.Duration(slo * float64(time.Second))})
+			tu, err := NewTuner(p.spec())
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -116,6 +116,18 @@ func tauOf(sp Spec) map[string]float64 {
 	return m
 }
 
+// unsettled describes the first decision of hist from index from on whose τ or replicas differ
+// from the last decision's ("" when none does).
+func unsettled(hist []Decision, from int) string {
+	last := hist[len(hist)-1]
+	for i, d := range hist[from:] {
+		if d.Tau[""] != last.Tau[""] || d.Replicas != last.Replicas {
+			return fmt.Sprintf("interval %d: τ %v replicas %d, settled at τ %v replicas %d", from+i, d.Tau[""], d.Replicas, last.Tau[""], last.Replicas)
+		}
+	}
+	return ""
+}
+
 // TestSteadyLoadSettles: on a steady load every decision after the settling time is the same
 // (no oscillation), meets the SLO as measured, and stays within bounds.
 func TestSteadyLoadSettles(t *testing.T) {
@@ -132,10 +144,8 @@ func TestSteadyLoadSettles(t *testing.T) {
 		var hist []Decision
 		run(t, tu, p, time.Unix(0, 0), 80, 1, tau, &ready, &hist)
 		last := hist[len(hist)-1]
-		for i, d := range hist[50:] {
-			if d.Tau[""] != last.Tau[""] || d.Replicas != last.Replicas {
-				rt.Fatalf("interval %d: τ %v replicas %d, settled at τ %v replicas %d", 50+i, d.Tau[""], d.Replicas, last.Tau[""], last.Replicas)
-			}
+		if msg := unsettled(hist, 50); msg != "" {
+			rt.Fatal(msg)
 		}
 		// the plant rounds token counts: the fitted model is within 1% of it
 		if !last.SLOReachable {
@@ -476,11 +486,11 @@ func TestUndoneScaleDownBlocks(t *testing.T) {
 			var hist []Decision
 			run(t, tu, p, time.Unix(0, 0), 120, 1, tau, &ready, &hist)
 			last := hist[len(hist)-1]
+			if msg := unsettled(hist, 50); msg != "" {
+				t.Fatal(msg)
+			}
 			blocked := false
-			for i, d := range hist[50:] {
-				if d.Tau[""] != last.Tau[""] || d.Replicas != last.Replicas {
-					t.Fatalf("interval %d: τ %v replicas %d, settled at τ %v replicas %d", 50+i, d.Tau[""], d.Replicas, last.Tau[""], last.Replicas)
-				}
+			for _, d := range hist[50:] {
 				for _, r := range d.Reasons {
 					blocked = blocked || (r.Code == ReasonScaleDownPending && strings.Contains(r.Message, "was undone at once"))
 				}
